@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Fetch the pinned llama.cpp source into ``vendor/llama.cpp``.
+
+llama.cpp comes from the registry's sdist of llama-cpp-python (pinned in
+``vendor/llama-cpp-pin.json``, hash-checked), which carries a whole llama.cpp tree.
+Only what the build and the native reference tools need is unpacked; the tokenizer
+test vocabularies can be unpacked to ``models/vocab`` with ``--vocab``.
+
+Extraction happens into a temporary directory that is renamed into place only when
+complete, so a failed or interrupted run never leaves a half tree for the next build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from registry import FetchError, replace_dir, verified_download  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PIN_FILE = ROOT / "vendor" / "llama-cpp-pin.json"
+VENDOR_DIR = ROOT / "vendor" / "llama.cpp"
+CACHE_DIR = ROOT / "vendor" / ".fetch-cache"
+VOCAB_DIR = ROOT / "models" / "vocab"
+MARKER = ".llamabind-pin"
+
+# Parts of the llama.cpp tree kept for the build; docs, models, web UI, Python
+# conversion tools and most examples are left out.
+KEEP = (
+    "CMakeLists.txt", "LICENSE", "licenses/", "cmake/", "include/", "src/", "ggml/",
+    "common/", "vendor/", "tools/llama-bench/", "examples/simple/",
+)
+
+
+def load_pin() -> dict[str, str]:
+    with PIN_FILE.open() as fh:
+        pin: dict[str, str] = json.load(fh)
+    return pin
+
+
+def archive_path(pin: dict[str, str]) -> Path:
+    return verified_download(
+        f"{pin['package']}=={pin['version']}", pin["archive"], pin["sha256"], CACHE_DIR,
+        sdist=True)
+
+
+def _members(tar: tarfile.TarFile, prefix: str, wanted) -> list[tarfile.TarInfo]:
+    chosen = []
+    for member in tar.getmembers():
+        if not member.name.startswith(prefix):
+            continue
+        rel = member.name[len(prefix):]
+        if rel and wanted(rel) and (member.isfile() or member.isdir()):
+            chosen.append(member)
+    return chosen
+
+
+def _extract(archive: Path, pin: dict[str, str], wanted, final: Path) -> int:
+    prefix = pin["tree"].rstrip("/") + "/"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fetch-tmp-", dir=final.parent))
+    try:
+        with tarfile.open(archive) as tar:
+            members = _members(tar, prefix, wanted)
+            for member in members:
+                member.name = member.name[len(prefix):]
+                tar.extract(member, tmp, filter="data")
+        (tmp / MARKER).write_text(pin["sha256"] + "\n")
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return len(members)
+
+
+def is_current(directory: Path, pin: dict[str, str]) -> bool:
+    marker = directory / MARKER
+    return marker.exists() and marker.read_text().strip() == pin["sha256"]
+
+
+def fetch_source(force: bool = False) -> Path:
+    pin = load_pin()
+    if not force and is_current(VENDOR_DIR, pin):
+        return VENDOR_DIR
+    archive = archive_path(pin)
+    n = _extract(archive, pin, lambda rel: rel.startswith(KEEP) or rel in KEEP, VENDOR_DIR)
+    print(f"llama.cpp {pin['llama_cpp_commit']} unpacked to {VENDOR_DIR} ({n} entries)")
+    return VENDOR_DIR
+
+
+def fetch_vocab(force: bool = False) -> Path:
+    pin = load_pin()
+    if not force and is_current(VOCAB_DIR, pin):
+        return VOCAB_DIR
+    archive = archive_path(pin)
+
+    def wanted(rel: str) -> bool:
+        return rel.startswith("models/ggml-vocab-") and "/" not in rel[len("models/"):]
+
+    # The vocab files live under models/ in the tree; flatten them into VOCAB_DIR.
+    prefix_pin = dict(pin, tree=pin["tree"].rstrip("/") + "/models")
+    n = _extract(archive, prefix_pin, lambda rel: wanted("models/" + rel), VOCAB_DIR)
+    print(f"{n} tokenizer test files unpacked to {VOCAB_DIR}")
+    return VOCAB_DIR
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", action="store_true",
+                        help="also unpack the tokenizer test vocabularies to models/vocab")
+    parser.add_argument("--force", action="store_true", help="unpack again even if current")
+    args = parser.parse_args(argv)
+    try:
+        fetch_source(args.force)
+        if args.vocab:
+            fetch_vocab(args.force)
+    except FetchError as exc:
+        print(f"llamabind: fetching llama.cpp failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
