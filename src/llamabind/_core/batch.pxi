@@ -1,0 +1,147 @@
+# Batch: the input of llama_decode/llama_encode (llama_batch), owned and freed here.
+# Filled from arrays in C; each token can belong to several sequences.
+
+cdef class Batch:
+    """Tokens to decode, with positions, sequence ids and which rows output logits.
+
+    ``Batch(capacity, n_seq_max=1)``. Fill it with ``add()`` for single tokens or
+    ``set_tokens()`` for a whole array in one C loop.
+    """
+
+    cdef llama_batch _b
+    cdef readonly int32_t capacity
+    cdef readonly int32_t n_seq_max
+    cdef bint _allocated
+
+    def __cinit__(self):
+        self._allocated = False
+        memset(&self._b, 0, sizeof(llama_batch))
+
+    def __init__(self, int capacity=512, int n_seq_max=1):
+        if self._allocated:
+            raise InvalidArgumentError("Batch is already initialised")
+        if capacity < 1 or capacity > (1 << 24):
+            raise InvalidArgumentError(f"capacity must be in [1, {1 << 24}], got {capacity}")
+        if n_seq_max < 1 or <size_t>n_seq_max > llama_max_parallel_sequences():
+            raise InvalidArgumentError(
+                f"n_seq_max must be in [1, {llama_max_parallel_sequences()}], got {n_seq_max}")
+        self._b = llama_batch_init(capacity, 0, n_seq_max)
+        if self._b.token == NULL:
+            raise MemoryError()
+        self._allocated = True
+        self.capacity = capacity
+        self.n_seq_max = n_seq_max
+
+    def __dealloc__(self):
+        if self._allocated:
+            llama_batch_free(self._b)
+            self._allocated = False
+
+    def close(self):
+        if self._allocated:
+            llama_batch_free(self._b)
+            memset(&self._b, 0, sizeof(llama_batch))
+            self._allocated = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    cdef inline int _check(self) except -1:
+        if not self._allocated:
+            raise ClosedError("batch is closed")
+        return 0
+
+    @property
+    def n_tokens(self):
+        return self._b.n_tokens
+
+    def __len__(self):
+        return self._b.n_tokens
+
+    def clear(self):
+        """Empty the batch (keeps its memory)."""
+        self._check()
+        self._b.n_tokens = 0
+
+    def add(self, int token, int pos, seq_ids=(0,), bint logits=False):
+        """Append one token at position ``pos`` belonging to ``seq_ids``."""
+        self._check()
+        cdef int32_t i = self._b.n_tokens
+        if i >= self.capacity:
+            raise InvalidArgumentError(f"batch is full ({self.capacity} tokens)")
+        if pos < 0:
+            raise InvalidArgumentError(f"pos must be >= 0, got {pos}")
+        if token < 0:
+            raise InvalidArgumentError(f"token must be >= 0, got {token}")
+        if isinstance(seq_ids, int):
+            seq_ids = (seq_ids,)
+        seqs = list(seq_ids)
+        if not 1 <= len(seqs) <= self.n_seq_max:
+            raise InvalidArgumentError(
+                f"seq_ids must hold 1..{self.n_seq_max} ids, got {seq_ids!r}")
+        for k, s in enumerate(seqs):
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0 or s >= (1 << 30):
+                raise InvalidArgumentError(f"seq_ids[{k}] must be an int >= 0, got {s!r}")
+            self._b.seq_id[i][k] = s
+        self._b.token[i] = token
+        self._b.pos[i] = pos
+        self._b.n_seq_id[i] = len(seqs)
+        self._b.logits[i] = logits
+        self._b.n_tokens = i + 1
+
+    def set_tokens(self, tokens, int pos0=0, int seq_id=0, logits="last"):
+        """Replace the contents with ``tokens`` at positions ``pos0, pos0+1, ...``.
+
+        ``logits``: ``"last"`` (only the last row outputs), ``"all"``, or ``"none"``.
+        """
+        self._check()
+        arr = _token_array(tokens, 2147483647, "tokens")
+        cdef const int32_t[::1] view = arr
+        cdef int32_t n = <int32_t>view.shape[0]
+        if n > self.capacity:
+            raise InvalidArgumentError(
+                f"{n} tokens do not fit in a batch of capacity {self.capacity}")
+        if pos0 < 0:
+            raise InvalidArgumentError(f"pos0 must be >= 0, got {pos0}")
+        if seq_id < 0:
+            raise InvalidArgumentError(f"seq_id must be >= 0, got {seq_id}")
+        if logits not in ("last", "all", "none"):
+            raise InvalidArgumentError(
+                f"logits must be 'last', 'all' or 'none', got {logits!r}")
+        _fill_batch(&self._b, &view[0] if n else NULL, n, pos0, seq_id,
+                    2 if logits == "all" else (1 if logits == "last" else 0))
+
+    def set_logits(self, int i, bint value=True):
+        """Choose whether row ``i`` outputs logits."""
+        self._check()
+        if i < 0 or i >= self._b.n_tokens:
+            raise InvalidArgumentError(f"row {i} out of range (batch has {self._b.n_tokens})")
+        self._b.logits[i] = value
+
+    def tokens(self):
+        return [self._b.token[i] for i in range(self._b.n_tokens)]
+
+    def positions(self):
+        return [self._b.pos[i] for i in range(self._b.n_tokens)]
+
+    def output_rows(self):
+        """Rows whose logits will be output."""
+        return [i for i in range(self._b.n_tokens) if self._b.logits[i]]
+
+
+cdef void _fill_batch(llama_batch * b, const llama_token * tokens, int32_t n, llama_pos pos0,
+                      llama_seq_id seq, int logits_mode) noexcept nogil:
+    """logits_mode: 0 none, 1 last row, 2 all rows."""
+    cdef int32_t i
+    for i in range(n):
+        b.token[i] = tokens[i]
+        b.pos[i] = pos0 + i
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits_mode == 2
+    if n > 0 and logits_mode == 1:
+        b.logits[n - 1] = 1
+    b.n_tokens = n

@@ -1,0 +1,187 @@
+# Shared helpers: C imports, argument checks, and the one place where llama.cpp's
+# return codes become exceptions.
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.ref cimport PyObject
+from libc.math cimport isfinite
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
+from libcpp cimport bool as cppbool
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from ggml cimport *
+from llama cimport *
+
+import logging
+import os
+import threading
+
+import numpy as np
+
+from llamabind.errors import (
+    BackendError,
+    ChatTemplateError,
+    ClosedError,
+    ConcurrentUseError,
+    ContextCreationError,
+    DecodeError,
+    ForkError,
+    GenerationCancelled,
+    GrammarError,
+    InvalidArgumentError,
+    ModelFileError,
+    ModelLoadError,
+    ModelNotFoundError,
+    SamplingError,
+    StateError,
+    TokenizationError,
+)
+
+cdef extern from *:
+    """
+    #ifndef LLAMABIND_LLAMA_COMMIT
+    #define LLAMABIND_LLAMA_COMMIT "unknown"
+    #endif
+    #ifndef LLAMABIND_LLAMA_VERSION
+    #define LLAMABIND_LLAMA_VERSION "unknown"
+    #endif
+    """
+    const char * LLAMABIND_LLAMA_COMMIT
+    const char * LLAMABIND_LLAMA_VERSION
+
+cdef object _logger = logging.getLogger("llamabind")
+
+# --- fork safety -------------------------------------------------------------------
+# Native objects made before os.fork() hold threads, mutexes and device handles that
+# do not exist in the child. Each object records the fork generation it was made in;
+# using it in a child raises ForkError instead of deadlocking.
+cdef int _fork_generation = 0
+
+
+def _bump_fork_generation():
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_bump_fork_generation)
+
+
+cdef inline int _check_fork(int generation, str what) except -1:
+    if generation != _fork_generation:
+        raise ForkError(
+            f"this {what} was created before os.fork() and cannot be used in the child "
+            "process; load the model again in the child (or use the 'spawn' start method)")
+    return 0
+
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+# --- argument checks ---------------------------------------------------------------
+
+cdef bytes _utf8(object text, str name):
+    """Encode a str for llama.cpp, refusing what it cannot take."""
+    if not isinstance(text, str):
+        raise InvalidArgumentError(f"{name} must be a str, got {type(text).__name__}")
+    try:
+        data = (<str>text).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(
+            f"{name} contains a lone surrogate {text[exc.start]!r} at index {exc.start}; "
+            "it cannot be encoded as UTF-8") from None
+    if b"\0" in data:
+        raise InvalidArgumentError(
+            f"{name} contains a NUL character at index {(<str>text).index(chr(0))}")
+    return data
+
+
+cdef object _path_bytes(object path, str name):
+    try:
+        fspath = os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise InvalidArgumentError(
+            f"{name} must be a str or os.PathLike, got {type(path).__name__}") from None
+    if "\0" in fspath:
+        raise InvalidArgumentError(f"{name} contains a NUL character: {fspath!r}")
+    return fspath, os.fsencode(fspath)
+
+
+cdef int64_t _int_arg(object value, str name, int64_t lo, int64_t hi) except? -1:
+    """An integer argument within [lo, hi]; bools and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import operator
+            value = operator.index(value)
+        except TypeError:
+            raise InvalidArgumentError(
+                f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if value < lo or value > hi:
+        raise InvalidArgumentError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+cdef double _float_arg(object value, str name, double lo, double hi,
+                       bint lo_open=False, bint hi_open=False) except? -1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(
+                f"{name} must be a number, got {type(value).__name__} {value!r}") from None
+    cdef double v = value
+    if not isfinite(v) or v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise InvalidArgumentError(f"{name} must be a finite number in {lb}{lo:g}, {hi:g}{rb}, "
+                                   f"got {value!r}")
+    return v
+
+
+cdef object _token_array(object tokens, int32_t n_vocab, str name):
+    """Tokens as a contiguous int32 array, each checked to be in [0, n_vocab)."""
+    if isinstance(tokens, (str, bytes)):
+        raise InvalidArgumentError(f"{name} must be a sequence of token ids, not {type(tokens).__name__}")
+    try:
+        arr = np.asarray(tokens)
+    except Exception as exc:
+        raise InvalidArgumentError(f"{name} is not a sequence of token ids: {exc}") from None
+    if arr.ndim != 1:
+        if arr.ndim == 0:
+            raise InvalidArgumentError(f"{name} must be a sequence of token ids, got {tokens!r}")
+        raise InvalidArgumentError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int32)
+    if arr.dtype.kind not in "iu":
+        bad = next((t for t in arr.tolist() if isinstance(t, bool) or not isinstance(t, int)),
+                   arr.tolist()[0])
+        raise InvalidArgumentError(f"{name} must hold ints, got {type(bad).__name__} {bad!r}")
+    lo = arr.min()
+    hi = arr.max()
+    if lo < 0 or hi >= n_vocab:
+        index = int(np.argmax((arr < 0) | (arr >= n_vocab)))
+        raise InvalidArgumentError(
+            f"{name}[{index}] = {int(arr[index])} is not a valid token id "
+            f"(the vocabulary has {n_vocab} tokens: 0..{n_vocab - 1})")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+# --- return codes -> exceptions -----------------------------------------------------
+
+cdef dict _DECODE_MEANING = {
+    1: "no KV-cache slot for the batch (the context is full: reduce the batch or raise n_ctx)",
+    2: "aborted (cancelled)",
+    -1: "invalid input batch",
+    -2: "memory allocation failed during compute",
+    -3: "compute failed",
+}
+
+
+cdef int _raise_for_decode(int32_t rc, str op) except -1:
+    meaning = _DECODE_MEANING.get(rc, "llama.cpp internal error")
+    raise DecodeError(f"{op} failed with code {rc}: {meaning}", rc)

@@ -1,0 +1,119 @@
+# TokenGenerator: the per-token loop of generation, in C. After the prompt has been
+# decoded, each step samples the next token (greedy argmax in C, or a Sampler chain),
+# stops at end-of-generation, renders the token's bytes, and decodes it on the next
+# step, so a streaming caller gets each piece before the model runs again.
+
+
+cdef inline llama_token _argmax(const float * logits, int32_t n) noexcept nogil:
+    """The first index of the largest logit: what llama.cpp's greedy sampler picks."""
+    cdef int32_t i, best = 0
+    cdef float v = logits[0]
+    for i in range(1, n):
+        if logits[i] > v:
+            v = logits[i]
+            best = i
+    return best
+
+
+cdef class TokenGenerator:
+    """Iterate ``(token, piece_bytes)`` for tokens generated on a context.
+
+    ``TokenGenerator(ctx, pos, sampler=None, max_tokens=..., seq_id=0)``: the context
+    must hold the prompt's KV cache up to ``pos - 1`` with logits for the last prompt
+    token. ``sampler=None`` is greedy decoding. Iteration ends at an end-of-generation
+    token (``finish_reason == "stop"``), at ``max_tokens`` or a full context
+    (``"length"``). ``cancel()`` on the context raises GenerationCancelled from the
+    next step; Ctrl+C raises KeyboardInterrupt.
+    """
+
+    cdef Context _ctx
+    cdef Sampler _sampler
+    cdef const llama_vocab * _vocab
+    cdef readonly int pos
+    cdef llama_seq_id _seq
+    cdef readonly int max_tokens
+    cdef readonly int n_generated
+    cdef bint _pending
+    cdef llama_token _pending_token
+    cdef bint _render_special
+    cdef readonly object finish_reason
+    cdef readonly object last_token
+
+    def __init__(self, Context ctx not None, int pos, Sampler sampler=None, *,
+                 int max_tokens=256, int seq_id=0, bint render_special=False):
+        ctx._check()
+        if pos < 1:
+            raise InvalidArgumentError(f"pos must be >= 1 (after the prompt), got {pos}")
+        if max_tokens < 0:
+            raise InvalidArgumentError(f"max_tokens must be >= 0, got {max_tokens}")
+        if seq_id < 0 or <uint32_t>seq_id >= ctx._n_seq_max:
+            raise InvalidArgumentError(f"seq_id {seq_id} out of range")
+        if sampler is not None:
+            sampler._check()
+            if not sampler._selects:
+                raise SamplingError(
+                    "the sampler chain does not end with a token-selecting sampler")
+        self._ctx = ctx
+        self._sampler = sampler
+        self._vocab = ctx.model._vocab
+        self.pos = pos
+        self._seq = seq_id
+        self.max_tokens = max_tokens
+        self.n_generated = 0
+        self._pending = False
+        self._render_special = render_special
+        self.finish_reason = None
+        self.last_token = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.finish_reason is not None:
+            raise StopIteration
+        cdef Context ctx = self._ctx
+        cdef llama_token tok
+        cdef int32_t row
+        cdef const float * logits
+        ctx._enter()
+        try:
+            if self._pending:
+                self._pending = False
+                ctx._decode_one(self._pending_token, self.pos, self._seq)
+                self.pos += 1
+            if ctx._abort.cancel:
+                ctx._abort.cancel = False
+                raise GenerationCancelled("generation was cancelled")
+            if self.n_generated >= self.max_tokens:
+                self.finish_reason = "length"
+                raise StopIteration
+            if <uint32_t>self.pos >= ctx._n_ctx:
+                self.finish_reason = "length"
+                raise StopIteration
+            row = ctx._resolve_row(-1)
+            if self._sampler is None:
+                with nogil:
+                    logits = llama_get_logits_ith(ctx._ptr, row)
+                    tok = _argmax(logits, ctx._n_vocab) if logits != NULL else -1
+                if tok < 0:
+                    raise SamplingError("no logits to sample from")
+            else:
+                self._sampler._check()
+                tok = self._sampler._sample_row(ctx, row)
+            if llama_vocab_is_eog(self._vocab, tok):
+                self.last_token = tok
+                self.finish_reason = "stop"
+                raise StopIteration
+            self.n_generated += 1
+            self._pending = True
+            self._pending_token = tok
+            self.last_token = tok
+            piece = _piece(self._vocab, tok, self._render_special, 0)
+        finally:
+            ctx._leave()
+        PyErr_CheckSignals()
+        return tok, piece
+
+    def finish(self, reason="stop"):
+        """End iteration early (e.g. a stop string matched) with ``reason``."""
+        self.finish_reason = reason

@@ -1,0 +1,74 @@
+# LoraAdapter: a LoRA adapter file loaded for one model (llama_adapter_lora). It pins
+# the model; apply it to contexts with Context.set_lora_adapters().
+
+cdef class LoraAdapter:
+    """A LoRA adapter loaded from a GGUF file for ``model``."""
+
+    cdef llama_adapter_lora * _ptr
+    cdef readonly Model model
+    cdef readonly str path
+
+    def __cinit__(self):
+        self._ptr = NULL
+
+    def __init__(self, Model model not None, path):
+        fspath, cpath = _path_bytes(path, "path")
+        if not os.path.exists(fspath):
+            raise ModelNotFoundError(f"LoRA adapter file not found: {fspath!r}", fspath)
+        model._pin()
+        cdef const char * c = cpath
+        cdef llama_adapter_lora * ptr = NULL
+        try:
+            _take_recent_errors()
+            with nogil:
+                ptr = llama_adapter_lora_init(model._ptr, c)
+        except BaseException:
+            model._unpin()
+            raise
+        if ptr == NULL:
+            model._unpin()
+            details = "; ".join(_take_recent_errors()) or "no details logged"
+            raise ModelLoadError(f"could not load LoRA adapter {fspath!r}: {details}", fspath)
+        self._ptr = ptr
+        self.model = model
+        self.path = fspath
+
+    cdef int _check(self) except -1:
+        if self._ptr == NULL:
+            raise ClosedError("LoRA adapter is closed")
+        return 0
+
+    @property
+    def metadata(self):
+        self._check()
+        cdef int32_t i, n = llama_adapter_meta_count(self._ptr)
+        cdef char key[512]
+        cdef char val[4096]
+        out = {}
+        for i in range(n):
+            if llama_adapter_meta_key_by_index(self._ptr, i, key, sizeof(key)) >= 0:
+                llama_adapter_meta_val_str_by_index(self._ptr, i, val, sizeof(val))
+                out[key.decode("utf-8", "replace")] = val.decode("utf-8", "replace")
+        return out
+
+    def close(self):
+        """Free the adapter. Contexts that use it must drop it first
+        (set_lora_adapters(())); llama.cpp frees adapters with their model otherwise."""
+        cdef llama_adapter_lora * ptr = self._ptr
+        self._ptr = NULL
+        if ptr != NULL:
+            llama_adapter_lora_free(ptr)
+            self.model._unpin()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __dealloc__(self):
+        if self._ptr != NULL:
+            llama_adapter_lora_free(self._ptr)
+            self._ptr = NULL
+            if self.model is not None:
+                self.model._unpin()

@@ -1,0 +1,464 @@
+# Model: a loaded GGUF model (llama_model). Thread-safe to share: every use pins it,
+# and close() frees the native model only when nothing uses it any more.
+
+import warnings
+
+cdef dict _SPLIT_MODES = {
+    "none": LLAMA_SPLIT_MODE_NONE,
+    "layer": LLAMA_SPLIT_MODE_LAYER,
+    "row": LLAMA_SPLIT_MODE_ROW,
+    "tensor": LLAMA_SPLIT_MODE_TENSOR,
+}
+
+
+cdef struct _LoadState:
+    PyObject * model          # borrowed: the Model being loaded
+    bint check_signals        # loading on the main thread: poll for Ctrl+C
+    bint failed               # a Python callback raised; abort the load
+
+
+cdef cppbool _progress_callback(float progress, void * data) noexcept nogil:
+    cdef _LoadState * st = <_LoadState *>data
+    with gil:
+        try:
+            if st.check_signals:
+                PyErr_CheckSignals()
+            cb = (<Model>st.model)._progress
+            if cb is not None and cb(progress) is False:
+                (<Model>st.model)._load_exc = GenerationCancelled(
+                    "model loading was cancelled by the progress callback")
+                st.failed = True
+        except BaseException as exc:
+            (<Model>st.model)._load_exc = exc
+            st.failed = True
+    return not st.failed
+
+
+cdef object _meta_string(int32_t (*getter)(const llama_model *, int32_t, char *, size_t) noexcept nogil,
+                         const llama_model * model, int32_t i):
+    cdef char small[256]
+    cdef int32_t n = getter(model, i, small, sizeof(small))
+    if n < 0:
+        return None
+    if n < <int32_t>sizeof(small):
+        return small[:n].decode("utf-8", "replace")
+    cdef char * big = <char *>malloc(n + 1)
+    if big == NULL:
+        raise MemoryError()
+    try:
+        getter(model, i, big, n + 1)
+        return big[:n].decode("utf-8", "replace")
+    finally:
+        free(big)
+
+
+cdef class Model:
+    """A GGUF model loaded by llama.cpp.
+
+    ``Model(path, n_gpu_layers=0, ...)`` loads the file with the GIL released. One
+    model can serve any number of contexts in any number of threads. ``close()`` (or
+    a ``with`` block) frees its memory at once when nothing uses it; contexts still
+    open keep it alive until they close.
+    """
+
+    cdef llama_model * _ptr
+    cdef const llama_vocab * _vocab
+    cdef int32_t _n_vocab
+    cdef int _pins
+    cdef bint _closed
+    cdef int _fork_gen
+    cdef object _progress
+    cdef object _load_exc
+    cdef readonly str path
+
+    def __cinit__(self):
+        self._ptr = NULL
+        self._vocab = NULL
+        self._pins = 0
+        self._closed = True
+        self._fork_gen = _fork_generation
+
+    def __init__(self, path, *, int n_gpu_layers=0, int main_gpu=0, split_mode="layer",
+                 tensor_split=None, bint use_mmap=True, bint use_mlock=False,
+                 bint vocab_only=False, bint check_tensors=False, kv_overrides=None,
+                 devices=None, progress=None):
+        if self._ptr != NULL:
+            raise InvalidArgumentError("Model is already loaded")
+        fspath, cpath = _path_bytes(path, "path")
+        self.path = fspath
+        if split_mode not in _SPLIT_MODES:
+            raise InvalidArgumentError(
+                f"split_mode must be one of {sorted(_SPLIT_MODES)}, got {split_mode!r}")
+        if n_gpu_layers < -1:
+            raise InvalidArgumentError(
+                f"n_gpu_layers must be -1 (all) or >= 0, got {n_gpu_layers}")
+        if progress is not None and not callable(progress):
+            raise InvalidArgumentError(f"progress must be callable or None, got {progress!r}")
+        _check_model_file(fspath, vocab_only)
+        _ensure_backend()
+
+        cdef llama_model_params params = llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.main_gpu = main_gpu
+        params.split_mode = _SPLIT_MODES[split_mode]
+        params.vocab_only = vocab_only
+        params.check_tensors = check_tensors
+        if use_mmap and use_mlock:
+            params.load_mode = LLAMA_LOAD_MODE_MMAP_MLOCK
+        elif use_mmap:
+            params.load_mode = LLAMA_LOAD_MODE_MMAP
+        elif use_mlock:
+            params.load_mode = LLAMA_LOAD_MODE_MLOCK
+        else:
+            params.load_mode = LLAMA_LOAD_MODE_NONE
+
+        cdef size_t n_dev_max = llama_max_devices()
+        cdef float * split = NULL
+        cdef llama_model_kv_override * overrides = NULL
+        cdef ggml_backend_dev_t * devs = NULL
+        cdef _LoadState state
+        cdef llama_model * ptr = NULL
+        cdef const char * c_path = cpath
+        try:
+            if tensor_split is not None:
+                values = [float(v) for v in tensor_split]
+                if len(values) > n_dev_max or any(v < 0 or v != v for v in values):
+                    raise InvalidArgumentError(
+                        f"tensor_split must be at most {n_dev_max} non-negative numbers, "
+                        f"got {tensor_split!r}")
+                split = <float *>malloc(n_dev_max * sizeof(float))
+                memset(split, 0, n_dev_max * sizeof(float))
+                for i, v in enumerate(values):
+                    split[i] = v
+                params.tensor_split = split
+            if kv_overrides:
+                overrides = _make_kv_overrides(kv_overrides)
+                params.kv_overrides = overrides
+            if devices is not None:
+                devs = _device_list(devices)
+                params.devices = devs
+            self._progress = progress
+            self._load_exc = None
+            state.model = <PyObject *>self
+            state.check_signals = threading.current_thread() is threading.main_thread()
+            state.failed = False
+            params.progress_callback = _progress_callback
+            params.progress_callback_user_data = &state
+            _take_recent_errors()
+            with nogil:
+                ptr = llama_model_load_from_file(c_path, params)
+        finally:
+            free(split)
+            free(overrides)
+            free(devs)
+            self._progress = None
+        if self._load_exc is not None:
+            exc, self._load_exc = self._load_exc, None
+            if ptr != NULL:
+                with nogil:
+                    llama_model_free(ptr)
+            raise exc
+        if ptr == NULL:
+            details = "; ".join(_take_recent_errors()) or "no details logged"
+            raise ModelLoadError(f"llama.cpp could not load model {fspath!r}: {details}", fspath)
+        self._ptr = ptr
+        self._vocab = llama_model_get_vocab(ptr)
+        self._n_vocab = llama_vocab_n_tokens(self._vocab)
+        self._closed = False
+        self._fork_gen = _fork_generation
+
+    # --- lifetime ------------------------------------------------------------------
+
+    cdef int _pin(self) except -1:
+        if self._closed or self._ptr == NULL:
+            raise ClosedError(f"model {self.path!r} is closed" if self.path else
+                              "model is not loaded")
+        _check_fork(self._fork_gen, "model")
+        self._pins += 1
+        return 0
+
+    cdef void _unpin(self) noexcept:
+        self._pins -= 1
+        if self._pins == 0 and self._closed:
+            self._free()
+
+    cdef void _free(self) noexcept:
+        cdef llama_model * ptr = self._ptr
+        self._ptr = NULL
+        self._vocab = NULL
+        if ptr != NULL and self._fork_gen == _fork_generation:
+            with nogil:
+                llama_model_free(ptr)
+
+    cdef inline int _check_open(self) except -1:
+        if self._closed or self._ptr == NULL:
+            raise ClosedError(f"model {self.path!r} is closed" if self.path else
+                              "model is not loaded")
+        if self._fork_gen != _fork_generation:
+            _check_fork(self._fork_gen, "model")
+        return 0
+
+    def close(self):
+        """Free the model now, or as soon as the contexts still using it close."""
+        self._closed = True
+        if self._pins == 0:
+            self._free()
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def __enter__(self):
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __dealloc__(self):
+        if self._ptr != NULL:
+            if not self._closed:
+                try:
+                    warnings.warn(f"unclosed llamabind.Model {self.path!r}", ResourceWarning,
+                                  source=self)
+                except BaseException:
+                    pass
+            self._free()
+
+    def __repr__(self):
+        state = "closed" if self._closed else "open"
+        return f"<llamabind.Model {self.path!r} {state}>"
+
+    # --- information ---------------------------------------------------------------
+
+    @property
+    def vocab(self):
+        """The model's vocabulary (a :class:`Vocab` that keeps this model alive)."""
+        self._check_open()
+        cdef Vocab vocab = Vocab.__new__(Vocab)
+        vocab._model = self
+        vocab._ptr = self._vocab
+        vocab._n_vocab = self._n_vocab
+        return vocab
+
+    @property
+    def n_vocab(self):
+        self._check_open()
+        return self._n_vocab
+
+    @property
+    def n_ctx_train(self):
+        self._check_open()
+        return llama_model_n_ctx_train(self._ptr)
+
+    @property
+    def n_embd(self):
+        self._check_open()
+        return llama_model_n_embd(self._ptr)
+
+    @property
+    def n_embd_out(self):
+        self._check_open()
+        return llama_model_n_embd_out(self._ptr)
+
+    @property
+    def n_layer(self):
+        self._check_open()
+        return llama_model_n_layer(self._ptr)
+
+    @property
+    def n_head(self):
+        self._check_open()
+        return llama_model_n_head(self._ptr)
+
+    @property
+    def n_head_kv(self):
+        self._check_open()
+        return llama_model_n_head_kv(self._ptr)
+
+    @property
+    def n_swa(self):
+        self._check_open()
+        return llama_model_n_swa(self._ptr)
+
+    @property
+    def n_params(self):
+        self._check_open()
+        return llama_model_n_params(self._ptr)
+
+    @property
+    def size(self):
+        """Total size of the model's tensors in bytes."""
+        self._check_open()
+        return llama_model_size(self._ptr)
+
+    @property
+    def description(self):
+        self._check_open()
+        cdef char buf[256]
+        cdef int32_t n = llama_model_desc(self._ptr, buf, sizeof(buf))
+        return buf[:max(0, min(n, 255))].decode("utf-8", "replace")
+
+    @property
+    def ftype(self):
+        """The quantisation, e.g. ``"Q4_K - Medium"``."""
+        self._check_open()
+        return llama_ftype_name(llama_model_ftype(self._ptr)).decode("utf-8", "replace")
+
+    @property
+    def has_encoder(self):
+        self._check_open()
+        return llama_model_has_encoder(self._ptr)
+
+    @property
+    def has_decoder(self):
+        self._check_open()
+        return llama_model_has_decoder(self._ptr)
+
+    @property
+    def decoder_start_token(self):
+        self._check_open()
+        return llama_model_decoder_start_token(self._ptr)
+
+    @property
+    def is_recurrent(self):
+        self._check_open()
+        return llama_model_is_recurrent(self._ptr)
+
+    @property
+    def is_hybrid(self):
+        self._check_open()
+        return llama_model_is_hybrid(self._ptr)
+
+    @property
+    def is_diffusion(self):
+        self._check_open()
+        return llama_model_is_diffusion(self._ptr)
+
+    @property
+    def n_cls_out(self):
+        self._check_open()
+        return llama_model_n_cls_out(self._ptr)
+
+    def cls_label(self, int i):
+        self._check_open()
+        if i < 0 or <uint32_t>i >= llama_model_n_cls_out(self._ptr):
+            raise InvalidArgumentError(f"classifier label index {i} out of range")
+        cdef const char * label = llama_model_cls_label(self._ptr, i)
+        return None if label == NULL else label.decode("utf-8", "replace")
+
+    @property
+    def metadata(self):
+        """All GGUF metadata key/values as strings (arrays are summarised by llama.cpp)."""
+        self._check_open()
+        cdef int32_t i, n = llama_model_meta_count(self._ptr)
+        out = {}
+        for i in range(n):
+            key = _meta_string(llama_model_meta_key_by_index, self._ptr, i)
+            if key is not None:
+                out[key] = _meta_string(llama_model_meta_val_str_by_index, self._ptr, i)
+        return out
+
+    def meta(self, key, default=None):
+        """One metadata value as a string, or ``default`` when the key is absent."""
+        self._check_open()
+        ckey = _utf8(key, "key")
+        cdef char small[256]
+        cdef int32_t n = llama_model_meta_val_str(self._ptr, ckey, small, sizeof(small))
+        if n < 0:
+            return default
+        if n < <int32_t>sizeof(small):
+            return small[:n].decode("utf-8", "replace")
+        cdef char * big = <char *>malloc(n + 1)
+        if big == NULL:
+            raise MemoryError()
+        try:
+            llama_model_meta_val_str(self._ptr, ckey, big, n + 1)
+            return big[:n].decode("utf-8", "replace")
+        finally:
+            free(big)
+
+    def chat_template(self, name=None):
+        """The model's chat template (Jinja source) from its metadata, or None."""
+        self._check_open()
+        cdef const char * tmpl
+        cdef const char * cname = NULL
+        if name is not None:
+            bname = _utf8(name, "name")
+            cname = bname
+        tmpl = llama_model_chat_template(self._ptr, cname)
+        return None if tmpl == NULL else tmpl.decode("utf-8", "replace")
+
+
+cdef llama_model_kv_override * _make_kv_overrides(object overrides) except NULL:
+    if not isinstance(overrides, dict):
+        raise InvalidArgumentError(
+            f"kv_overrides must be a dict of key -> int/float/bool/str, got {overrides!r}")
+    cdef Py_ssize_t n = len(overrides)
+    cdef llama_model_kv_override * arr = <llama_model_kv_override *>malloc(
+        (n + 1) * sizeof(llama_model_kv_override))
+    if arr == NULL:
+        raise MemoryError()
+    memset(arr, 0, (n + 1) * sizeof(llama_model_kv_override))
+    cdef Py_ssize_t i = 0
+    try:
+        for key, value in overrides.items():
+            bkey = _utf8(key, "kv_overrides key")
+            if len(bkey) == 0 or len(bkey) >= 128:
+                raise InvalidArgumentError(
+                    f"kv_overrides key must be 1..127 bytes, got {key!r}")
+            memcpy(arr[i].key, <const char *>bkey, len(bkey))
+            if isinstance(value, bool):
+                arr[i].tag = LLAMA_KV_OVERRIDE_TYPE_BOOL
+                arr[i].val_bool = value
+            elif isinstance(value, int):
+                arr[i].tag = LLAMA_KV_OVERRIDE_TYPE_INT
+                if not -(2**63) <= value < 2**63:
+                    raise InvalidArgumentError(f"kv_overrides[{key!r}] = {value} does not fit in int64")
+                arr[i].val_i64 = value
+            elif isinstance(value, float):
+                arr[i].tag = LLAMA_KV_OVERRIDE_TYPE_FLOAT
+                arr[i].val_f64 = value
+            elif isinstance(value, str):
+                bval = _utf8(value, f"kv_overrides[{key!r}]")
+                if len(bval) >= 128:
+                    raise InvalidArgumentError(
+                        f"kv_overrides[{key!r}] string must be under 128 bytes")
+                arr[i].tag = LLAMA_KV_OVERRIDE_TYPE_STR
+                memcpy(arr[i].val_str, <const char *>bval, len(bval))
+            else:
+                raise InvalidArgumentError(
+                    f"kv_overrides[{key!r}] must be int, float, bool or str, got {value!r}")
+            i += 1
+    except BaseException:
+        free(arr)
+        raise
+    return arr
+
+
+cdef ggml_backend_dev_t * _device_list(object names) except NULL:
+    names = list(names)
+    cdef ggml_backend_dev_t * devs = <ggml_backend_dev_t *>malloc(
+        (len(names) + 1) * sizeof(ggml_backend_dev_t))
+    if devs == NULL:
+        raise MemoryError()
+    cdef ggml_backend_dev_t dev
+    try:
+        for i, name in enumerate(names):
+            bname = _utf8(name, "devices item")
+            dev = ggml_backend_dev_by_name(bname)
+            if dev == NULL:
+                known = [d["name"] for d in globals()["devices"]()]
+                raise InvalidArgumentError(f"no device named {name!r}; devices: {known}")
+            devs[i] = dev
+        devs[len(names)] = NULL
+    except BaseException:
+        free(devs)
+        raise
+    return devs
+
+
+cdef int _check_model_file(str path, bint vocab_only) except -1:
+    from llamabind._gguf import check_model_file
+    check_model_file(path, vocab_only=vocab_only)
+    return 0

@@ -1,0 +1,408 @@
+# Sampler: a llama.cpp sampler chain (llama_sampler). Each add_* appends one of
+# llama.cpp's samplers after checking its parameters; sampling and accepting run in
+# C with the GIL released. Samplers that read the vocabulary (grammar, DRY, infill,
+# logit bias) pin their model so it cannot be freed under them.
+
+cdef uint32_t _resolve_seed(object seed) except? 0xFFFFFFFF:
+    if seed is None:
+        return LLAMA_DEFAULT_SEED  # llama.cpp draws a random seed
+    return <uint32_t>_int_arg(seed, "seed", 0, 0xFFFFFFFE)
+
+
+cdef class Sampler:
+    """A chain of llama.cpp samplers, built with ``add_*`` methods (each returns
+    the sampler, so calls chain)::
+
+        s = Sampler().add_top_k(40).add_top_p(0.95).add_temperature(0.8).add_dist(seed=1)
+        token = s.sample(ctx)
+
+    The chain must end with a sampler that selects a token (``add_dist``,
+    ``add_greedy``, ``add_mirostat*``).
+    """
+
+    cdef llama_sampler * _ptr
+    cdef list _names
+    cdef list _models      # models pinned by vocabulary-reading samplers
+    cdef bint _busy
+    cdef int _fork_gen
+    cdef bint _selects      # the chain ends with a selecting sampler
+    cdef int _grammar_index # position of a grammar sampler in the chain, or -1
+
+    def __cinit__(self):
+        self._ptr = NULL
+        self._names = []
+        self._models = []
+        self._busy = False
+        self._selects = False
+        self._grammar_index = -1
+        self._fork_gen = _fork_generation
+
+    def __init__(self, *, bint perf=False):
+        if self._ptr != NULL:
+            raise InvalidArgumentError("Sampler is already initialised")
+        cdef llama_sampler_chain_params params = llama_sampler_chain_default_params()
+        params.no_perf = not perf
+        self._ptr = llama_sampler_chain_init(params)
+        if self._ptr == NULL:
+            raise SamplingError("llama.cpp could not create a sampler chain")
+
+    cdef int _check(self) except -1:
+        if self._ptr == NULL:
+            raise ClosedError("sampler is closed")
+        if self._fork_gen != _fork_generation:
+            _check_fork(self._fork_gen, "sampler")
+        if self._busy:
+            raise ConcurrentUseError("this sampler is being used by another thread")
+        return 0
+
+    cdef object _add(self, llama_sampler * smpl, str name, bint selects, Model model=None):
+        if smpl == NULL:
+            details = "; ".join(_take_recent_errors())
+            raise SamplingError(f"llama.cpp could not create the {name} sampler"
+                                + (f": {details}" if details else ""))
+        llama_sampler_chain_add(self._ptr, smpl)
+        self._names.append(name)
+        self._selects = selects
+        if model is not None:
+            model._pin()
+            self._models.append(model)
+        return self
+
+    def close(self):
+        cdef llama_sampler * ptr = self._ptr
+        if self._busy:
+            raise ConcurrentUseError("cannot close a sampler while another thread samples")
+        self._ptr = NULL
+        if ptr != NULL and self._fork_gen == _fork_generation:
+            llama_sampler_free(ptr)
+        models, self._models = self._models, []
+        for m in models:
+            (<Model>m)._unpin()
+
+    def __dealloc__(self):
+        if self._ptr != NULL and self._fork_gen == _fork_generation:
+            llama_sampler_free(self._ptr)
+        self._ptr = NULL
+        for m in self._models:
+            (<Model>m)._unpin()
+        self._models = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    @property
+    def closed(self):
+        return self._ptr == NULL
+
+    @property
+    def names(self):
+        """The samplers in the chain, in order."""
+        return list(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+    def __repr__(self):
+        return f"<llamabind.Sampler {' -> '.join(self._names) or '(empty)'}>"
+
+    @property
+    def seed(self):
+        """The seed actually used by the chain's random sampler (drawn if None)."""
+        self._check()
+        return llama_sampler_get_seed(self._ptr)
+
+    # --- the samplers --------------------------------------------------------------
+
+    def add_greedy(self):
+        """Pick the most likely token."""
+        self._check()
+        return self._add(llama_sampler_init_greedy(), "greedy", True)
+
+    def add_dist(self, seed=None):
+        """Draw a token from the distribution; ``seed=None`` draws a random seed."""
+        self._check()
+        return self._add(llama_sampler_init_dist(_resolve_seed(seed)), "dist", True)
+
+    def add_top_k(self, k):
+        """Keep the ``k`` most likely tokens (``k`` >= 1)."""
+        self._check()
+        cdef int32_t kk = _int_arg(k, "top_k", 1, 2147483647)
+        return self._add(llama_sampler_init_top_k(kk), "top_k", False)
+
+    def add_top_p(self, p, min_keep=1):
+        """Nucleus sampling: keep the smallest set with cumulative probability >= p."""
+        self._check()
+        cdef float pp = _float_arg(p, "top_p", 0.0, 1.0, True, False)
+        cdef size_t mk = _int_arg(min_keep, "min_keep", 1, 2147483647)
+        return self._add(llama_sampler_init_top_p(pp, mk), "top_p", False)
+
+    def add_min_p(self, p, min_keep=1):
+        """Drop tokens less likely than ``p`` times the most likely one."""
+        self._check()
+        cdef float pp = _float_arg(p, "min_p", 0.0, 1.0)
+        cdef size_t mk = _int_arg(min_keep, "min_keep", 1, 2147483647)
+        return self._add(llama_sampler_init_min_p(pp, mk), "min_p", False)
+
+    def add_typical(self, p, min_keep=1):
+        """Locally typical sampling with mass ``p`` (1.0 disables)."""
+        self._check()
+        cdef float pp = _float_arg(p, "typical_p", 0.0, 1.0, True, False)
+        cdef size_t mk = _int_arg(min_keep, "min_keep", 1, 2147483647)
+        return self._add(llama_sampler_init_typical(pp, mk), "typical", False)
+
+    def add_temperature(self, t):
+        """Divide logits by ``t`` (> 0; use add_greedy for temperature 0)."""
+        self._check()
+        cdef float tt = _float_arg(t, "temperature", 0.0, 1e6, True, False)
+        return self._add(llama_sampler_init_temp(tt), "temperature", False)
+
+    def add_temperature_ext(self, t, delta, exponent):
+        """Dynamic temperature in [t - delta, t + delta] by entropy, with ``exponent``."""
+        self._check()
+        cdef float tt = _float_arg(t, "temperature", 0.0, 1e6, True, False)
+        cdef float dd = _float_arg(delta, "delta", 0.0, 1e6)
+        cdef float ee = _float_arg(exponent, "exponent", 0.0, 1e6)
+        return self._add(llama_sampler_init_temp_ext(tt, dd, ee), "temperature_ext", False)
+
+    def add_xtc(self, probability, threshold, min_keep=1, seed=None):
+        """Exclude Top Choices: with ``probability``, drop all but the least likely of
+        the tokens above ``threshold``."""
+        self._check()
+        cdef float pp = _float_arg(probability, "xtc_probability", 0.0, 1.0)
+        cdef float tt = _float_arg(threshold, "xtc_threshold", 0.0, 1.0)
+        cdef size_t mk = _int_arg(min_keep, "min_keep", 1, 2147483647)
+        return self._add(llama_sampler_init_xtc(pp, tt, mk, _resolve_seed(seed)), "xtc", False)
+
+    def add_top_n_sigma(self, n):
+        """Keep tokens within ``n`` standard deviations of the top logit."""
+        self._check()
+        cdef float nn = _float_arg(n, "top_n_sigma", 0.0, 1e6, True, False)
+        return self._add(llama_sampler_init_top_n_sigma(nn), "top_n_sigma", False)
+
+    def add_mirostat(self, int n_vocab, tau=5.0, eta=0.1, int m=100, seed=None):
+        """Mirostat v1 (selects the token): target surprise ``tau``, rate ``eta``."""
+        self._check()
+        if n_vocab < 1:
+            raise InvalidArgumentError(f"n_vocab must be >= 1, got {n_vocab}")
+        if m < 1:
+            raise InvalidArgumentError(f"m must be >= 1, got {m}")
+        cdef float t = _float_arg(tau, "mirostat_tau", 0.0, 1e6)
+        cdef float e = _float_arg(eta, "mirostat_eta", 0.0, 1.0, True, False)
+        return self._add(llama_sampler_init_mirostat(n_vocab, _resolve_seed(seed), t, e, m),
+                         "mirostat", True)
+
+    def add_mirostat_v2(self, tau=5.0, eta=0.1, seed=None):
+        """Mirostat v2 (selects the token)."""
+        self._check()
+        cdef float t = _float_arg(tau, "mirostat_tau", 0.0, 1e6)
+        cdef float e = _float_arg(eta, "mirostat_eta", 0.0, 1.0, True, False)
+        return self._add(llama_sampler_init_mirostat_v2(_resolve_seed(seed), t, e),
+                         "mirostat_v2", True)
+
+    def add_penalties(self, int n_vocab, last_n=64, repeat=1.0, frequency=0.0, presence=0.0):
+        """Repetition penalties over the last ``last_n`` accepted tokens (0 disables);
+        ``n_vocab`` is the model's vocabulary size (``model.n_vocab``)."""
+        self._check()
+        if n_vocab < 1:
+            raise InvalidArgumentError(f"n_vocab must be >= 1, got {n_vocab}")
+        cdef int32_t ln = _int_arg(last_n, "penalty_last_n", 0, 1 << 24)
+        cdef float r = _float_arg(repeat, "repeat_penalty", 0.0, 1e6, True, False)
+        cdef float f = _float_arg(frequency, "frequency_penalty", -1e6, 1e6)
+        cdef float p = _float_arg(presence, "presence_penalty", -1e6, 1e6)
+        return self._add(llama_sampler_init_penalties(n_vocab, ln, r, f, p), "penalties", False)
+
+    def add_dry(self, Model model not None, multiplier=0.8, base=1.75, allowed_length=2,
+                last_n=-1, seq_breakers=("\n", ":", "\"", "*")):
+        """DRY ("don't repeat yourself") penalty; ``last_n=-1`` covers the context."""
+        self._check()
+        model._check_open()
+        cdef float mult = _float_arg(multiplier, "dry_multiplier", 0.0, 1e6)
+        cdef float b = _float_arg(base, "dry_base", 1.0, 1e6)
+        cdef int32_t al = _int_arg(allowed_length, "dry_allowed_length", 0, 1 << 24)
+        cdef int32_t ln = _int_arg(last_n, "dry_penalty_last_n", -1, 1 << 24)
+        if isinstance(seq_breakers, str):
+            raise InvalidArgumentError("seq_breakers must be a sequence of str, not a str")
+        encoded = [_utf8(s, f"seq_breakers[{i}]") for i, s in enumerate(seq_breakers)]
+        cdef const char ** arr = <const char **>malloc(max(len(encoded), 1) * sizeof(char *))
+        if arr == NULL:
+            raise MemoryError()
+        try:
+            for i, e in enumerate(encoded):
+                arr[i] = <const char *>e
+            smpl = self._add(llama_sampler_init_dry(model._vocab, mult, b, al, ln, arr,
+                                                    len(encoded)), "dry", False, model)
+        finally:
+            free(arr)
+        return smpl
+
+    def add_logit_bias(self, Model model not None, bias):
+        """Add ``bias[token]`` to the logit of each token (a dict token -> float;
+        ``float('-inf')`` bans a token)."""
+        self._check()
+        model._check_open()
+        if not isinstance(bias, dict):
+            raise InvalidArgumentError(f"logit bias must be a dict token -> float, got {bias!r}")
+        cdef Py_ssize_t n = len(bias)
+        cdef llama_logit_bias * arr = <llama_logit_bias *>malloc(max(n, 1) * sizeof(llama_logit_bias))
+        if arr == NULL:
+            raise MemoryError()
+        cdef double v
+        try:
+            for i, (tok, value) in enumerate(bias.items()):
+                arr[i].token = _int_arg(tok, "logit_bias token", 0, model._n_vocab - 1)
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise InvalidArgumentError(
+                        f"logit_bias[{tok}] must be a number, got {value!r}")
+                v = value
+                if v != v or v == float("inf"):
+                    raise InvalidArgumentError(f"logit_bias[{tok}] must not be NaN or +inf, got {value!r}")
+                arr[i].bias = v
+            return self._add(llama_sampler_init_logit_bias(model._n_vocab, n, arr),
+                             "logit_bias", False, model)
+        finally:
+            free(arr)
+
+    def add_grammar(self, Model model not None, grammar, root="root", trigger_patterns=None,
+                    trigger_tokens=None):
+        """Constrain output to a GBNF grammar. With ``trigger_patterns`` (regexes) or
+        ``trigger_tokens`` the grammar is lazy: it applies from the first trigger on."""
+        self._check()
+        model._check_open()
+        g = _utf8(grammar, "grammar")
+        r = _utf8(root, "root")
+        if not g.strip():
+            raise GrammarError("grammar is empty")
+        cdef llama_sampler * smpl
+        cdef const char ** pats = NULL
+        cdef llama_token * toks = NULL
+        lazy = trigger_patterns is not None or trigger_tokens is not None
+        _take_recent_errors()
+        if not lazy:
+            smpl = llama_sampler_init_grammar(model._vocab, g, r)
+        else:
+            if isinstance(trigger_patterns, str):
+                raise InvalidArgumentError("trigger_patterns must be a sequence of str")
+            pat_bytes = [_utf8(p, f"trigger_patterns[{i}]")
+                         for i, p in enumerate(trigger_patterns or ())]
+            tok_arr = _token_array(list(trigger_tokens or ()), model._n_vocab, "trigger_tokens")
+            pats = <const char **>malloc(max(len(pat_bytes), 1) * sizeof(char *))
+            toks = <llama_token *>malloc(max(len(tok_arr), 1) * sizeof(llama_token))
+            try:
+                if pats == NULL or toks == NULL:
+                    raise MemoryError()
+                for i, p in enumerate(pat_bytes):
+                    pats[i] = <const char *>p
+                for i, t in enumerate(tok_arr):
+                    toks[i] = t
+                smpl = llama_sampler_init_grammar_lazy_patterns(
+                    model._vocab, g, r, pats, len(pat_bytes), toks, len(tok_arr))
+            finally:
+                free(pats)
+                free(toks)
+        if smpl == NULL:
+            details = "; ".join(_take_recent_errors()) or "parse error"
+            raise GrammarError(f"invalid grammar: {details}")
+        if self._grammar_index >= 0:
+            llama_sampler_free(smpl)
+            raise InvalidArgumentError("this sampler chain already has a grammar")
+        self._grammar_index = len(self._names)
+        return self._add(smpl, "grammar", False, model)
+
+    def add_infill(self, Model model not None):
+        """Fill-in-the-middle helper sampler (for FIM models)."""
+        self._check()
+        model._check_open()
+        return self._add(llama_sampler_init_infill(model._vocab), "infill", False, model)
+
+    # --- use -----------------------------------------------------------------------
+
+    def sample(self, Context ctx not None, int idx=-1):
+        """Sample a token from row ``idx`` of the context's last batch and accept it."""
+        self._check()
+        if not self._selects:
+            raise SamplingError(
+                "the sampler chain does not end with a token-selecting sampler "
+                "(add_dist, add_greedy or add_mirostat)")
+        ctx._enter()
+        cdef llama_token tok
+        cdef int32_t row
+        try:
+            row = ctx._resolve_row(idx)
+            tok = self._sample_row(ctx, row)
+        finally:
+            ctx._leave()
+        return tok
+
+    cdef llama_token _sample_row(self, Context ctx, int32_t row) except -1:
+        """Caller holds ctx._enter(); row is validated."""
+        cdef llama_token tok
+        self._busy = True
+        try:
+            with nogil:
+                tok = llama_sampler_sample(self._ptr, ctx._ptr, row)
+        except RuntimeError as exc:
+            raise SamplingError(f"sampling failed: {exc}") from None
+        finally:
+            self._busy = False
+        if tok < 0 or tok >= ctx._n_vocab:
+            raise SamplingError(
+                f"no token could be sampled (got {tok}); a grammar may allow no token here")
+        return tok
+
+    def accept(self, token):
+        """Tell stateful samplers (penalties, grammar...) that ``token`` was chosen.
+        (``sample`` already does this for the token it returns.)"""
+        self._check()
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0 or token >= 2**31:
+            raise InvalidArgumentError(f"token must be a non-negative int token id, got {token!r}")
+        for m in self._models:
+            if token >= (<Model>m)._n_vocab:
+                raise InvalidArgumentError(
+                    f"token {token} is not in the vocabulary ({(<Model>m)._n_vocab} tokens)")
+        cdef llama_token_data data
+        cdef llama_token_data_array arr
+        if self._grammar_index >= 0:
+            # llama.cpp aborts the process when a grammar is fed a token it forbids:
+            # ask the grammar about this one token first.
+            data.id = token
+            data.logit = 0.0
+            data.p = 0.0
+            arr.data = &data
+            arr.size = 1
+            arr.selected = -1
+            arr.sorted = False
+            llama_sampler_apply(llama_sampler_chain_get(self._ptr, self._grammar_index), &arr)
+            if not isfinite(data.logit):
+                raise GrammarError(f"token {token} is not allowed by the grammar at this point")
+        try:
+            llama_sampler_accept(self._ptr, token)
+        except RuntimeError as exc:
+            raise SamplingError(f"accepting token {token} failed: {exc}") from None
+
+    def reset(self):
+        """Forget accepted tokens (and reseed nothing: the RNG keeps its state)."""
+        self._check()
+        llama_sampler_reset(self._ptr)
+
+    def clone(self):
+        """An independent copy of the chain with the same state."""
+        self._check()
+        cdef Sampler other = Sampler.__new__(Sampler)
+        other._ptr = llama_sampler_clone(self._ptr)
+        if other._ptr == NULL:
+            raise SamplingError("llama.cpp could not clone this sampler chain")
+        other._names = list(self._names)
+        other._selects = self._selects
+        other._grammar_index = self._grammar_index
+        for m in self._models:
+            (<Model>m)._pin()
+            other._models.append(m)
+        return other
+
+    def perf(self):
+        self._check()
+        cdef llama_perf_sampler_data d = llama_perf_sampler(self._ptr)
+        return {"t_sample_ms": d.t_sample_ms, "n_sample": d.n_sample}
