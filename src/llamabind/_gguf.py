@@ -1,48 +1,479 @@
 """Checks on a GGUF file before llama.cpp sees it.
 
-llama.cpp returns an error for most broken files, but a few kinds of damage reach
-code that aborts the process. llamabind reads the header first and refuses what it
-can tell is wrong, with an exception that names the file and the problem.
+llama.cpp returns an error for most broken files, but some kinds of damage reach code
+that aborts the process (a failed ``GGML_ASSERT``) or reads past what the file holds.
+llamabind reads the header region first -- the magic, the metadata key/values and the
+tensor infos, never the tensor data -- and refuses anything that is structurally
+wrong, with a :class:`~llamabind.errors.ModelFileError` that names the file, the byte
+offset and the problem.
+
+The layout (little-endian; see ``ggml/src/gguf.cpp``)::
+
+    magic "GGUF" | u32 version | i64 n_tensors | i64 n_kv
+    n_kv x      { string key | i32 type | value }
+    n_tensors x { string name | u32 n_dims | i64 ne[n_dims] | i32 ggml_type | u64 offset }
+    padding to general.alignment | tensor data
+
+where a string is ``u64 length | bytes`` and an array value is
+``i32 element type | u64 count | elements``.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import struct
+from dataclasses import dataclass, field
 
 from llamabind.errors import ModelFileError, ModelNotFoundError
 
-__all__ = ["GGUF_MAGIC", "check_model_file"]
+__all__ = ["GGUF_MAGIC", "GGUFHeader", "GGUFTensorInfo", "check_model_file", "read_header"]
 
 GGUF_MAGIC = b"GGUF"
 _SUPPORTED_VERSIONS = (2, 3)
-_HEADER = struct.Struct("<4sIQQ")
+_DEFAULT_ALIGNMENT = 32          # GGUF_DEFAULT_ALIGNMENT
+_MAX_STRING_LENGTH = 1 << 30     # GGUF_MAX_STRING_LENGTH
+_MAX_ARRAY_ELEMENTS = 1 << 30    # GGUF_MAX_ARRAY_ELEMENTS
+_MAX_DIMS = 4                    # GGML_MAX_DIMS
+_MAX_NAME = 64                   # GGML_MAX_NAME (names must be shorter, with the NUL)
+_INT64_MAX = (1 << 63) - 1
+_SIZE_MAX = (1 << 64) - 1
+_HEADER_SIZE = 24                # magic, version, n_tensors, n_kv
+# The smallest possible entries, to refuse absurd counts before looping over them.
+_MIN_KV_BYTES = 8 + 1 + 4 + 1             # key length, 1-byte key, type, 1-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8    # name length, n_dims, type, offset
+
+_U32 = struct.Struct("<I")
+_I32 = struct.Struct("<i")
+_U64 = struct.Struct("<Q")
+_I64 = struct.Struct("<q")
+
+# gguf_type: value -> (name, element size in bytes; 0 where it varies)
+_T_STRING = 8
+_T_ARRAY = 9
+_GGUF_TYPES = {
+    0: ("u8", 1), 1: ("i8", 1), 2: ("u16", 2), 3: ("i16", 2), 4: ("u32", 4),
+    5: ("i32", 4), 6: ("f32", 4), 7: ("bool", 1), _T_STRING: ("str", 0),
+    _T_ARRAY: ("arr", 0), 10: ("u64", 8), 11: ("i64", 8), 12: ("f64", 8),
+}
+_SCALAR_FORMATS = {
+    0: struct.Struct("<B"), 1: struct.Struct("<b"), 2: struct.Struct("<H"),
+    3: struct.Struct("<h"), 4: _U32, 5: _I32, 6: struct.Struct("<f"),
+    7: struct.Struct("<b"), 10: _U64, 11: _I64, 12: struct.Struct("<d"),
+}
+
+# ggml_type: value -> (name, block size in elements, bytes per block), from the
+# type_traits table in ggml/src/ggml.c. Values 4, 5, 31-33 and 36-38 were removed
+# (their traits have block size 0) and are refused, like values >= GGML_TYPE_COUNT.
+_GGML_TYPES = {
+    0: ("f32", 1, 4), 1: ("f16", 1, 2), 2: ("q4_0", 32, 18), 3: ("q4_1", 32, 20),
+    6: ("q5_0", 32, 22), 7: ("q5_1", 32, 24), 8: ("q8_0", 32, 34), 9: ("q8_1", 32, 36),
+    10: ("q2_K", 256, 84), 11: ("q3_K", 256, 110), 12: ("q4_K", 256, 144),
+    13: ("q5_K", 256, 176), 14: ("q6_K", 256, 210), 15: ("q8_K", 256, 292),
+    16: ("iq2_xxs", 256, 66), 17: ("iq2_xs", 256, 74), 18: ("iq3_xxs", 256, 98),
+    19: ("iq1_s", 256, 50), 20: ("iq4_nl", 32, 18), 21: ("iq3_s", 256, 110),
+    22: ("iq2_s", 256, 82), 23: ("iq4_xs", 256, 136), 24: ("i8", 1, 1),
+    25: ("i16", 1, 2), 26: ("i32", 1, 4), 27: ("i64", 1, 8), 28: ("f64", 1, 8),
+    29: ("iq1_m", 256, 56), 30: ("bf16", 1, 2), 34: ("tq1_0", 256, 54),
+    35: ("tq2_0", 256, 66), 39: ("mxfp4", 32, 17), 40: ("nvfp4", 64, 36),
+    41: ("q1_0", 128, 18), 42: ("q2_0", 64, 18),
+}
+_GGML_TYPE_COUNT = 43
+
+# Read the header region in chunks of at least this size.
+_CHUNK = 1 << 20
 
 
-def check_model_file(path: str, *, vocab_only: bool = False) -> None:
-    """Raise ModelNotFoundError / ModelFileError if ``path`` cannot be a GGUF model."""
-    if not os.path.exists(path):
-        raise ModelNotFoundError(f"model file not found: {path!r}", path)
-    if os.path.isdir(path):
-        raise ModelFileError(f"model path is a directory, not a GGUF file: {path!r}", path)
+@dataclass
+class GGUFTensorInfo:
+    """One tensor info entry (``info_offset``: where it starts in the file)."""
+
+    name: str
+    shape: tuple
+    ggml_type: int
+    offset: int
+    info_offset: int
+    nbytes: int
+
+
+@dataclass
+class GGUFKeyValue:
+    """One metadata entry. Scalars and strings carry ``value``; arrays carry
+    ``elem_type`` and ``count`` (and ``value`` only for short arrays of numbers)."""
+
+    key: str
+    type: int
+    offset: int            # where the entry (its key length) starts
+    value_offset: int      # where the value (for arrays: the element type) starts
+    end: int               # one past the entry's last byte
+    value: object = None
+    elem_type: int | None = None
+    count: int | None = None
+
+
+@dataclass
+class GGUFHeader:
+    """What :func:`read_header` found."""
+
+    path: str
+    file_size: int
+    version: int
+    n_tensors: int
+    n_kv: int
+    alignment: int
+    kv: dict = field(default_factory=dict)          # key -> GGUFKeyValue
+    tensors: list = field(default_factory=list)     # [GGUFTensorInfo]
+    tensor_info_offset: int = 0   # where the tensor infos start (end of the metadata)
+    data_offset: int = 0          # where the tensor data starts (after padding)
+    data_size: int = 0            # the data section's size, tensors padded to alignment
+
+
+class _Reader:
+    """Sequential reads of the file's header region with bounds checks; every
+    failure raises ModelFileError naming the file and the byte offset."""
+
+    def __init__(self, fh, path: str, size: int) -> None:
+        self.fh = fh
+        self.path = path
+        self.size = size
+        self.data = bytearray()
+        self.pos = 0
+
+    def fail(self, offset: int, problem: str):
+        raise ModelFileError(
+            f"invalid GGUF file {self.path!r} at byte {offset}: {problem}", self.path)
+
+    def fill(self, end: int) -> None:
+        """Make the buffer hold the file's bytes up to ``end`` (or the file's end)."""
+        have = len(self.data)
+        if end <= have or have >= self.size:
+            return
+        want = min(self.size, max(end, have * 2, have + _CHUNK))
+        try:
+            self.fh.seek(have)
+            chunk = self.fh.read(want - have)
+        except OSError as exc:
+            raise ModelFileError(
+                f"cannot read model file {self.path!r} at byte {have}: {exc}", self.path) from None
+        if len(chunk) != want - have:
+            # the file shrank while we read it
+            self.size = have + len(chunk)
+        self.data += chunk
+
+    def need(self, n: int, what: str) -> int:
+        """Check that ``n`` bytes of ``what`` follow; return their offset."""
+        pos = self.pos
+        if n > self.size - pos:
+            self.fail(pos, f"the file ends inside {what}: {n} bytes needed, "
+                           f"{self.size - pos} left (file size {self.size})")
+        self.fill(pos + n)
+        return pos
+
+    def unpack(self, st: struct.Struct, what: str):
+        pos = self.need(st.size, what)
+        self.pos = pos + st.size
+        return st.unpack_from(self.data, pos)[0]
+
+    def string(self, what: str, max_len: int = _MAX_STRING_LENGTH) -> bytes:
+        start = self.pos
+        n = self.unpack(_U64, f"the length of {what}")
+        if n > max_len:
+            self.fail(start, f"{what} has length {n}, more than the maximum {max_len}")
+        pos = self.need(n, what)
+        self.pos = pos + n
+        return bytes(self.data[pos:pos + n])
+
+    def skip_strings(self, count: int, what: str) -> None:
+        """Skip ``count`` length-prefixed strings (the bulk of a tokenizer)."""
+        start = self.pos
+        ok = self._skip_strings_fast(count)
+        if not ok:
+            # Find and describe the bad element the slow way.
+            self.pos = start
+            for i in range(count):
+                self.string(f"{what}[{i}]")
+            self.fail(start, f"{what} is damaged")  # not reached
+
+    def _skip_strings_fast(self, count: int) -> bool:
+        unpack = _U64.unpack_from
+        limit = _MAX_STRING_LENGTH
+        data = self.data
+        pos = self.pos
+        have = len(data)
+        for _ in range(count):
+            if pos + 8 > have:
+                self.fill(pos + 8)
+                have = len(data)
+                if pos + 8 > have:
+                    return False
+            n = unpack(data, pos)[0]
+            if n > limit:
+                return False
+            pos += 8 + n
+        if pos > self.size:
+            return False
+        self.pos = pos
+        return True
+
+
+def _open_checked(path):
+    """Open ``path`` for reading, mapping every failure to a llamabind exception."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fh:
-            head = fh.read(_HEADER.size)
-    except OSError as exc:
-        raise ModelFileError(f"cannot read model file {path!r}: {exc}", path) from None
-    if size == 0:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"model file not found: {path!r}", path) from None
+    except NotADirectoryError:
+        raise ModelNotFoundError(
+            f"model file not found (a parent is not a directory): {path!r}", path) from None
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"cannot access model file {path!r}: {exc}", path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ModelFileError(f"model path is a directory, not a GGUF file: {path!r}", path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelFileError(
+            f"model path is not a regular file (a device, pipe or socket?): {path!r}", path)
+    if st.st_size == 0:
         raise ModelFileError(f"model file is empty: {path!r}", path)
-    if len(head) < 4 or head[:4] != GGUF_MAGIC:
-        raise ModelFileError(
-            f"not a GGUF file (magic {head[:4]!r}, expected {GGUF_MAGIC!r}): {path!r}", path)
-    if len(head) < _HEADER.size:
-        raise ModelFileError(f"GGUF header is truncated ({size} bytes): {path!r}", path)
-    _, version, n_tensors, n_kv = _HEADER.unpack(head)
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed by the caller
+    except OSError as exc:
+        raise ModelFileError(f"cannot open model file {path!r}: {exc}", path) from None
+    return fh, st.st_size
+
+
+def read_header(path, *, vocab_only: bool = False) -> GGUFHeader:
+    """Parse and check the header region of a GGUF file.
+
+    Raises ModelNotFoundError for a missing file and ModelFileError for anything
+    llama.cpp would refuse or could crash on. With ``vocab_only`` the tensor data need
+    not be present in the file (the tensor infos are still checked).
+    """
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    fh, size = _open_checked(path)
+    with fh:
+        return _parse(_Reader(fh, path, size), vocab_only)
+
+
+def check_model_file(path, *, vocab_only: bool = False) -> None:
+    """Raise ModelNotFoundError / ModelFileError if ``path`` cannot be a GGUF model."""
+    read_header(path, vocab_only=vocab_only)
+
+
+def _parse(r: _Reader, vocab_only: bool) -> GGUFHeader:
+    size = r.size
+    r.fill(_HEADER_SIZE)
+    head = bytes(r.data[:4])
+    if head != GGUF_MAGIC:
+        r.fail(0, f"not a GGUF file (magic {head!r}, expected {GGUF_MAGIC!r})")
+    if size < _HEADER_SIZE:
+        r.fail(size, f"the GGUF header is truncated: it needs {_HEADER_SIZE} bytes, "
+                     f"the file has {size}")
+    r.pos = 4
+    version = r.unpack(_U32, "the version")
     if version not in _SUPPORTED_VERSIONS:
-        raise ModelFileError(
-            f"unsupported GGUF version {version} (supported: 2, 3): {path!r}", path)
-    if n_kv > size or n_tensors > size:
-        raise ModelFileError(
-            f"corrupt GGUF header: {n_kv} metadata entries and {n_tensors} tensors cannot "
-            f"fit in {size} bytes: {path!r}", path)
+        if version & 0xFFFF == 0 and version:
+            problem = (f"GGUF version {version:#x} looks byte-swapped (a big-endian "
+                       "file?); only little-endian files are supported")
+        elif version == 1:
+            problem = "GGUF version 1 is no longer supported by llama.cpp"
+        else:
+            problem = f"unsupported GGUF version {version} (supported: 2, 3)"
+        r.fail(4, problem)
+    n_tensors = r.unpack(_I64, "the tensor count")
+    n_kv = r.unpack(_I64, "the metadata count")
+    room = size - _HEADER_SIZE
+    if n_tensors < 0 or n_tensors * _MIN_TENSOR_INFO_BYTES > room:
+        r.fail(8, f"the header says {n_tensors} tensors; that many tensor infos cannot "
+                  f"fit in a file of {size} bytes")
+    if n_kv < 0 or n_kv * _MIN_KV_BYTES > room:
+        r.fail(16, f"the header says {n_kv} metadata entries; that many cannot fit in "
+                   f"a file of {size} bytes")
+    if n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES > room:
+        r.fail(8, f"the header says {n_tensors} tensors and {n_kv} metadata entries; "
+                  f"they cannot fit in a file of {size} bytes")
+
+    hdr = GGUFHeader(path=r.path, file_size=size, version=version, n_tensors=n_tensors,
+                     n_kv=n_kv, alignment=_DEFAULT_ALIGNMENT)
+    for i in range(n_kv):
+        kv = _read_kv(r, i)
+        if kv.key in hdr.kv:
+            r.fail(kv.offset, f"metadata key {kv.key!r} appears twice (entry {i})")
+        hdr.kv[kv.key] = kv
+    hdr.tensor_info_offset = r.pos
+    _check_metadata(r, hdr)
+
+    seen = set()
+    for i in range(n_tensors):
+        info = _read_tensor_info(r, i)
+        if info.name in seen:
+            r.fail(info.info_offset, f"tensor name {info.name!r} appears twice (tensor {i})")
+        seen.add(info.name)
+        hdr.tensors.append(info)
+    _check_tensor_data(r, hdr, vocab_only)
+    return hdr
+
+
+def _read_kv(r: _Reader, i: int) -> GGUFKeyValue:
+    start = r.pos
+    raw = r.string(f"the key of metadata entry {i}")
+    if not raw:
+        r.fail(start, f"metadata entry {i} has an empty key")
+    key = raw.decode("utf-8", "replace")
+    what = f"metadata {key!r}"
+    type_pos = r.pos
+    vtype = r.unpack(_I32, f"the type of {what}")
+    if vtype not in _GGUF_TYPES:
+        r.fail(type_pos, f"{what} has an invalid value type {vtype} (valid: 0..12)")
+    kv = GGUFKeyValue(key=key, type=vtype, offset=start, value_offset=r.pos, end=0)
+    if vtype == _T_ARRAY:
+        elem_pos = r.pos
+        etype = r.unpack(_I32, f"the element type of {what}")
+        if etype == _T_ARRAY:
+            r.fail(elem_pos, f"{what} is an array of arrays, which llama.cpp does not read")
+        if etype not in _GGUF_TYPES:
+            r.fail(elem_pos, f"{what} is an array of invalid element type {etype} "
+                             "(valid: 0..8, 10..12)")
+        count_pos = r.pos
+        count = r.unpack(_U64, f"the element count of {what}")
+        if count > _MAX_ARRAY_ELEMENTS:
+            r.fail(count_pos, f"{what} has {count} elements, more than the maximum "
+                              f"{_MAX_ARRAY_ELEMENTS}")
+        kv.elem_type = etype
+        kv.count = count
+        if etype == _T_STRING:
+            if count * 8 > size_left(r):
+                r.fail(count_pos, f"{what} has {count} strings; their lengths alone need "
+                                  f"{count * 8} bytes, {size_left(r)} are left")
+            r.skip_strings(count, what)
+        else:
+            esize = _GGUF_TYPES[etype][1]
+            nbytes = count * esize
+            if nbytes > size_left(r):
+                r.fail(count_pos, f"{what} has {count} elements of {esize} bytes "
+                                  f"({nbytes} bytes); only {size_left(r)} bytes are left")
+            pos = r.need(nbytes, what)
+            if count <= 16:
+                fmt = _SCALAR_FORMATS[etype]
+                kv.value = [fmt.unpack_from(r.data, pos + k * esize)[0] for k in range(count)]
+            r.pos = pos + nbytes
+    elif vtype == _T_STRING:
+        kv.value = r.string(f"the value of {what}")
+    else:
+        kv.value = r.unpack(_SCALAR_FORMATS[vtype], f"the value of {what}")
+    kv.end = r.pos
+    return kv
+
+
+def size_left(r: _Reader) -> int:
+    return r.size - r.pos
+
+
+def _check_metadata(r: _Reader, hdr: GGUFHeader) -> None:
+    kv = hdr.kv.get("general.alignment")
+    if kv is not None:
+        if kv.type != 4:
+            r.fail(kv.value_offset, "general.alignment must be a u32, not "
+                                    f"{_type_name(kv)}")
+        if kv.value == 0 or kv.value & (kv.value - 1):
+            r.fail(kv.value_offset, f"general.alignment {kv.value} is not a power of 2")
+        hdr.alignment = kv.value
+    arch = hdr.kv.get("general.architecture")
+    if arch is None:
+        r.fail(hdr.tensor_info_offset, "the metadata has no general.architecture")
+    if arch.type != _T_STRING:
+        r.fail(arch.value_offset, f"general.architecture must be a string, not {_type_name(arch)}")
+    if not arch.value:
+        r.fail(arch.value_offset, "general.architecture is empty")
+
+
+def _type_name(kv: GGUFKeyValue) -> str:
+    if kv.type == _T_ARRAY:
+        return f"an array of {_GGUF_TYPES[kv.elem_type][0]}"
+    return _GGUF_TYPES[kv.type][0]
+
+
+def _read_tensor_info(r: _Reader, i: int) -> GGUFTensorInfo:
+    start = r.pos
+    raw = r.string(f"the name of tensor {i}")
+    if len(raw) >= _MAX_NAME:
+        r.fail(start, f"the name of tensor {i} is {len(raw)} bytes long; names must be "
+                      f"shorter than {_MAX_NAME} bytes")
+    name = raw.decode("utf-8", "replace")
+    what = f"tensor {name!r}"
+    dims_pos = r.pos
+    n_dims = r.unpack(_U32, f"the dimension count of {what}")
+    if n_dims > _MAX_DIMS:
+        r.fail(dims_pos, f"{what} has {n_dims} dimensions; at most {_MAX_DIMS} are allowed")
+    shape = []
+    nelements = 1
+    for d in range(n_dims):
+        dim_pos = r.pos
+        ne = r.unpack(_I64, f"dimension {d} of {what}")
+        if ne <= 0:
+            r.fail(dim_pos, f"dimension {d} of {what} is {ne}; it must be positive")
+        nelements *= ne
+        if nelements > _INT64_MAX:
+            r.fail(dim_pos, f"{what} has shape {(*shape, ne)}: its element count overflows "
+                            "int64")
+        shape.append(ne)
+    type_pos = r.pos
+    gtype = r.unpack(_I32, f"the type of {what}")
+    traits = _GGML_TYPES.get(gtype)
+    if traits is None:
+        if 0 <= gtype < _GGML_TYPE_COUNT:
+            problem = f"{what} has ggml type {gtype}, which was removed from ggml"
+        else:
+            problem = f"{what} has an invalid ggml type {gtype} (valid: 0..{_GGML_TYPE_COUNT - 1})"
+        r.fail(type_pos, problem)
+    tname, blck, tsize = traits
+    row = shape[0] if shape else 1
+    if row % blck:
+        r.fail(type_pos, f"{what} of type {tname} has {row} elements per row, not a multiple "
+                         f"of the type's block size {blck}")
+    nbytes = nelements // blck * tsize
+    if nbytes > _SIZE_MAX - (1 << 32):
+        r.fail(type_pos, f"{what} has shape {tuple(shape)}: its size in bytes overflows")
+    off_pos = r.pos
+    offset = r.unpack(_U64, f"the data offset of {what}")
+    return GGUFTensorInfo(name=name, shape=tuple(shape), ggml_type=gtype, offset=offset,
+                          info_offset=start, nbytes=nbytes)
+
+
+def _pad(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+def _check_tensor_data(r: _Reader, hdr: GGUFHeader, vocab_only: bool) -> None:
+    align = hdr.alignment
+    infos_end = r.pos
+    if hdr.n_tensors == 0:
+        hdr.data_offset = infos_end
+        if not vocab_only:
+            r.fail(infos_end, "the file holds no tensors (a vocabulary-only GGUF?); "
+                              "load it with vocab_only=True")
+        return
+    data_offset = _pad(infos_end, align)
+    if data_offset > r.size:
+        r.fail(infos_end, f"the file ends before its tensor data (which would start at "
+                          f"byte {data_offset}; file size {r.size})")
+    hdr.data_offset = data_offset
+    expected = 0
+    for info in hdr.tensors:
+        # the offset field is the info's last 8 bytes
+        info_end = (info.info_offset + 8 + len(info.name.encode("utf-8", "surrogateescape"))
+                    + 4 + 8 * len(info.shape) + 4)
+        if info.offset % align:
+            r.fail(info_end, f"tensor {info.name!r} has data offset {info.offset}, not a "
+                             f"multiple of the alignment {align}")
+        if info.offset != expected:
+            r.fail(info_end, f"tensor {info.name!r} has data offset {info.offset}; after "
+                             f"the tensors before it, it must be {expected}")
+        if not vocab_only and data_offset + info.offset + info.nbytes > r.size:
+            r.fail(data_offset + info.offset,
+                   f"the data of tensor {info.name!r} ({info.nbytes} bytes at byte "
+                   f"{data_offset + info.offset}) runs past the end of the file "
+                   f"(size {r.size}): the file is truncated")
+        expected += _pad(info.nbytes, align)
+    hdr.data_size = expected

@@ -1,0 +1,5 @@
+import sys
+
+from llamabind.cli import main
+
+sys.exit(main())
