@@ -24,6 +24,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from llamabind.errors import ModelFileError, ModelNotFoundError
 
@@ -80,8 +81,10 @@ _GGML_TYPES = {
 }
 _GGML_TYPE_COUNT = 43
 
-# Read the header region in chunks of at least this size.
+# Read the header region in chunks of at least this size, guessing at most this far
+# ahead where a tokenizer's strings are.
 _CHUNK = 1 << 20
+_MAX_READ_AHEAD = 64 << 20
 
 
 @dataclass
@@ -94,6 +97,7 @@ class GGUFTensorInfo:
     offset: int
     info_offset: int
     nbytes: int
+    offset_pos: int = 0    # where the data offset field is
 
 
 @dataclass
@@ -130,90 +134,158 @@ class GGUFHeader:
 
 class _Reader:
     """Sequential reads of the file's header region with bounds checks; every
-    failure raises ModelFileError naming the file and the byte offset."""
+    failure raises ModelFileError naming the file and the byte offset.
+
+    It holds one window of the file (``data`` = the bytes from offset ``base``), read
+    afresh when a read falls outside it, so a corrupt length that jumps far ahead
+    does not make it read everything in between.
+    """
 
     def __init__(self, fh, path: str, size: int) -> None:
         self.fh = fh
         self.path = path
         self.size = size
-        self.data = bytearray()
+        self.base = 0
+        self.data = b""
         self.pos = 0
 
     def fail(self, offset: int, problem: str):
         raise ModelFileError(
             f"invalid GGUF file {self.path!r} at byte {offset}: {problem}", self.path)
 
-    def fill(self, end: int) -> None:
-        """Make the buffer hold the file's bytes up to ``end`` (or the file's end)."""
-        have = len(self.data)
-        if end <= have or have >= self.size:
-            return
-        want = min(self.size, max(end, have * 2, have + _CHUNK))
+    def window(self, pos: int, n: int) -> int:
+        """Make the window hold bytes [pos, pos + n) (as far as the file has them);
+        return pos's index in ``data``."""
+        rel = pos - self.base
+        if 0 <= rel and rel + n <= len(self.data):
+            return rel
+        n = min(max(n, _CHUNK), self.size - pos)
         try:
-            self.fh.seek(have)
-            chunk = self.fh.read(want - have)
-        except OSError as exc:
+            self.fh.seek(pos)
+            data = self.fh.read(n)
+        except (OSError, OverflowError, ValueError) as exc:
             raise ModelFileError(
-                f"cannot read model file {self.path!r} at byte {have}: {exc}", self.path) from None
-        if len(chunk) != want - have:
+                f"cannot read model file {self.path!r} at byte {pos}: {exc}", self.path) from None
+        if len(data) != n:
             # the file shrank while we read it
-            self.size = have + len(chunk)
-        self.data += chunk
+            self.size = pos + len(data)
+        self.base = pos
+        self.data = data
+        return 0
 
     def need(self, n: int, what: str) -> int:
-        """Check that ``n`` bytes of ``what`` follow; return their offset."""
+        """Check that ``n`` bytes of ``what`` follow; return their index in ``data``."""
         pos = self.pos
         if n > self.size - pos:
             self.fail(pos, f"the file ends inside {what}: {n} bytes needed, "
                            f"{self.size - pos} left (file size {self.size})")
-        self.fill(pos + n)
-        return pos
+        rel = self.window(pos, n)
+        if rel + n > len(self.data):
+            self.fail(pos, f"the file ends inside {what} (it shrank while being read)")
+        return rel
 
     def unpack(self, st: struct.Struct, what: str):
-        pos = self.need(st.size, what)
-        self.pos = pos + st.size
-        return st.unpack_from(self.data, pos)[0]
+        rel = self.need(st.size, what)
+        self.pos += st.size
+        return st.unpack_from(self.data, rel)[0]
 
     def string(self, what: str, max_len: int = _MAX_STRING_LENGTH) -> bytes:
         start = self.pos
         n = self.unpack(_U64, f"the length of {what}")
         if n > max_len:
             self.fail(start, f"{what} has length {n}, more than the maximum {max_len}")
-        pos = self.need(n, what)
-        self.pos = pos + n
-        return bytes(self.data[pos:pos + n])
+        rel = self.need(n, what)
+        self.pos += n
+        return self.data[rel:rel + n]
 
-    def skip_strings(self, count: int, what: str) -> None:
-        """Skip ``count`` length-prefixed strings (the bulk of a tokenizer)."""
+    def strings(self, count: int, what: str, collect: bool = False):
+        """Skip ``count`` length-prefixed strings (the bulk of a tokenizer), or with
+        ``collect`` return them as a list of bytes."""
         start = self.pos
-        ok = self._skip_strings_fast(count)
-        if not ok:
-            # Find and describe the bad element the slow way.
+        if collect:
+            out = self._collect_fast(count, min(count * 32 + _CHUNK, _MAX_READ_AHEAD))
+            if out is not None:
+                return out
+        if self._skip_fast(count):
+            if not collect:
+                return None
+            end = self.pos
             self.pos = start
-            for i in range(count):
-                self.string(f"{what}[{i}]")
-            self.fail(start, f"{what} is damaged")  # not reached
+            out = self._collect_fast(count, end - start)
+            if out is not None:
+                return out
+        # Find and describe the bad element the slow way.
+        self.pos = start
+        for i in range(count):
+            self.string(f"{what}[{i}]")
+        self.fail(start, f"{what} is damaged")  # not reached
 
-    def _skip_strings_fast(self, count: int) -> bool:
+    def _skip_fast(self, count: int) -> bool:
+        """Skip the strings if they are all well-formed; False if one is not (the
+        caller then finds it). This loop is most of the time the check takes."""
         unpack = _U64.unpack_from
-        limit = _MAX_STRING_LENGTH
+        size = self.size
+        rel = self.window(self.pos, min(count * 16 + _CHUNK, _MAX_READ_AHEAD))
         data = self.data
-        pos = self.pos
-        have = len(data)
-        for _ in range(count):
-            if pos + 8 > have:
-                self.fill(pos + 8)
-                have = len(data)
-                if pos + 8 > have:
+        base = self.base
+        # In a file smaller than the length limit, a length over the limit runs past
+        # the end of the file, which is caught below: the loop can skip that test.
+        limit = _MAX_STRING_LENGTH if size > _MAX_STRING_LENGTH else None
+        items = repeat(None, count)
+        while True:
+            try:
+                if limit is None:
+                    for _ in items:
+                        rel += 8 + unpack(data, rel)[0]
+                else:
+                    for _ in items:
+                        n = unpack(data, rel)[0]
+                        if n > limit:
+                            return False
+                        rel += 8 + n
+                break
+            except (struct.error, OverflowError):
+                # this string's length lies past the window (or the previous length
+                # was absurd): move the window there
+                pos = base + rel
+                if pos + 8 > size:
                     return False
-            n = unpack(data, pos)[0]
-            if n > limit:
-                return False
-            pos += 8 + n
+                rel = self.window(pos, min(count * 16 + _CHUNK, _MAX_READ_AHEAD))
+                data = self.data
+                base = self.base
+                if rel + 8 > len(data):
+                    return False
+                n = unpack(data, rel)[0]
+                if n > _MAX_STRING_LENGTH:
+                    return False
+                rel += 8 + n
+        pos = base + rel
         if pos > self.size:
             return False
         self.pos = pos
         return True
+
+    def _collect_fast(self, count: int, span: int):
+        """The strings as a list, if they all lie within ``span`` bytes; None if not,
+        or if one is damaged."""
+        unpack = _U64.unpack_from
+        start = self.pos
+        rel = self.window(start, span)
+        data = self.data
+        begin_rel = rel
+        out = []
+        append = out.append
+        try:
+            for _ in repeat(None, count):
+                begin = rel + 8
+                rel = begin + unpack(data, rel)[0]
+                append(data[begin:rel])
+        except (struct.error, OverflowError):
+            return None
+        if rel > len(data) or rel - begin_rel > span:
+            return None
+        self.pos = start + (rel - begin_rel)
+        return out
 
 
 def _open_checked(path):
@@ -241,30 +313,41 @@ def _open_checked(path):
     return fh, st.st_size
 
 
-def read_header(path, *, vocab_only: bool = False) -> GGUFHeader:
+def read_header(path, *, vocab_only: bool = False, overrides=None) -> GGUFHeader:
     """Parse and check the header region of a GGUF file.
 
     Raises ModelNotFoundError for a missing file and ModelFileError for anything
     llama.cpp would refuse or could crash on. With ``vocab_only`` the tensor data need
-    not be present in the file (the tensor infos are still checked).
+    not be present in the file (the tensor infos are still checked). ``overrides`` are
+    the ``kv_overrides`` the model will be loaded with: the hyperparameter checks use
+    the values llama.cpp will see.
     """
     path = os.fspath(path)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
     fh, size = _open_checked(path)
     with fh:
-        return _parse(_Reader(fh, path, size), vocab_only)
+        r = _Reader(fh, path, size)
+        hdr = _parse(r, vocab_only)
+    if not vocab_only:
+        _check_hparams(r, hdr, overrides or {})
+    return hdr
 
 
-def check_model_file(path, *, vocab_only: bool = False) -> None:
-    """Raise ModelNotFoundError / ModelFileError if ``path`` cannot be a GGUF model."""
-    read_header(path, vocab_only=vocab_only)
+def check_model_file(path, *, vocab_only: bool = False, overrides=None) -> None:
+    """Raise ModelNotFoundError / ModelFileError if ``path`` cannot be a GGUF model.
+
+    Checks the structure of the whole header region (magic, version, every metadata
+    entry, every tensor info, the tensor data's place in the file) and the
+    hyperparameters that llama.cpp asserts on instead of reporting an error.
+    """
+    read_header(path, vocab_only=vocab_only, overrides=overrides)
 
 
 def _parse(r: _Reader, vocab_only: bool) -> GGUFHeader:
     size = r.size
-    r.fill(_HEADER_SIZE)
-    head = bytes(r.data[:4])
+    r.window(0, _HEADER_SIZE)
+    head = r.data[:4]
     if head != GGUF_MAGIC:
         r.fail(0, f"not a GGUF file (magic {head!r}, expected {GGUF_MAGIC!r})")
     if size < _HEADER_SIZE:
@@ -306,7 +389,7 @@ def _parse(r: _Reader, vocab_only: bool) -> GGUFHeader:
 
     seen = set()
     for i in range(n_tensors):
-        info = _read_tensor_info(r, i)
+        info = _read_tensor_info(r, i, hdr.alignment)
         if info.name in seen:
             r.fail(info.info_offset, f"tensor name {info.name!r} appears twice (tensor {i})")
         seen.add(info.name)
@@ -346,18 +429,20 @@ def _read_kv(r: _Reader, i: int) -> GGUFKeyValue:
             if count * 8 > size_left(r):
                 r.fail(count_pos, f"{what} has {count} strings; their lengths alone need "
                                   f"{count * 8} bytes, {size_left(r)} are left")
-            r.skip_strings(count, what)
+            strings = r.strings(count, what, collect=key == "tokenizer.ggml.tokens")
+            if strings is not None:
+                kv.value = strings
         else:
             esize = _GGUF_TYPES[etype][1]
             nbytes = count * esize
             if nbytes > size_left(r):
                 r.fail(count_pos, f"{what} has {count} elements of {esize} bytes "
                                   f"({nbytes} bytes); only {size_left(r)} bytes are left")
-            pos = r.need(nbytes, what)
             if count <= 16:
+                rel = r.need(nbytes, what)
                 fmt = _SCALAR_FORMATS[etype]
-                kv.value = [fmt.unpack_from(r.data, pos + k * esize)[0] for k in range(count)]
-            r.pos = pos + nbytes
+                kv.value = [fmt.unpack_from(r.data, rel + k * esize)[0] for k in range(count)]
+            r.pos += nbytes
     elif vtype == _T_STRING:
         kv.value = r.string(f"the value of {what}")
     else:
@@ -386,6 +471,32 @@ def _check_metadata(r: _Reader, hdr: GGUFHeader) -> None:
         r.fail(arch.value_offset, f"general.architecture must be a string, not {_type_name(arch)}")
     if not arch.value:
         r.fail(arch.value_offset, "general.architecture is empty")
+    _check_token_list(r, hdr)
+
+
+def _check_token_list(r: _Reader, hdr: GGUFHeader) -> None:
+    """llama.cpp aborts (GGML_ASSERT) on a vocabulary with a token text twice."""
+    tokens = hdr.kv.get("tokenizer.ggml.tokens")
+    model = hdr.kv.get("tokenizer.ggml.model")
+    if tokens is None or not isinstance(tokens.value, list):
+        return
+    texts = tokens.value
+    tokens.value = None   # not kept: it can be large
+    if model is None or model.type != _T_STRING or model.value in (b"no_vocab", b"none"):
+        return  # llama.cpp does not read the token list (or refuses the file)
+    # llama.cpp renames empty tokens before it indexes them
+    for i, text in enumerate(texts):
+        if not text:
+            texts[i] = b"[EMPTY_%d]" % i
+    if len(set(texts)) == len(texts):
+        return
+    first = {}
+    for i, text in enumerate(texts):
+        j = first.setdefault(text, i)
+        if j != i:
+            r.fail(tokens.value_offset,
+                   f"tokenizer.ggml.tokens has the token {text!r} twice (ids {j} and {i}); "
+                   "llama.cpp cannot index such a vocabulary")
 
 
 def _type_name(kv: GGUFKeyValue) -> str:
@@ -394,7 +505,7 @@ def _type_name(kv: GGUFKeyValue) -> str:
     return _GGUF_TYPES[kv.type][0]
 
 
-def _read_tensor_info(r: _Reader, i: int) -> GGUFTensorInfo:
+def _read_tensor_info(r: _Reader, i: int, align: int) -> GGUFTensorInfo:
     start = r.pos
     raw = r.string(f"the name of tensor {i}")
     if len(raw) >= _MAX_NAME:
@@ -433,12 +544,12 @@ def _read_tensor_info(r: _Reader, i: int) -> GGUFTensorInfo:
         r.fail(type_pos, f"{what} of type {tname} has {row} elements per row, not a multiple "
                          f"of the type's block size {blck}")
     nbytes = nelements // blck * tsize
-    if nbytes > _SIZE_MAX - (1 << 32):
+    if nbytes > _SIZE_MAX - (align - 1):
         r.fail(type_pos, f"{what} has shape {tuple(shape)}: its size in bytes overflows")
     off_pos = r.pos
     offset = r.unpack(_U64, f"the data offset of {what}")
     return GGUFTensorInfo(name=name, shape=tuple(shape), ggml_type=gtype, offset=offset,
-                          info_offset=start, nbytes=nbytes)
+                          info_offset=start, nbytes=nbytes, offset_pos=off_pos)
 
 
 def _pad(n: int, align: int) -> int:
@@ -461,9 +572,7 @@ def _check_tensor_data(r: _Reader, hdr: GGUFHeader, vocab_only: bool) -> None:
     hdr.data_offset = data_offset
     expected = 0
     for info in hdr.tensors:
-        # the offset field is the info's last 8 bytes
-        info_end = (info.info_offset + 8 + len(info.name.encode("utf-8", "surrogateescape"))
-                    + 4 + 8 * len(info.shape) + 4)
+        info_end = info.offset_pos
         if info.offset % align:
             r.fail(info_end, f"tensor {info.name!r} has data offset {info.offset}, not a "
                              f"multiple of the alignment {align}")
@@ -476,4 +585,146 @@ def _check_tensor_data(r: _Reader, hdr: GGUFHeader, vocab_only: bool) -> None:
                    f"{data_offset + info.offset}) runs past the end of the file "
                    f"(size {r.size}): the file is truncated")
         expected += _pad(info.nbytes, align)
+        if expected > _SIZE_MAX:
+            r.fail(info_end, f"the tensor data up to tensor {info.name!r} is larger than "
+                             "2^64 bytes")
     hdr.data_size = expected
+
+
+# --- hyperparameters ------------------------------------------------------------------
+# llama.cpp reads these while loading any architecture and checks them with
+# GGML_ASSERT (which aborts the process) rather than with an error it can report, or
+# passes them on to operations that assert at the first decode.
+
+_LLAMA_MAX_LAYERS = 512
+_LLAMA_MAX_EXPERTS = 1024
+_ROPE_SCALING_TYPES = (b"none", b"linear", b"yarn", b"longrope")
+_U32_TYPES = (4,)          # get_key<uint32_t> accepts only u32 values
+_F32_TYPES = (6,)
+
+
+class _HParams:
+    """Typed access to ``{arch}.*`` values, as llama.cpp's get_key sees them: a
+    kv_override of the right kind wins; a value of another type is ignored here (llama.cpp
+    refuses it with an error)."""
+
+    def __init__(self, hdr: GGUFHeader, overrides: dict) -> None:
+        self.hdr = hdr
+        self.arch = hdr.kv["general.architecture"].value.decode("utf-8", "replace")
+        self.overrides = overrides
+
+    def key(self, suffix: str) -> str:
+        return f"{self.arch}.{suffix}"
+
+    def offset(self, key: str) -> int:
+        kv = self.hdr.kv.get(key)
+        return kv.value_offset if kv is not None else self.hdr.tensor_info_offset
+
+    def u32(self, key: str):
+        if key in self.overrides:
+            v = self.overrides[key]
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v & 0xFFFFFFFF       # stored into a uint32_t
+        kv = self.hdr.kv.get(key)
+        if kv is not None and kv.type in _U32_TYPES:
+            return kv.value
+        return None
+
+    def u32_or_max(self, key: str, n_layer: int):
+        """A per-layer count given as one value or as an array: its maximum over the
+        first n_layer layers, or None (absent, wrong type, or an array not read here)."""
+        kv = self.hdr.kv.get(key)
+        if key not in self.overrides and kv is not None and kv.type == _T_ARRAY:
+            return None  # checked by llama.cpp against n_layer; values not read here
+        return self.u32(key)
+
+    def f32(self, key: str):
+        if key in self.overrides:
+            v = self.overrides[key]
+            if isinstance(v, float):
+                return v
+        kv = self.hdr.kv.get(key)
+        if kv is not None and kv.type in _F32_TYPES:
+            return kv.value
+        return None
+
+    def string(self, key: str):
+        if key in self.overrides:
+            v = self.overrides[key]
+            if isinstance(v, str):
+                return v.encode("utf-8")
+        kv = self.hdr.kv.get(key)
+        if kv is not None and kv.type == _T_STRING:
+            return kv.value
+        return None
+
+
+def _check_hparams(r: _Reader, hdr: GGUFHeader, overrides: dict) -> None:
+    hp = _HParams(hdr, overrides)
+
+    def fail(key: str, problem: str):
+        source = " (from kv_overrides)" if key in overrides else ""
+        r.fail(hp.offset(key), f"{key}{source} {problem}")
+
+    key = hp.key("block_count")
+    n_layer = hp.u32(key)
+    if n_layer is not None and not 0 < n_layer <= _LLAMA_MAX_LAYERS:
+        fail(key, f"is {n_layer}; llama.cpp supports 1..{_LLAMA_MAX_LAYERS} layers")
+    if n_layer is None:
+        return  # llama.cpp reports the missing (or mistyped) key itself
+
+    key = hp.key("nextn_predict_layers")
+    nextn = hp.u32(key)
+    if nextn is not None and nextn > n_layer:
+        fail(key, f"is {nextn}, more than the {n_layer} layers")
+    for sub in ("posnet.block_count", "convnext.block_count"):
+        key = hp.key(sub)
+        v = hp.u32(key)
+        if v is not None and v > n_layer:
+            fail(key, f"is {v}, more than the {n_layer} layers")
+
+    _check_experts(hp, fail, n_layer)
+
+    key = hp.key("rope.scaling.type")
+    scaling = hp.string(key)
+    if scaling is not None and scaling not in _ROPE_SCALING_TYPES:
+        fail(key, f"is {scaling!r}; llama.cpp knows "
+                  f"{', '.join(t.decode() for t in _ROPE_SCALING_TYPES)}")
+
+    # Normalisation epsilons reach ggml's norm operations, which assert eps >= 0.
+    prefix = hp.arch + "."
+    keys = set(k for k in hdr.kv if k.startswith(prefix)) | set(
+        k for k in overrides if isinstance(k, str) and k.startswith(prefix))
+    for key in sorted(keys):
+        last = key.rsplit(".", 1)[-1]
+        if "epsilon" in last or last == "eps" or last.endswith("_eps"):
+            eps = hp.f32(key)
+            if eps is not None and not (eps >= 0.0 and eps != float("inf")):
+                fail(key, f"is {eps!r}; it must be a finite number >= 0")
+
+
+def _check_experts(hp: _HParams, fail, n_layer: int) -> None:
+    k_count = hp.key("expert_count")
+    k_used = hp.key("expert_used_count")
+    k_groups = hp.key("expert_group_count")
+    k_group_used = hp.key("expert_group_used_count")
+    n_expert = hp.u32(k_count) or 0
+    n_used = hp.u32_or_max(k_used, n_layer) or 0
+    n_groups = hp.u32(k_groups) or 0
+    n_group_used = hp.u32(k_group_used) or 0
+    if n_expert > _LLAMA_MAX_EXPERTS:
+        fail(k_count, f"is {n_expert}; llama.cpp supports at most {_LLAMA_MAX_EXPERTS} experts")
+    if n_used > n_expert:
+        fail(k_used, f"is {n_used}, more than the {n_expert} experts")
+    if n_expert > 0:
+        if n_used == 0 and hp.u32_or_max(k_used, n_layer) is not None:
+            fail(k_used, f"is 0, but the model has {n_expert} experts")
+        if n_groups >= n_expert:
+            fail(k_groups, f"is {n_groups}; it must be less than the {n_expert} experts")
+        if n_groups > 1:
+            if n_expert % n_groups:
+                fail(k_groups, f"is {n_groups}, which does not divide the {n_expert} experts")
+            if not 0 < n_group_used < n_groups:
+                fail(k_group_used, f"is {n_group_used}; it must be in 1..{n_groups - 1}")
+    elif n_groups:
+        fail(k_groups, f"is {n_groups}, but the model has no experts")

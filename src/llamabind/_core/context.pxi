@@ -108,7 +108,7 @@ cdef class Context:
         self._fork_gen = _fork_generation
 
     def __init__(self, Model model not None, *, int n_ctx=2048, int n_batch=512,
-                 int n_ubatch=512, int n_seq_max=1, n_threads=None, n_threads_batch=None,
+                 n_ubatch=None, int n_seq_max=1, n_threads=None, n_threads_batch=None,
                  flash_attn="auto", type_k="f16", type_v="f16", bint embeddings=False,
                  pooling=None, bint offload_kqv=True, bint no_perf=False,
                  bint kv_unified=False, bint swa_full=False):
@@ -119,7 +119,9 @@ cdef class Context:
             raise InvalidArgumentError(f"n_ctx must be 0 (model's) or in [1, {1 << 24}], got {n_ctx}")
         if n_batch < 1 or n_batch > (1 << 24):
             raise InvalidArgumentError(f"n_batch must be in [1, {1 << 24}], got {n_batch}")
-        if n_ubatch < 1 or n_ubatch > n_batch:
+        if n_ubatch is None:
+            n_ubatch = min(n_batch, 512)
+        if isinstance(n_ubatch, bool) or not isinstance(n_ubatch, int) or not 1 <= n_ubatch <= n_batch:
             raise InvalidArgumentError(f"n_ubatch must be in [1, n_batch={n_batch}], got {n_ubatch}")
         if n_seq_max < 1 or <size_t>n_seq_max > llama_max_parallel_sequences():
             raise InvalidArgumentError(
@@ -138,6 +140,11 @@ cdef class Context:
         if pooling not in _POOLING:
             raise InvalidArgumentError(
                 f"pooling must be one of {sorted(k for k in _POOLING if k)}, got {pooling!r}")
+        model._check_open()
+        if model.vocab_only:
+            raise InvalidArgumentError(
+                f"model {model.path!r} was loaded with vocab_only=True: it has no weights "
+                "to run a context on")
         model._pin()
         cdef llama_context_params params = llama_context_default_params()
         params.n_ctx = n_ctx

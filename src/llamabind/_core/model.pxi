@@ -70,6 +70,7 @@ cdef class Model:
     cdef object _progress
     cdef object _load_exc
     cdef readonly str path
+    cdef readonly bint vocab_only
 
     def __cinit__(self):
         self._ptr = NULL
@@ -165,6 +166,7 @@ cdef class Model:
         self._vocab = llama_model_get_vocab(ptr)
         self._n_vocab = llama_vocab_n_tokens(self._vocab)
         self._closed = False
+        self.vocab_only = vocab_only
         self._fork_gen = _fork_generation
 
     # --- lifetime ------------------------------------------------------------------

@@ -1,0 +1,122 @@
+"""The native llama.cpp reference tools for the fidelity tests.
+
+``native_tools()`` builds them (once per run, a no-op when current) with
+``scripts/build_native.py`` from the same pinned source and the same options as the
+installed llamabind, and ``NativeRef`` runs ``llamabind-ref`` and parses its JSON.
+Import the fixture into a test module to use it as ``native``::
+
+    from _native import native_fixture  # noqa: F401
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD_SCRIPT = ROOT / "scripts" / "build_native.py"
+
+# From scratch the build takes several minutes on two cores.
+BUILD_TIMEOUT_S = 3600
+RUN_TIMEOUT_S = 600
+
+
+class NativeBuildError(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=1)
+def native_tools() -> dict[str, Any]:
+    """Build (if needed) and describe the native tools: {"bin_dir", "binaries", ...}."""
+    proc = subprocess.run(
+        [sys.executable, str(BUILD_SCRIPT), "--json", "--quiet"],
+        cwd=ROOT, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
+    if proc.returncode != 0:
+        raise NativeBuildError(
+            f"scripts/build_native.py failed (exit {proc.returncode}):\n"
+            f"{proc.stderr[-6000:]}")
+    info: dict[str, Any] = json.loads(proc.stdout)
+    return info
+
+
+def _flag(value: bool) -> str:
+    return "1" if value else "0"
+
+
+class NativeRef:
+    """Runs ``llamabind-ref`` (native/llamabind_ref.cpp)."""
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+
+    def _run(self, mode: str, model: str, prompt: str, args: list[str]) -> dict[str, Any]:
+        with tempfile.NamedTemporaryFile("wb", suffix=".txt", delete=False) as fh:
+            fh.write(prompt.encode("utf-8"))
+            prompt_file = fh.name
+        try:
+            cmd = [self.binary, mode, "--model", model, "--prompt-file", prompt_file, *args]
+            proc = subprocess.run(cmd, capture_output=True, timeout=RUN_TIMEOUT_S, check=False)
+        finally:
+            Path(prompt_file).unlink(missing_ok=True)
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"llamabind-ref {mode} failed (exit {proc.returncode}): "
+                f"{proc.stderr.decode('utf-8', 'replace')[-4000:]}")
+        result: dict[str, Any] = json.loads(proc.stdout)
+        return result
+
+    def tokenize(self, model: str, text: str, *, add_special: bool = True,
+                 parse_special: bool = False, vocab_only: bool = False) -> list[int]:
+        out = self._run("tokenize", model, text, [
+            "--add-special", _flag(add_special), "--parse-special", _flag(parse_special),
+            "--vocab-only", _flag(vocab_only)])
+        tokens: list[int] = out["tokens"]
+        return tokens
+
+    def generate(self, model: str, prompt: str, *, n_predict: int, n_ctx: int,
+                 n_batch: int, n_ubatch: int, threads: int, add_special: bool = True,
+                 parse_special: bool = False, chain: dict[str, Any] | None = None,
+                 ) -> dict[str, Any]:
+        """Greedy when ``chain`` is None, else penalties -> top_k -> top_p -> temp -> dist
+        with ``chain`` = {penalty_last_n, repeat, freq, present, top_k, top_p, temp, seed}."""
+        args = ["--n-predict", str(n_predict), "--n-ctx", str(n_ctx),
+                "--n-batch", str(n_batch), "--n-ubatch", str(n_ubatch),
+                "--threads", str(threads), "--add-special", _flag(add_special),
+                "--parse-special", _flag(parse_special)]
+        if chain is None:
+            args += ["--sampler", "greedy"]
+        else:
+            args += ["--sampler", "chain",
+                     "--penalty-last-n", str(chain["penalty_last_n"]),
+                     "--repeat", repr(float(chain["repeat"])),
+                     "--freq", repr(float(chain["freq"])),
+                     "--present", repr(float(chain["present"])),
+                     "--top-k", str(chain["top_k"]),
+                     "--top-p", repr(float(chain["top_p"])),
+                     "--temp", repr(float(chain["temp"])),
+                     "--seed", str(chain["seed"])]
+        return self._run("generate", model, prompt, args)
+
+    def embed(self, model: str, prompt: str, *, n_ctx: int, n_batch: int, n_ubatch: int,
+              threads: int, add_special: bool = True) -> dict[str, Any]:
+        return self._run("embed", model, prompt, [
+            "--n-ctx", str(n_ctx), "--n-batch", str(n_batch), "--n-ubatch", str(n_ubatch),
+            "--threads", str(threads), "--add-special", _flag(add_special)])
+
+
+@pytest.fixture(scope="session", name="native")
+def native_fixture() -> NativeRef:
+    """The native reference program, built from the pinned source with llamabind's
+    own build options. A build failure fails the tests that need it."""
+    try:
+        info = native_tools()
+    except (NativeBuildError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(f"could not build the native reference tools: {exc}", pytrace=False)
+    return NativeRef(info["binaries"]["llamabind-ref"])

@@ -1,0 +1,349 @@
+"""Core Context, Batch, Sampler and TokenGenerator on the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import llamabind
+from llamabind import (
+    Batch,
+    ClosedError,
+    Context,
+    InvalidArgumentError,
+    Model,
+    Sampler,
+    TokenGenerator,
+)
+
+pytestmark = pytest.mark.model
+
+PROMPT = "The capital of France is"
+
+
+def greedy_tokens(ctx: Context, tokens: list[int], n: int) -> list[int]:
+    ctx.memory_clear()
+    ctx.eval(tokens)
+    return [t for t, _ in TokenGenerator(ctx, len(tokens), max_tokens=n)]
+
+
+def test_logits_are_a_zero_copy_view(smol: Model, ctx: Context) -> None:
+    tokens = smol.vocab.tokenize(PROMPT)
+    ctx.eval(tokens)
+    logits = ctx.logits()
+    assert logits.shape == (smol.n_vocab,) and logits.dtype == np.float32
+    assert not logits.flags.owndata and not logits.flags.writeable
+    first = logits.copy()
+    # The array shows llama.cpp's buffer: the next decode changes what it holds.
+    ctx.eval([int(np.argmax(first))])
+    assert not np.array_equal(logits, first)
+    assert np.array_equal(logits, ctx.logits())
+    # The same address as a fresh view: no copy was made.
+    assert logits.__array_interface__["data"][0] == ctx.logits().__array_interface__["data"][0]
+
+
+def test_logits_view_keeps_context_alive(smol: Model) -> None:
+    ctx = Context(smol, n_ctx=64)
+    ctx.eval(smol.vocab.tokenize(PROMPT))
+    logits = ctx.logits()
+    expected = logits.copy()
+    ctx.close()  # deferred while the view exists
+    assert ctx.closed
+    assert np.array_equal(logits, expected)
+    with pytest.raises(ClosedError):
+        ctx.logits()
+    del logits  # the native context is freed now
+
+
+def test_eval_matches_batch_decode(smol: Model, ctx: Context) -> None:
+    tokens = smol.vocab.tokenize(PROMPT)
+    ctx.eval(tokens)
+    a = ctx.logits().copy()
+    ctx.memory_clear()
+    with Batch(64) as batch:
+        batch.set_tokens(tokens)
+        assert batch.output_rows() == [len(tokens) - 1]
+        ctx.decode(batch)
+    assert np.array_equal(a, ctx.logits())
+    assert ctx.seq_pos_max(0) == len(tokens) - 1
+
+
+def test_logits_all_rows(smol: Model, ctx: Context) -> None:
+    tokens = smol.vocab.tokenize(PROMPT)
+    ctx.eval(tokens, logits="all")
+    rows = [ctx.logits(i).copy() for i in range(len(tokens))]
+    assert np.array_equal(rows[-1], ctx.logits(-1))
+    assert not np.array_equal(rows[0], rows[-1])
+    with pytest.raises(InvalidArgumentError):
+        ctx.logits(len(tokens))
+
+
+def test_logits_of_row_without_output_is_refused(smol: Model, ctx: Context) -> None:
+    ctx.eval(smol.vocab.tokenize(PROMPT))
+    with pytest.raises(InvalidArgumentError, match="did not request logits"):
+        ctx.logits(0)
+
+
+def test_state_save_restore_gives_identical_logits(smol: Model, ctx: Context) -> None:
+    tokens = smol.vocab.tokenize(PROMPT)
+    ctx.eval(tokens)
+    state = ctx.save_state()
+    assert len(state) == ctx.state_size()
+    ctx.eval([11])
+    after = ctx.logits().copy()
+    ctx.memory_clear()
+    ctx.eval([1, 2, 3, 4])
+    ctx.load_state(state)
+    assert ctx.seq_pos_max(0) == len(tokens) - 1
+    ctx.eval([11])
+    assert np.array_equal(after, ctx.logits())
+    with pytest.raises(llamabind.StateError):
+        ctx.load_state(b"garbage" * 10)
+    with pytest.raises(InvalidArgumentError):
+        ctx.load_state("not bytes")
+
+
+def test_state_file_roundtrip(smol: Model, ctx: Context, tmp_path) -> None:
+    tokens = smol.vocab.tokenize(PROMPT)
+    ctx.eval(tokens)
+    path = tmp_path / "state.bin"
+    ctx.save_state_file(path, tokens)
+    ctx.eval([11])
+    after = ctx.logits().copy()
+    ctx.memory_clear()
+    assert ctx.load_state_file(path) == tokens
+    ctx.eval([11])
+    assert np.array_equal(after, ctx.logits())
+
+
+def test_sequence_state_and_copy(smol: Model) -> None:
+    with Context(smol, n_ctx=256, n_seq_max=2) as ctx:
+        tokens = smol.vocab.tokenize(PROMPT)
+        ctx.eval(tokens, seq_id=0)
+        ctx.seq_cp(0, 1)
+        assert ctx.seq_pos_max(1) == len(tokens) - 1
+        # continuing both sequences with the same token gives the same logits
+        ctx.eval([11], seq_id=0)
+        a = ctx.logits().copy()
+        ctx.eval([11], seq_id=1)
+        assert np.allclose(a, ctx.logits(), atol=1e-4)
+        assert ctx.seq_rm(1, -1, -1)
+        assert ctx.seq_pos_max(1) == -1 and ctx.seq_pos_max(0) == len(tokens)
+        seq_state = ctx.save_state(seq_id=0)
+        ctx.load_state(seq_state, seq_id=1)
+        assert ctx.seq_pos_max(1) == len(tokens)
+        with pytest.raises(InvalidArgumentError, match="seq_id"):
+            ctx.eval([11], seq_id=2)
+
+
+def test_seq_rm_then_recompute_matches(smol: Model, ctx: Context) -> None:
+    tokens = smol.vocab.tokenize(PROMPT + " Paris and the capital of Spain is")
+    ctx.eval(tokens)
+    full = ctx.logits().copy()
+    assert ctx.seq_rm(0, len(tokens) - 3, -1)
+    ctx.eval(tokens[-3:], pos0=len(tokens) - 3)
+    assert np.allclose(full, ctx.logits(), atol=1e-3)
+
+
+def test_batch_multi_sequence(smol: Model) -> None:
+    with Context(smol, n_ctx=256, n_seq_max=2) as ctx, Batch(16, n_seq_max=2) as batch:
+        a = smol.vocab.tokenize("Hello")
+        b = smol.vocab.tokenize("Goodbye")
+        for i, t in enumerate(a):
+            batch.add(t, i, (0,), logits=i == len(a) - 1)
+        for i, t in enumerate(b):
+            batch.add(t, i, 1, logits=i == len(b) - 1)
+        ctx.decode(batch)
+        la = ctx.logits(len(a) - 1).copy()
+        lb = ctx.logits(-1).copy()
+        assert not np.array_equal(la, lb)
+        with Context(smol, n_ctx=64) as solo:
+            solo.eval(a)
+            assert np.allclose(la, solo.logits(), atol=1e-3)
+        with pytest.raises(InvalidArgumentError):
+            batch.add(1, 0, (0, 1, 2))
+
+
+def test_bad_batches_are_refused_and_context_survives(smol: Model, ctx: Context) -> None:
+    with Batch(4) as batch:
+        with pytest.raises(InvalidArgumentError, match="empty"):
+            ctx.decode(batch)
+        batch.add(49152, 0)
+        with pytest.raises(InvalidArgumentError, match="49152"):
+            ctx.decode(batch)
+        batch.clear()
+        batch.add(1, 0, 5)
+        with pytest.raises(InvalidArgumentError, match="seq_id"):
+            ctx.decode(batch)
+    with Batch(600) as big:
+        big.set_tokens([1] * 600)
+        with pytest.raises(InvalidArgumentError, match="n_batch"):
+            ctx.decode(big)
+    ctx.eval(smol.vocab.tokenize(PROMPT))
+    assert ctx.logits().shape == (smol.n_vocab,)
+
+
+def test_context_length_full_decode_error(smol: Model) -> None:
+    with Context(smol, n_ctx=32, n_batch=32) as ctx:
+        ctx.eval(list(range(100, 130)))
+        with pytest.raises(llamabind.DecodeError) as info:
+            ctx.eval(list(range(200, 210)))
+        assert info.value.code == 1
+        ctx.memory_clear()
+        ctx.eval([1, 2])
+
+
+def test_greedy_generator_is_deterministic(smol: Model, ctx: Context) -> None:
+    tokens = smol.vocab.tokenize(PROMPT)
+    first = greedy_tokens(ctx, tokens, 16)
+    assert greedy_tokens(ctx, tokens, 16) == first
+    assert smol.vocab.detokenize(first).startswith(" Paris")
+    # the greedy sampler of llama.cpp agrees with the C argmax fast path
+    ctx.memory_clear()
+    ctx.eval(tokens)
+    chain = Sampler().add_greedy()
+    via_sampler = [t for t, _ in TokenGenerator(ctx, len(tokens), chain, max_tokens=16)]
+    assert via_sampler == first
+
+
+def test_generator_stops_at_eog_and_length(smol: Model, ctx: Context) -> None:
+    prompt = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+              "Hugging Face<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+              "<|im_start|>assistant\n")
+    tokens = smol.vocab.tokenize(prompt, parse_special=True)
+    ctx.eval(tokens)
+    gen = TokenGenerator(ctx, len(tokens), max_tokens=200)
+    out = list(gen)
+    assert gen.finish_reason == "stop" and smol.vocab.is_eog(gen.last_token)
+    assert 0 < len(out) < 200
+    ctx.memory_clear()
+    ctx.eval(tokens)
+    gen = TokenGenerator(ctx, len(tokens), max_tokens=3)
+    assert len(list(gen)) == 3 and gen.finish_reason == "length"
+
+
+def test_seeded_sampling_reproduces(smol: Model, ctx: Context) -> None:
+    tokens = smol.vocab.tokenize("Once upon a time")
+
+    def run(seed: int) -> list[int]:
+        ctx.memory_clear()
+        ctx.eval(tokens)
+        chain = (Sampler().add_penalties(smol.n_vocab, 64, 1.1).add_top_k(40).add_top_p(0.95)
+                 .add_min_p(0.05).add_temperature(0.8).add_dist(seed))
+        assert chain.names == ["penalties", "top_k", "top_p", "min_p", "temperature", "dist"]
+        assert chain.seed == seed
+        return [t for t, _ in TokenGenerator(ctx, len(tokens), chain, max_tokens=24)]
+
+    assert run(1234) == run(1234)
+    assert run(1234) != run(99)
+
+
+@pytest.mark.parametrize("build", [
+    lambda s, m: s.add_typical(0.9).add_dist(1),
+    lambda s, m: s.add_temperature_ext(0.8, 0.2, 1.0).add_dist(1),
+    lambda s, m: s.add_xtc(0.5, 0.1, 1, 1).add_dist(1),
+    lambda s, m: s.add_top_n_sigma(1.0).add_dist(1),
+    lambda s, m: s.add_mirostat(m.n_vocab, 5.0, 0.1, 100, 1),
+    lambda s, m: s.add_mirostat_v2(5.0, 0.1, 1),
+    lambda s, m: s.add_dry(m, 0.8, 1.75, 2, -1).add_dist(1),
+    lambda s, m: s.add_logit_bias(m, {504: float("-inf")}).add_greedy(),
+    lambda s, m: s.add_infill(m).add_greedy(),
+], ids=["typical", "temp_ext", "xtc", "top_n_sigma", "mirostat", "mirostat_v2", "dry",
+        "logit_bias", "infill"])
+def test_every_sampler_runs(smol: Model, ctx: Context, build) -> None:
+    tokens = smol.vocab.tokenize("The")
+    ctx.eval(tokens)
+    chain = build(Sampler(), smol)
+    token = chain.sample(ctx)
+    assert 0 <= token < smol.n_vocab
+    chain.reset()
+    chain.close()
+    chain.close()
+
+
+def test_logit_bias_bans_the_greedy_token(smol: Model, ctx: Context) -> None:
+    ctx.eval(smol.vocab.tokenize(PROMPT))
+    best = int(np.argmax(ctx.logits()))
+    chain = Sampler().add_logit_bias(smol, {best: float("-inf")}).add_greedy()
+    assert chain.sample(ctx) != best
+
+
+def test_grammar_constrains_output(smol: Model, ctx: Context) -> None:
+    tokens = smol.vocab.tokenize("Answer yes or no: is the sky blue?")
+    ctx.eval(tokens)
+    chain = Sampler().add_grammar(smol, 'root ::= ("yes" | "no") "."').add_greedy()
+    gen = TokenGenerator(ctx, len(tokens), chain, max_tokens=10)
+    text = b"".join(p for _, p in gen).decode()
+    assert text in ("yes.", "no.")
+    assert gen.finish_reason == "stop"
+    with pytest.raises(llamabind.GrammarError):
+        Sampler().add_grammar(smol, "root ::= (")
+    g = Sampler().add_grammar(smol, 'root ::= "a"').add_greedy()
+    with pytest.raises(llamabind.GrammarError):
+        g.accept(smol.vocab.tokenize("zzz", add_special=False)[0])
+    with pytest.raises(llamabind.GrammarError):
+        g.accept(smol.vocab.eos)
+
+
+def test_sampler_without_selector_is_refused(smol: Model, ctx: Context) -> None:
+    ctx.eval([1, 2])
+    with pytest.raises(llamabind.SamplingError):
+        Sampler().add_top_k(5).sample(ctx)
+    with pytest.raises(llamabind.SamplingError):
+        TokenGenerator(ctx, 2, Sampler().add_top_k(5))
+
+
+def test_sample_before_decode_is_refused(smol: Model) -> None:
+    with Context(smol, n_ctx=64) as fresh:
+        with pytest.raises(InvalidArgumentError, match="decode"):
+            Sampler().add_greedy().sample(fresh)
+
+
+def test_cancel_before_decode(smol: Model, ctx: Context) -> None:
+    ctx.cancel()
+    with pytest.raises(llamabind.GenerationCancelled):
+        ctx.eval([1, 2, 3])
+    ctx.eval([1, 2, 3])  # usable afterwards
+    assert ctx.seq_pos_max(0) == 2
+
+
+def test_embeddings(smol: Model) -> None:
+    with Context(smol, n_ctx=128, embeddings=True, pooling="mean") as ctx:
+        ctx.eval(smol.vocab.tokenize("Hello there"))
+        emb = ctx.sequence_embeddings(0)
+        assert emb.shape == (smol.n_embd,)
+        assert np.isfinite(emb).all() and np.linalg.norm(emb) > 0
+    with Context(smol, n_ctx=64) as ctx:
+        ctx.eval([1, 2])
+        with pytest.raises(InvalidArgumentError, match="embeddings"):
+            ctx.embeddings()
+
+
+def test_perf_counters(smol: Model, ctx: Context) -> None:
+    ctx.perf_reset()
+    tokens = smol.vocab.tokenize(PROMPT)
+    ctx.eval(tokens)
+    list(TokenGenerator(ctx, len(tokens), max_tokens=4))
+    perf = ctx.perf()
+    assert perf["n_p_eval"] == len(tokens)
+    assert perf["n_eval"] == 3  # the 4th token is never decoded
+    assert perf["t_eval_ms"] > 0
+
+
+def test_closed_context_raises(smol: Model) -> None:
+    ctx = Context(smol, n_ctx=64)
+    ctx.close()
+    ctx.close()
+    for call in (lambda: ctx.eval([1]), lambda: ctx.logits(), lambda: ctx.save_state(),
+                 lambda: ctx.memory_clear()):
+        with pytest.raises(ClosedError):
+            call()
+
+
+def test_context_argument_checks(smol: Model) -> None:
+    for kwargs, word in [({"n_ctx": -1}, "n_ctx"), ({"n_batch": 0}, "n_batch"),
+                         ({"n_ubatch": 1024}, "n_ubatch"), ({"n_threads": -7}, "-7"),
+                         ({"n_seq_max": 0}, "n_seq_max"), ({"flash_attn": "maybe"}, "maybe"),
+                         ({"type_k": "q9"}, "q9"), ({"pooling": "max"}, "max")]:
+        with pytest.raises(InvalidArgumentError, match=word):
+            Context(smol, **kwargs)
