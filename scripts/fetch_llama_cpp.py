@@ -18,10 +18,11 @@ import shutil
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from registry import FetchError, replace_dir, verified_download  # noqa: E402
+from registry import FetchError, replace_dir, verified_download
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN_FILE = ROOT / "vendor" / "llama-cpp-pin.json"
@@ -50,7 +51,8 @@ def archive_path(pin: dict[str, str]) -> Path:
         sdist=True)
 
 
-def _members(tar: tarfile.TarFile, prefix: str, wanted) -> list[tarfile.TarInfo]:
+def _members(tar: tarfile.TarFile, prefix: str,
+             wanted: Callable[[str], bool]) -> list[tarfile.TarInfo]:
     chosen = []
     for member in tar.getmembers():
         if not member.name.startswith(prefix):
@@ -61,7 +63,8 @@ def _members(tar: tarfile.TarFile, prefix: str, wanted) -> list[tarfile.TarInfo]
     return chosen
 
 
-def _extract(archive: Path, pin: dict[str, str], wanted, final: Path) -> int:
+def _extract(archive: Path, pin: dict[str, str], wanted: Callable[[str], bool],
+             final: Path) -> int:
     prefix = pin["tree"].rstrip("/") + "/"
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-tmp-", dir=final.parent))

@@ -47,10 +47,10 @@ def pip_download(requirements: list[str], dest: Path, *, sdist: bool = False) ->
     dest.mkdir(parents=True, exist_ok=True)
     base = ["download", "--no-deps", "--disable-pip-version-check", "-d", str(dest)]
     if sdist:
-        variants = [base + ["--no-binary", ":all:", "--no-build-isolation"],
-                    base + ["--no-binary", ":all:"]]
+        variants = [[*base, "--no-binary", ":all:", "--no-build-isolation"],
+                    [*base, "--no-binary", ":all:"]]
     else:
-        variants = [base + ["--only-binary", ":all:"]]
+        variants = [[*base, "--only-binary", ":all:"]]
     errors = []
     for pip in _pip_commands():
         for args in variants:
@@ -72,7 +72,8 @@ def verified_download(requirement: str, filename: str, sha256: str, cache: Path,
     """
     target = cache / filename
     if not target.exists():
-        with tempfile.TemporaryDirectory(dir=cache.parent if cache.parent.exists() else None) as tmp:
+        parent = cache.parent if cache.parent.exists() else None
+        with tempfile.TemporaryDirectory(dir=parent) as tmp:
             pip_download([requirement], Path(tmp), sdist=sdist)
             got = Path(tmp) / filename
             if not got.exists():

@@ -4,6 +4,7 @@ seeds, chat templates, threads, asyncio, cancellation."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 
@@ -243,7 +244,7 @@ def test_asyncio_does_not_block_and_cancels(loaded_smol: LoadedModel) -> None:
 
         tick_task = asyncio.create_task(ticker())
         r = await loaded_smol.agenerate(PROMPT, temperature=0, max_tokens=40)
-        gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(ticks)]
         pieces = [p async for p in loaded_smol.astream(PROMPT, temperature=0, max_tokens=10)]
         task = asyncio.create_task(loaded_smol.agenerate("Essay:", max_tokens=100000, seed=1))
         await asyncio.sleep(0.3)

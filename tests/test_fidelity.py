@@ -317,6 +317,20 @@ def test_embeddings_differ_between_prompts(model_case: tuple[Model, str]) -> Non
     assert not np.allclose(embs[0], embs[1], rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.model
+def test_mean_pooling_is_the_mean_of_token_embeddings(model_case: tuple[Model, str]) -> None:
+    """What "mean" means: the average of the per-token embeddings of the same batch."""
+    model, _ = model_case
+    tokens = model.vocab.tokenize(PROMPTS["english"])
+    with Context(model, n_ctx=512, n_batch=512, embeddings=True, pooling="mean") as ctx:
+        ctx.eval(tokens)
+        pooled = np.array(ctx.sequence_embeddings(0))
+    with Context(model, n_ctx=512, n_batch=512, embeddings=True, pooling="none") as ctx:
+        ctx.eval(tokens, logits="all")
+        per_token = np.array([np.array(ctx.embeddings(i)) for i in range(len(tokens))])
+    np.testing.assert_allclose(pooled, per_token.mean(axis=0), rtol=1e-4, atol=1e-4)
+
+
 # --- the high-level API ----------------------------------------------------------------
 
 

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "gguf" / "SmolLM2-135M-Instruct-Q4_1.gguf"
 VOCAB = ROOT / "models" / "vocab" / "ggml-vocab-llama-spm.gguf"
 
-SEED = 20240607
+# deterministic; LLAMABIND_FUZZ_SEED=<int> explores other mutations
+SEED = int(os.environ.get("LLAMABIND_FUZZ_SEED", "20240607"))
 N_MODEL_MUTATIONS = 480
 N_VOCAB_MUTATIONS = 120
 PER_LOAD_TIMEOUT = 60.0
@@ -245,24 +246,28 @@ def _enc_str(b: bytes) -> bytes:
     return struct.pack("<Q", len(b)) + b
 
 
+def _pack_scalar(gtype: int, value) -> bytes:
+    """A number as gguf type ``gtype`` (integers wrap around like C casts)."""
+    fmt = _SCALAR[gtype]
+    if fmt in ("<f", "<d"):
+        return struct.pack(fmt, float(value))
+    bits = struct.calcsize(fmt) * 8
+    value = int(value) % (1 << bits)
+    if fmt[-1].islower() and value >= 1 << (bits - 1):
+        value -= 1 << bits
+    return struct.pack(fmt, value)
+
+
 def _enc_value(gtype: int, value) -> bytes:
     """The type and value of a metadata entry."""
     if gtype == 8:
         return struct.pack("<i", 8) + _enc_str(value.encode() if isinstance(value, str) else value)
     if gtype == 9:
         etype, items = value
-        body = b"".join(_enc_str(v.encode()) if etype == 8 else struct.pack(_SCALAR[etype], v)
+        body = b"".join(_enc_str(v.encode()) if etype == 8 else _pack_scalar(etype, v)
                         for v in items)
         return struct.pack("<iiQ", 9, etype, len(items)) + body
-    fmt = _SCALAR[gtype]
-    if fmt in ("<f", "<d"):
-        value = float(value)
-    else:
-        bits = struct.calcsize(fmt) * 8
-        value = int(value) % (1 << bits)
-        if fmt[-1].islower() and value >= 1 << (bits - 1):
-            value -= 1 << bits
-    return struct.pack("<i", gtype) + struct.pack(fmt, value)
+    return struct.pack("<i", gtype) + _pack_scalar(gtype, value)
 
 
 def _random_value(rng: random.Random, gtype: int):
@@ -275,7 +280,7 @@ def _random_value(rng: random.Random, gtype: int):
 
 def rewrite(rng: random.Random, hdr, data: bytes):
     """Re-serialise the header with one semantic change. Returns (label, head, length)."""
-    entries = {kv.key: data[kv.value_offset - 4:kv.end] for kv in hdr.kv.values()}
+    entries = original_entries(hdr, data)
     arch = hdr.kv["general.architecture"].value.decode()
     choice = rng.randrange(8)
     if choice == 0:
@@ -323,19 +328,31 @@ def rewrite(rng: random.Random, hdr, data: bytes):
         v = rng.choice(values)
         entries[key] = _enc_value(t, v)
         label = f"{key}={v!r}"
+    head, length = serialize(hdr, data, entries)
+    return f"rewrite: {label}", head, length
+
+
+def original_entries(hdr, data: bytes) -> dict:
+    """key -> encoded type and value, for every metadata entry of a file."""
+    return {kv.key: data[kv.value_offset - 4:kv.end] for kv in hdr.kv.values()}
+
+
+def serialize(hdr, data: bytes, entries: dict):
+    """A header with metadata ``entries`` (key -> encoded type and value) and the
+    original tensor infos; returns (header bytes, file length) where the tensor data
+    (not written: a hole) keeps its size."""
     body = b"".join(_enc_str(k.encode()) + v for k, v in entries.items())
     infos_end = hdr.tensors[-1].offset_pos + 8 if hdr.tensors else hdr.tensor_info_offset
     infos = data[hdr.tensor_info_offset:infos_end]
     head = (b"GGUF" + struct.pack("<IqQ", hdr.version, hdr.n_tensors, len(entries))
             + body + infos)
     if hdr.tensors:
-        align = hdr.alignment
-        head += b"\0" * (-len(head) % align)
-    length = len(head) + (hdr.file_size - hdr.data_offset)
-    return f"rewrite: {label}", head, length
+        head += b"\0" * (-len(head) % hdr.alignment)
+    return head, len(head) + (hdr.file_size - hdr.data_offset)
 
 
-def _write(path: Path, head: bytes, length: int) -> None:
+def write_sparse(path: Path, head: bytes, length: int) -> None:
+    """Write ``head`` and extend the file to ``length`` bytes with a hole."""
     with open(path, "wb") as fh:
         fh.write(head)
         fh.truncate(length)   # the rest is a hole: no disk blocks
@@ -358,7 +375,7 @@ def test_fuzz_gguf_loading(tmp_path):
         for k, (label, head, length, vocab_only, _) in enumerate(specs[start:start + ROUND]):
             idx = start + k
             path = tmp_path / f"mut{idx:04d}.gguf"
-            _write(path, head, length)
+            write_sparse(path, head, length)
             jobs.append({"id": idx, "path": str(path), "vocab_only": vocab_only,
                          "exercise": True})
         got, round_notes = run_loads(jobs, per_job_timeout=PER_LOAD_TIMEOUT,

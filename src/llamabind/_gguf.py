@@ -37,6 +37,7 @@ _MAX_STRING_LENGTH = 1 << 30     # GGUF_MAX_STRING_LENGTH
 _MAX_ARRAY_ELEMENTS = 1 << 30    # GGUF_MAX_ARRAY_ELEMENTS
 _MAX_DIMS = 4                    # GGML_MAX_DIMS
 _MAX_NAME = 64                   # GGML_MAX_NAME (names must be shorter, with the NUL)
+_KEEP_ARRAY_VALUES = 512         # numeric arrays up to this long (per-layer values) are kept
 _INT64_MAX = (1 << 63) - 1
 _SIZE_MAX = (1 << 64) - 1
 _HEADER_SIZE = 24                # magic, version, n_tensors, n_kv
@@ -438,7 +439,7 @@ def _read_kv(r: _Reader, i: int) -> GGUFKeyValue:
             if nbytes > size_left(r):
                 r.fail(count_pos, f"{what} has {count} elements of {esize} bytes "
                                   f"({nbytes} bytes); only {size_left(r)} bytes are left")
-            if count <= 16:
+            if count <= _KEEP_ARRAY_VALUES:
                 rel = r.need(nbytes, what)
                 fmt = _SCALAR_FORMATS[etype]
                 kv.value = [fmt.unpack_from(r.data, rel + k * esize)[0] for k in range(count)]
@@ -600,6 +601,7 @@ _LLAMA_MAX_LAYERS = 512
 _LLAMA_MAX_EXPERTS = 1024
 _ROPE_SCALING_TYPES = (b"none", b"linear", b"yarn", b"longrope")
 _U32_TYPES = (4,)          # get_key<uint32_t> accepts only u32 values
+_UNREADABLE = object()     # a value llama.cpp refuses with an error
 _F32_TYPES = (6,)
 
 
@@ -631,12 +633,20 @@ class _HParams:
         return None
 
     def u32_or_max(self, key: str, n_layer: int):
-        """A per-layer count given as one value or as an array: its maximum over the
-        first n_layer layers, or None (absent, wrong type, or an array not read here)."""
+        """A per-layer count given as one value or as an array of n_layer values: its
+        maximum; None where absent; _UNREADABLE where llama.cpp refuses it (wrong type,
+        wrong array length)."""
         kv = self.hdr.kv.get(key)
-        if key not in self.overrides and kv is not None and kv.type == _T_ARRAY:
-            return None  # checked by llama.cpp against n_layer; values not read here
-        return self.u32(key)
+        if key in self.overrides or kv is None:
+            return self.u32(key)
+        if kv.type != _T_ARRAY:
+            v = self.u32(key)
+            return _UNREADABLE if v is None else v
+        if kv.elem_type not in (4, 5, 7) or kv.count != n_layer or kv.value is None:
+            return _UNREADABLE
+        if kv.elem_type == 7:
+            return max((1 if v else 0 for v in kv.value), default=0)
+        return max((v & 0xFFFFFFFF for v in kv.value), default=0)
 
     def f32(self, key: str):
         if key in self.overrides:
@@ -704,21 +714,27 @@ def _check_hparams(r: _Reader, hdr: GGUFHeader, overrides: dict) -> None:
 
 
 def _check_experts(hp: _HParams, fail, n_layer: int) -> None:
+    """The expert counts llama.cpp asserts on (llama_model_base::load_hparams)."""
     k_count = hp.key("expert_count")
     k_used = hp.key("expert_used_count")
     k_groups = hp.key("expert_group_count")
     k_group_used = hp.key("expert_group_used_count")
+    n_used = hp.u32_or_max(k_used, n_layer)
+    if n_used is _UNREADABLE:
+        return  # llama.cpp refuses the value with an error
     n_expert = hp.u32(k_count) or 0
-    n_used = hp.u32_or_max(k_used, n_layer) or 0
+    n_used = n_used or 0
     n_groups = hp.u32(k_groups) or 0
     n_group_used = hp.u32(k_group_used) or 0
+    if hp.arch in ("hunyuan_vl", "hunyuan-dense") and n_expert <= 1:
+        n_expert = n_used = 0   # llama.cpp turns these into dense models
     if n_expert > _LLAMA_MAX_EXPERTS:
         fail(k_count, f"is {n_expert}; llama.cpp supports at most {_LLAMA_MAX_EXPERTS} experts")
     if n_used > n_expert:
-        fail(k_used, f"is {n_used}, more than the {n_expert} experts")
+        fail(k_used, f"is {n_used}, more than the {n_expert} experts ({k_count})")
     if n_expert > 0:
-        if n_used == 0 and hp.u32_or_max(k_used, n_layer) is not None:
-            fail(k_used, f"is 0, but the model has {n_expert} experts")
+        if n_used == 0:
+            fail(k_used, f"is 0 or missing, but the model has {n_expert} experts")
         if n_groups >= n_expert:
             fail(k_groups, f"is {n_groups}; it must be less than the {n_expert} experts")
         if n_groups > 1:

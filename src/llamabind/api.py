@@ -393,7 +393,7 @@ class Session:
                             finish = "stop"
                             break
                 else:
-                    finish = gen.finish_reason
+                    finish = "stop" if gen.finish_reason == "stop" else "length"
                     out = matcher.feed(decoder.decode(b"", final=True))[0] + matcher.flush()
                     if out:
                         pieces.append(out)

@@ -159,7 +159,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         sys.path.insert(0, bench_dir)
-        from bench import main as bench_main  # type: ignore[import-not-found,no-redef]
+        from bench import main as bench_main  # type: ignore[import-not-found]
     return int(bench_main(args.bench_args))
 
 

@@ -3,6 +3,7 @@
 # logging to show it). Error lines are also kept per thread, so that a failed load
 # can say what llama.cpp complained about.
 
+import atexit
 import collections
 
 cdef dict _LEVELS = {
@@ -72,4 +73,16 @@ def _take_recent_errors():
     return list(recent) if recent else []
 
 
+cdef void _log_discard(ggml_log_level level, const char * text,
+                        void * user_data) noexcept nogil:
+    pass
+
+
+def _stop_logging():
+    """At interpreter exit, stop calling into Python: objects freed during shutdown
+    (and C++ static destructors after it) may still log."""
+    llama_log_set(_log_discard, NULL)
+
+
 llama_log_set(_log_callback, NULL)
+atexit.register(_stop_logging)

@@ -26,7 +26,7 @@ cdef class Sampler:
     cdef bint _busy
     cdef int _fork_gen
     cdef bint _selects      # the chain ends with a selecting sampler
-    cdef int _grammar_index # position of a grammar sampler in the chain, or -1
+    cdef int _grammar_index  # position of a grammar sampler in the chain, or -1
 
     def __cinit__(self):
         self._ptr = NULL
