@@ -17,7 +17,10 @@
 //   rss                                   peak and current resident set size
 //   quit
 //
-// "pp" and "tg" mirror llama-bench (n_batch 2048, n_ubatch 512, n_ctx = n); "gen"
+// "pp" and "tg" mirror llama-bench's tests (random tokens, BOS first; no sampling) on
+// the one context every command uses (n_batch 512, n_ubatch 512: llama-bench's n_batch
+// 2048 splits into the same 512-token ubatches, and the attended KV length does not
+// depend on n_ctx, so the compute is the same); "gen"
 // mirrors a binding's generate(): tokenize, decode the prompt with logits for its last
 // token, then sample -> stop at end-of-generation -> render -> decode the token, for n
 // tokens (the last generated token is not decoded, as no one asks for what follows).
@@ -111,16 +114,12 @@ struct probe {
     llama_model * model = nullptr;
     const llama_vocab * vocab = nullptr;
     llama_context * ctx = nullptr;                 // the generation context (n_ctx from load)
-    std::map<int, llama_context *> bench_ctx;      // pp/tg contexts, by n_ctx
     ggml_threadpool * pool = nullptr;
     int threads = 1;
     int n_ctx = 2048;
     std::mt19937 rng{1234};
 
     ~probe() {
-        for (auto & kv : bench_ctx) {
-            llama_free(kv.second);
-        }
         if (ctx) {
             llama_free(ctx);
         }
@@ -140,6 +139,7 @@ struct probe {
         p.n_threads = threads;
         p.n_threads_batch = threads;
         p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_AUTO;
+        p.no_perf = false;
         llama_context * c = llama_init_from_model(model, p);
         if (!c) {
             throw std::runtime_error("llama_init_from_model failed");
@@ -147,16 +147,6 @@ struct probe {
         if (pool) {
             llama_attach_threadpool(c, pool, nullptr);
         }
-        return c;
-    }
-
-    llama_context * bench_context(int size) {
-        auto it = bench_ctx.find(size);
-        if (it != bench_ctx.end()) {
-            return it->second;
-        }
-        llama_context * c = make_context(size, 2048, 512);
-        bench_ctx[size] = c;
         return c;
     }
 
@@ -262,7 +252,7 @@ std::string run_command(probe & pr, const std::string & cmd, const std::map<std:
         out << ", \"ctx_ms\": " << ms << ", \"free_ms\": " << ms_since(t1);
     } else if (cmd == "pp") {
         const int n = (int) get_int(a, "n", 512);
-        llama_context * c = pr.bench_context(n);
+        llama_context * c = pr.ctx;
         llama_memory_clear(llama_get_memory(c), false);
         const int n_vocab = llama_vocab_n_tokens(pr.vocab);
         std::vector<llama_token> toks(n);
@@ -281,7 +271,7 @@ std::string run_command(probe & pr, const std::string & cmd, const std::map<std:
         emit_perf(out, c);
     } else if (cmd == "tg") {
         const int n = (int) get_int(a, "n", 128);
-        llama_context * c = pr.bench_context(n);
+        llama_context * c = pr.ctx;
         llama_memory_clear(llama_get_memory(c), false);
         const int n_vocab = llama_vocab_n_tokens(pr.vocab);
         llama_token tok = llama_vocab_get_add_bos(pr.vocab) ? llama_vocab_bos(pr.vocab)

@@ -10,7 +10,6 @@ Import the fixture into a test module to use it as ``native``::
 
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import sys
@@ -32,17 +31,28 @@ class NativeBuildError(RuntimeError):
     pass
 
 
-@functools.lru_cache(maxsize=1)
+_BUILD: dict[str, Any] = {}
+
+
 def native_tools() -> dict[str, Any]:
-    """Build (if needed) and describe the native tools: {"bin_dir", "binaries", ...}."""
-    proc = subprocess.run(
-        [sys.executable, str(BUILD_SCRIPT), "--json", "--quiet"],
-        cwd=ROOT, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
-    if proc.returncode != 0:
-        raise NativeBuildError(
-            f"scripts/build_native.py failed (exit {proc.returncode}):\n"
-            f"{proc.stderr[-6000:]}")
-    info: dict[str, Any] = json.loads(proc.stdout)
+    """Build (if needed) and describe the native tools: {"bin_dir", "binaries", ...}.
+    Runs the build script once per test run; a failure is remembered, not retried."""
+    if "error" in _BUILD:
+        raise NativeBuildError(_BUILD["error"])
+    if "info" not in _BUILD:
+        try:
+            proc = subprocess.run(
+                [sys.executable, str(BUILD_SCRIPT), "--json", "--quiet"],
+                cwd=ROOT, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            _BUILD["error"] = f"scripts/build_native.py took more than {BUILD_TIMEOUT_S} s"
+            raise NativeBuildError(_BUILD["error"]) from None
+        if proc.returncode != 0:
+            _BUILD["error"] = (f"scripts/build_native.py failed (exit {proc.returncode}):\n"
+                               f"{proc.stderr[-6000:]}")
+            raise NativeBuildError(_BUILD["error"])
+        _BUILD["info"] = json.loads(proc.stdout)
+    info: dict[str, Any] = _BUILD["info"]
     return info
 
 
@@ -117,6 +127,6 @@ def native_fixture() -> NativeRef:
     own build options. A build failure fails the tests that need it."""
     try:
         info = native_tools()
-    except (NativeBuildError, subprocess.TimeoutExpired) as exc:
+    except NativeBuildError as exc:
         pytest.fail(f"could not build the native reference tools: {exc}", pytrace=False)
     return NativeRef(info["binaries"]["llamabind-ref"])

@@ -39,7 +39,8 @@ def report(**fields):
 
 def exc_fields(exc):
     return {"exc_type": type(exc).__name__, "exc_module": type(exc).__module__,
-            "exc_mro": [c.__name__ for c in type(exc).__mro__], "message": str(exc)}
+            "exc_mro": [c.__name__ for c in type(exc).__mro__], "message": str(exc),
+            "notes": [str(n) for n in getattr(exc, "__notes__", ())]}
 '''
 
 _WRAPPER = r'''
@@ -64,6 +65,7 @@ class Outcome:
     exc_type: str | None = None
     exc_mro: list = field(default_factory=list)
     message: str = ""
+    notes: list = field(default_factory=list)    # the exception's __notes__
     reports: list = field(default_factory=list)   # every JSON line the child wrote
     stderr: str = ""
     phase: str = ""   # run_loads: "load" (the Model constructor) or "use" (after it)
@@ -75,7 +77,8 @@ class Outcome:
 
     def describe(self) -> str:
         if self.kind == "exception":
-            return f"exception {self.exc_type}: {self.message}"
+            notes = "".join(f"\n  {n}" for n in self.notes)
+            return f"exception {self.exc_type}: {self.message}{notes}"
         if self.kind == "crash":
             return f"crash by {self.signal}; stderr tail:\n{self.stderr[-3000:]}"
         if self.kind in ("hang", "died"):
@@ -140,7 +143,8 @@ def run_python(snippet: str, *, timeout: float = 120.0) -> Outcome:
     if events and events[-1]["event"] == "uncaught":
         last = events[-1]
         return Outcome("exception", rc, exc_type=last["exc_type"], exc_mro=last["exc_mro"],
-                       message=last["message"], reports=reports, stderr=stderr)
+                       message=last["message"], notes=last.get("notes", []),
+                       reports=reports, stderr=stderr)
     return Outcome("died", rc, reports=reports, stderr=stderr)
 
 

@@ -21,10 +21,20 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _native import BUILD_SCRIPT, ROOT, NativeRef, native_fixture, native_tools  # noqa: F401
+from _native import (  # noqa: F401
+    BUILD_SCRIPT,
+    BUILD_TIMEOUT_S,
+    ROOT,
+    NativeRef,
+    native_fixture,
+    native_tools,
+)
 
 import llamabind
 from llamabind import Context, Model, Sampler, TokenGenerator
+
+# The first test to need the native tools builds them (minutes from scratch).
+pytestmark = pytest.mark.timeout(BUILD_TIMEOUT_S + 600)
 
 MODELS = ("smol", "qwen")
 N_PREDICT = 64

@@ -60,7 +60,8 @@ CTRL_C_CHILD = COMMON + r'''
 assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 # one decode call for the whole prompt (n_batch >= prompt), split in 512-token ubatches,
 # on a 2-thread pool: Ctrl+C must stop llama.cpp inside that call
-cfg = ContextConfig(context_length=4608, batch_size=4608, ubatch_size=512, threads=2)
+cfg = ContextConfig(context_length=4608, batch_size=4608, ubatch_size=512, threads=1,
+                    threads_batch=2)
 session = model.create_session(cfg)
 n_prompt = len(model.tokenize(LONG_TEXT))
 say("eval-start", n_prompt=n_prompt)
@@ -74,6 +75,10 @@ except KeyboardInterrupt:
     say("eval-interrupted", t=t, after_s=t - t0, cached=len(session.cached_tokens),
         n_prompt=n_prompt)
 assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+# From here on one thread: the checks below are many small batches, and two spinning
+# threads on a busy 2-core machine make each of them slow.
+session.context.set_n_threads(1, 1)
+cfg = cfg.with_(threads_batch=1)
 check_usable(session, cfg, "eval-check", LONG_TEXT[:400])
 
 # Ctrl+C while tokens are being generated (one-token decodes)

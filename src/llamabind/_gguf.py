@@ -20,9 +20,11 @@ where a string is ``u64 length | bytes`` and an array value is
 
 from __future__ import annotations
 
+import array
 import os
 import stat
 import struct
+import sys
 from dataclasses import dataclass, field
 from itertools import repeat
 
@@ -81,6 +83,8 @@ _GGML_TYPES = {
     41: ("q1_0", 128, 18), 42: ("q2_0", 64, 18),
 }
 _GGML_TYPE_COUNT = 43
+_GGML_F32 = 0
+_TOKEN_TYPE_BYTE = 6             # LLAMA_TOKEN_TYPE_BYTE
 
 # Read the header region in chunks of at least this size, guessing at most this far
 # ahead where a tokenizer's strings are.
@@ -383,7 +387,7 @@ def _parse(r: _Reader, vocab_only: bool) -> GGUFHeader:
     for i in range(n_kv):
         kv = _read_kv(r, i)
         if kv.key in hdr.kv:
-            r.fail(kv.offset, f"metadata key {kv.key!r} appears twice (entry {i})")
+            r.fail(kv.offset, f"metadata key {_short(kv.key)!r} appears twice (entry {i})")
         hdr.kv[kv.key] = kv
     hdr.tensor_info_offset = r.pos
     _check_metadata(r, hdr)
@@ -405,7 +409,7 @@ def _read_kv(r: _Reader, i: int) -> GGUFKeyValue:
     if not raw:
         r.fail(start, f"metadata entry {i} has an empty key")
     key = raw.decode("utf-8", "replace")
-    what = f"metadata {key!r}"
+    what = f"metadata {_short(key)!r}"
     type_pos = r.pos
     vtype = r.unpack(_I32, f"the type of {what}")
     if vtype not in _GGUF_TYPES:
@@ -452,6 +456,10 @@ def _read_kv(r: _Reader, i: int) -> GGUFKeyValue:
     return kv
 
 
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def size_left(r: _Reader) -> int:
     return r.size - r.pos
 
@@ -485,6 +493,10 @@ def _check_token_list(r: _Reader, hdr: GGUFHeader) -> None:
     tokens.value = None   # not kept: it can be large
     if model is None or model.type != _T_STRING or model.value in (b"no_vocab", b"none"):
         return  # llama.cpp does not read the token list (or refuses the file)
+    if model.value == b"bert":
+        _check_wpm_token_types(r, hdr, len(texts))
+    elif model.value == b"rwkv":
+        _check_rwkv_tokens(r, tokens, texts)
     # llama.cpp renames empty tokens before it indexes them
     for i, text in enumerate(texts):
         if not text:
@@ -498,6 +510,83 @@ def _check_token_list(r: _Reader, hdr: GGUFHeader) -> None:
             r.fail(tokens.value_offset,
                    f"tokenizer.ggml.tokens has the token {text!r} twice (ids {j} and {i}); "
                    "llama.cpp cannot index such a vocabulary")
+
+
+def _check_wpm_token_types(r: _Reader, hdr: GGUFHeader, n_tokens: int) -> None:
+    """A WordPiece ("bert") vocabulary cannot render byte tokens: llama.cpp aborts
+    (GGML_ABORT in token_to_byte) while it builds its token-to-piece cache."""
+    types = hdr.kv.get("tokenizer.ggml.token_type")
+    if types is None or types.type != _T_ARRAY or types.elem_type != 5 or types.count < n_tokens:
+        return  # no token types, or llama.cpp refuses them with an error
+    first = types.value_offset + 12
+    saved, r.pos = r.pos, first
+    rel = r.need(4 * n_tokens, "tokenizer.ggml.token_type")
+    r.pos = saved
+    values = array.array("i", r.data[rel:rel + 4 * n_tokens])
+    if sys.byteorder != "little":
+        values.byteswap()
+    if _TOKEN_TYPE_BYTE in values:
+        i = values.index(_TOKEN_TYPE_BYTE)
+        r.fail(first + 4 * i, f"token {i} has type BYTE (6), which a WordPiece "
+                              "(tokenizer.ggml.model 'bert') vocabulary cannot render")
+
+
+def _unescape_rwkv(text: bytes, signed_char: bool) -> bytes:
+    """llama_unescape_rwkv_token: ``\\t \\n \\r \\xHH`` and ``\\<c>`` escapes. The hex
+    digits are not validated there, and what a non-ASCII "digit" gives depends on
+    whether char is signed, hence ``signed_char``."""
+    out = bytearray()
+    escaping = False
+    hex_left = 0
+    acc = 0
+    for b in text:
+        c = b - 256 if signed_char and b >= 128 else b
+        if hex_left:
+            value = (c - 97 + 10) if c >= 97 else (c - 48)
+            acc = ((acc << 4) + value) & 0xFF
+            hex_left -= 1
+            if not hex_left:
+                out.append(acc)
+                acc = 0
+        elif escaping:
+            if b == 0x74:      # t
+                out.append(9)
+            elif b == 0x6E:    # n
+                out.append(10)
+            elif b == 0x72:    # r
+                out.append(13)
+            elif b == 0x78:    # x
+                hex_left = 2
+            else:
+                out.append(b)
+            escaping = False
+        elif b == 0x5C:        # backslash
+            escaping = True
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def _check_rwkv_tokens(r: _Reader, tokens: GGUFKeyValue, texts: list) -> None:
+    """llama.cpp's RWKV tokenizer loops forever, allocating without bound, on text
+    that ends in a byte that starts some token but is no token by itself (and it
+    tokenizes "\\n" while loading). Every byte that starts a token must be a token."""
+    starts = set()
+    singles = None
+    for signed_char in (True, False):   # both, where it matters: be safe on any platform
+        one = set()
+        for text in texts:
+            plain = text if b"\\" not in text else _unescape_rwkv(text, signed_char)
+            if plain:
+                starts.add(plain[0])
+                if len(plain) == 1:
+                    one.add(plain[0])
+        singles = one if singles is None else singles & one
+    missing = sorted(starts - singles)
+    if missing:
+        r.fail(tokens.value_offset, f"RWKV vocabulary: tokens start with byte "
+                                    f"{missing[0]:#04x} but no token is that byte alone; "
+                                    "llama.cpp's RWKV tokenizer never ends on such text")
 
 
 def _type_name(kv: GGUFKeyValue) -> str:
@@ -540,6 +629,12 @@ def _read_tensor_info(r: _Reader, i: int, align: int) -> GGUFTensorInfo:
             problem = f"{what} has an invalid ggml type {gtype} (valid: 0..{_GGML_TYPE_COUNT - 1})"
         r.fail(type_pos, problem)
     tname, blck, tsize = traits
+    if len(shape) <= 1 and gtype != _GGML_F32:
+        # Vectors (norm weights, biases, frequency factors) enter element-wise ggml
+        # operations with f32 activations, which abort on any other type; converters
+        # always store them as f32.
+        r.fail(type_pos, f"{what} is a vector of type {tname}; llama.cpp needs 1-D "
+                         "tensors in f32")
     row = shape[0] if shape else 1
     if row % blck:
         r.fail(type_pos, f"{what} of type {tname} has {row} elements per row, not a multiple "

@@ -252,7 +252,8 @@ class Session:
 
     @property
     def n_ctx(self) -> int:
-        return int(self._ctx.n_ctx)
+        """The context length: as configured (llama.cpp may allocate a little more)."""
+        return min(self.config.context_length, int(self._ctx.n_ctx))
 
     @property
     def cached_tokens(self) -> list[int]:
@@ -380,7 +381,9 @@ class Session:
                 self._cached = list(prompt)
                 t1 = time.perf_counter()
                 t_prompt = t1 - t0
-                gen = _llama.TokenGenerator(ctx, n_prompt, sampler, max_tokens=g.max_tokens)
+                room = self.n_ctx - n_prompt
+                gen = _llama.TokenGenerator(ctx, n_prompt, sampler,
+                                            max_tokens=min(g.max_tokens, room))
                 for token, piece in gen:
                     completion.append(token)
                     text = decoder.decode(piece)

@@ -538,6 +538,7 @@ cdef class Context:
 
     cdef int32_t _resolve_row(self, int32_t i) except? -2147483648:
         cdef int32_t n = self._last_n_tokens
+        cdef int32_t j, k
         if n == 0:
             raise InvalidArgumentError("no outputs: decode a batch first")
         if i < 0:
