@@ -129,6 +129,7 @@ class LlamabindWorker:
         ctx.perf_reset()
         t = Timer()
         ctx.eval(toks, pos0=0)
+        ctx.logits(-1)  # llama-bench synchronizes at the end of the prompt: so do we
         ms = t.ms()
         return {"ms": ms, "n": n, **ctx.perf()}
 
@@ -209,7 +210,7 @@ class LlamabindWorker:
             finish = gen.finish_reason
             if sampler is not None:
                 sampler.close()
-            perf = ctx.perf()
+            perf = _synced_perf(ctx)
             return {"wall_ms": wall_ms, "prompt_ms": prompt_ms, "gen_ms": wall_ms - prompt_ms,
                     "ttft_ms": ttft_ms, "n_prompt": len(toks), "n_gen": count,
                     "finish": finish, **perf}
@@ -239,7 +240,7 @@ class LlamabindWorker:
                    "n_prompt": None, "n_gen": n_gen, "pieces": pieces, "finish": None}
         if runner is self.model and self.model._pool[-1] is not session:
             raise RuntimeError("the pooled session changed; perf counters would be wrong")
-        res.update(session.context.perf())
+        res.update(_synced_perf(session.context))
         return res
 
     def ttft(self, a: dict[str, str]) -> dict[str, Any]:
@@ -280,6 +281,17 @@ class LlamabindWorker:
             self.own_session.close()
         if self.model is not None:
             self.model.close()
+
+
+def _synced_perf(ctx: Any) -> dict[str, Any]:
+    """The context's perf counters after a synchronize. llama.cpp adds a decode's time
+    to the counters only at the next synchronize (reading logits); a decode nobody read
+    the logits of would otherwise be missing here and be charged to the next run."""
+    try:
+        ctx.logits(-1)
+    except Exception:  # no outputs pending: nothing to add
+        pass
+    return dict(ctx.perf())
 
 
 def _run_threads(k: int, work: Any, cleanup: Any) -> dict[str, Any]:
@@ -406,6 +418,7 @@ class LlamaCppWorker:
         self._perf_reset()
         t = Timer()
         self.llm.eval(toks)
+        self.lc.llama_synchronize(self.llm.ctx)
         ms = t.ms()
         return {"ms": ms, "n": n, **self._perf()}
 

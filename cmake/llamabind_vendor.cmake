@@ -42,6 +42,14 @@ function(llamabind_check_backend_prerequisites)
         "llamabind: GGML_VULKAN=ON needs the glslc shader compiler: apt-get install glslc")
     endif()
     include(CheckCXXSourceCompiles)
+    # check_cxx_source_compiles caches its result: without this, a configure that found
+    # old headers keeps failing after -DVulkan_INCLUDE_DIR points at new ones (and one
+    # that passed would keep passing after it points back at old ones).
+    if(NOT "${Vulkan_INCLUDE_DIR}" STREQUAL "${LLAMABIND_VULKAN_HEADERS_CHECKED}")
+      unset(LLAMABIND_VULKAN_HEADERS_NEW_ENOUGH CACHE)
+    endif()
+    set(LLAMABIND_VULKAN_HEADERS_CHECKED "${Vulkan_INCLUDE_DIR}" CACHE INTERNAL
+        "the Vulkan include dir LLAMABIND_VULKAN_HEADERS_NEW_ENOUGH was checked for")
     set(CMAKE_REQUIRED_INCLUDES ${Vulkan_INCLUDE_DIR})
     set(CMAKE_REQUIRED_FLAGS "-std=c++17")
     check_cxx_source_compiles(

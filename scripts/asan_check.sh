@@ -11,7 +11,7 @@
 # what changed; --clean removes it first; --no-build only runs the tests.
 #
 # The interpreter itself is not instrumented, so the ASan runtime is LD_PRELOADed (it
-# must come first in the process). CPython's object allocator is switched to malloc
+# must come first in the process), and libstdc++ with it. CPython's object allocator is switched to malloc
 # (PYTHONMALLOC=malloc) so that Python objects are checked too. Leak detection is off:
 # CPython deliberately keeps memory alive at exit, which LeakSanitizer would list.
 #
@@ -59,6 +59,10 @@ if [[ ! -e $libasan ]]; then
   say "gcc has no libasan.so ($libasan); install the compiler's sanitizer runtime"
   exit 2
 fi
+# libstdc++ is preloaded right after the runtime: python itself does not link it, and
+# ASan must find the real __cxa_throw when it starts, or the first C++ exception that
+# llama.cpp throws (and catches) fails ASan's interceptor CHECK.
+libstdcxx=$(g++ -print-file-name=libstdc++.so.6)
 
 if ((build)); then
   # One heavy build at a time on a small machine: wait for any other CMake/ninja.
@@ -106,7 +110,7 @@ fi
 mkdir -p "$logs"
 rm -f "$logs"/asan.*
 
-export LD_PRELOAD=$libasan
+export LD_PRELOAD="$libasan $libstdcxx"
 export PYTHONMALLOC=malloc
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1:strict_init_order=1:detect_stack_use_after_return=0:log_path=$logs/asan${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 export GGML_NO_BACKTRACE=1

@@ -10,13 +10,13 @@
 set -euo pipefail
 
 packages=(
-  libvulkan-dev      # loader (libvulkan.so) and headers
-  libvulkan1         # the loader at run time
-  glslc              # compiles ggml-vulkan's compute shaders at build time
-  glslang-tools      # glslangValidator, used by some Vulkan-Headers / shader checks
-  spirv-headers
+  libvulkan-dev        # the loader to link (libvulkan.so) and headers
+  libvulkan1           # the loader at run time
+  glslc                # compiles ggml-vulkan's compute shaders at build time
+  glslang-tools        # glslangValidator: CMake's FindVulkan looks for it too
+  spirv-headers        # SPIR-V headers, for shader tooling built against them
   mesa-vulkan-drivers  # lavapipe (llvmpipe's Vulkan device): Vulkan on the CPU
-  vulkan-tools       # vulkaninfo, to see which devices the loader finds
+  vulkan-tools         # vulkaninfo --summary: which devices the loader finds
 )
 
 missing=()

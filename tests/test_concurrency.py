@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from _rel_helpers import Child, record
 
 import llamabind
 from llamabind import (
@@ -27,8 +28,6 @@ from llamabind import (
     LoadedModel,
     TokenGenerator,
 )
-
-from _rel_helpers import Child, record
 
 pytestmark = pytest.mark.model
 
@@ -143,7 +142,7 @@ def _threads_generate(shared: LoadedModel, reference: list, n_threads: int,
                         if r.tokens != tokens or r.text != text:
                             errors.append(f"thread {k} job {j}: {r.tokens} != {tokens}")
                     done[k] += 1
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(f"thread {k}: {type(exc).__name__}: {exc}")
 
     run_threads([lambda k=k: worker(k) for k in range(n_threads)], timeout)
@@ -187,7 +186,7 @@ def test_loaded_model_generate_from_many_threads(shared, reference) -> None:
                 if not ok:
                     errors.append(f"thread {k} job {j} differs from the sequential run")
                 count[0] += 1
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(f"thread {k}: {type(exc).__name__}: {exc}")
 
     run_threads([lambda k=k: worker(k) for k in range(8)], timeout=300)
@@ -216,7 +215,7 @@ def test_core_context_used_by_two_threads_raises(shared: LoadedModel) -> None:
     def long_eval() -> None:
         try:
             outcome.append(ctx.eval(tokens))
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             outcome.append(exc)
 
     worker = threading.Thread(target=long_eval, daemon=True)
@@ -256,7 +255,7 @@ def test_session_used_by_two_threads_raises(shared: LoadedModel) -> None:
     def long_generate() -> None:
         try:
             results.append(session.generate(prompt, max_tokens=4, temperature=0))
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             results.append(exc)
 
     worker = threading.Thread(target=long_generate, daemon=True)
@@ -299,7 +298,7 @@ def test_unfinished_stream_holds_its_session(shared: LoadedModel) -> None:
         def other() -> None:
             try:
                 session.generate("Hello", max_tokens=1)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 errors.append(exc)
 
         run_threads([other], timeout=60)
@@ -319,7 +318,7 @@ def test_close_context_while_another_thread_decodes(shared: LoadedModel) -> None
     def long_eval() -> None:
         try:
             outcome.append(ctx.eval(tokens))
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             outcome.append(exc)
 
     worker = threading.Thread(target=long_eval, daemon=True)
@@ -376,8 +375,10 @@ def consume(name, stream):
     finally:
         started[name].set()
 
-workers = [threading.Thread(target=consume, args=("own", own.stream(prompt, **opts)), daemon=True),
-           threading.Thread(target=consume, args=("pooled", model.stream(prompt, **opts)), daemon=True)]
+workers = [
+    threading.Thread(target=consume, args=("own", own.stream(prompt, **opts)), daemon=True),
+    threading.Thread(target=consume, args=("pooled", model.stream(prompt, **opts)), daemon=True),
+]
 for w in workers:
     w.start()
 for e in started.values():
@@ -425,3 +426,58 @@ def test_close_model_while_other_threads_generate(smol_path: str) -> None:
     assert res["still_mapped_with_open_session"] is True
     assert res["mapped_after"] is False
     record("concurrency.model_close_while_generating_returned_s", round(res["close_s"], 4), "s")
+
+
+# --- the session pool racing with close() (white-box: drives LoadedModel internals) ------
+
+def test_session_released_while_model_closes_is_not_leaked(smol_path: str) -> None:
+    """A pooled session put back at the very moment close() empties the pool must be
+    closed, not left in the pool of a closed model (where it would pin the native
+    model, and its memory, until garbage collection). The interleaving is forced by
+    holding the releasing thread just before it takes the pool lock."""
+    model = LoadedModel.load(smol_path, context=SMALL)
+    real_lock = model._pool_lock
+    at_release = threading.Event()
+    closed = threading.Event()
+    uses = {"n": 0}
+
+    class GateLock:
+        def __enter__(self) -> bool:
+            if threading.current_thread().name == "worker-0":
+                uses["n"] += 1
+                if uses["n"] == 2:          # 1: _acquire, 2: _release
+                    at_release.set()
+                    closed.wait(60)
+            return real_lock.__enter__()
+
+        def __exit__(self, *exc: object) -> None:
+            real_lock.__exit__(*exc)
+
+    model._pool_lock = GateLock()  # type: ignore[assignment]
+    results: list[object] = []
+
+    def worker() -> None:
+        results.append(model.generate("Hello", max_tokens=1, temperature=0))
+
+    thread = threading.Thread(target=worker, daemon=True, name="worker-0")
+    thread.start()
+    assert at_release.wait(120)
+    model.close()
+    closed.set()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert len(results) == 1
+    assert model._pool == [], "a session was put back into the pool of a closed model"
+    assert model.closed
+
+
+def test_agenerate_bad_prompt_returns_its_session(shared: LoadedModel) -> None:
+    """agenerate() that fails before starting (the prompt cannot be tokenized) gives
+    its pooled session back instead of leaking it (white-box: pool size)."""
+    import asyncio
+
+    shared.generate("Hello", max_tokens=1)      # at least one idle session
+    before = len(shared._pool)
+    with pytest.raises(llamabind.InvalidArgumentError):
+        asyncio.run(shared.agenerate("a\0b", max_tokens=1))
+    assert len(shared._pool) == before

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _subproc import run_loads
+
 from llamabind._gguf import read_header
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -303,7 +303,7 @@ def rewrite(rng: random.Random, hdr, data: bytes):
         label = f"remove {key}"
     elif choice == 4:
         key = rng.choice([kv.key for kv in hdr.kv.values() if kv.type != 9])
-        t = rng.choice(_SCALAR_TYPES + [8, 9])
+        t = rng.choice([*_SCALAR_TYPES, 8, 9])
         if t == 9:
             et = rng.choice(_SCALAR_TYPES)
             v = (et, [_random_value(rng, et) for _ in range(rng.choice((0, 1, 30, 31)))])
@@ -372,7 +372,7 @@ def test_fuzz_gguf_loading(tmp_path):
     notes = []
     for start in range(0, len(specs), ROUND):
         jobs = []
-        for k, (label, head, length, vocab_only, _) in enumerate(specs[start:start + ROUND]):
+        for k, (_, head, length, vocab_only, _) in enumerate(specs[start:start + ROUND]):
             idx = start + k
             path = tmp_path / f"mut{idx:04d}.gguf"
             write_sparse(path, head, length)
@@ -390,7 +390,7 @@ def test_fuzz_gguf_loading(tmp_path):
     by_kind = collections.Counter()
     known = collections.Counter()
     bad = []
-    for idx, (label, _, _, vocab_only, kind) in enumerate(specs):
+    for idx, (label, _, _, _, kind) in enumerate(specs):
         o = outcomes.get(idx)
         by_kind[kind] += 1
         if o is None:

@@ -17,12 +17,7 @@ import struct
 from pathlib import Path
 
 import pytest
-
-import llamabind
 from _subproc import run_loads, run_python
-from llamabind import _gguf
-from llamabind._gguf import check_model_file, read_header
-from llamabind.errors import LlamaError, ModelFileError, ModelLoadError, ModelNotFoundError
 from test_fuzz_gguf import (
     _enc_str,
     _enc_value,
@@ -31,6 +26,11 @@ from test_fuzz_gguf import (
     serialize,
     write_sparse,
 )
+
+import llamabind
+from llamabind import _gguf
+from llamabind._gguf import check_model_file, read_header
+from llamabind.errors import LlamaError, ModelFileError, ModelNotFoundError
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "gguf" / "SmolLM2-135M-Instruct-Q4_1.gguf"
@@ -188,20 +188,25 @@ def test_every_truncation_of_a_small_file_is_refused(tmp_path):
 
 
 def test_empty_key(tmp_path):
-    refused(put(tmp_path, gguf(BASE_KVS + [("", U32, 1)])), match="empty key")
+    refused(put(tmp_path, gguf([*BASE_KVS, ("", U32, 1)])), match="empty key")
 
 
 def test_duplicate_key(tmp_path):
-    data = gguf(BASE_KVS + [("general.architecture", STR, "llama")])
+    data = gguf([*BASE_KVS, ("general.architecture", STR, "llama")])
     refused(put(tmp_path, data), match="appears twice")
+    # keys that are not UTF-8 are compared as bytes
+    raw = (_enc_str(b"x\xff") + _enc_value(U32, 1)) + (_enc_str(b"x\xfe") + _enc_value(U32, 1))
+    check_model_file(put(tmp_path, gguf(extra_kv_bytes=raw, n_kv=5), "b.gguf"))
+    refused(put(tmp_path, gguf(extra_kv_bytes=raw + raw[:len(raw) // 2], n_kv=6), "c.gguf"),
+            match="appears twice")
 
 
 @pytest.mark.parametrize("gtype", [13, 99, -1, 0x7FFFFFFF])
 def test_invalid_value_type(tmp_path, gtype):
     bad = _enc_str(b"x.y") + struct.pack("<i", gtype) + b"\0" * 8
-    data = gguf(BASE_KVS + [("z", U32, 0)], extra_kv_bytes=bad, n_kv=5)
+    data = gguf([*BASE_KVS, ("z", U32, 0)], extra_kv_bytes=bad, n_kv=5)
     # the entry after the valid ones: its type field is 8 + 3 bytes after it starts
-    start = len(gguf(BASE_KVS + [("z", U32, 0)], tensors=[]))
+    start = len(gguf([*BASE_KVS, ("z", U32, 0)], tensors=[]))
     refused(put(tmp_path, data), at=start + 11, match="invalid value type")
 
 
@@ -254,24 +259,24 @@ def test_huge_key_length(tmp_path, key_length):
 
 
 def test_alignment_must_be_u32_power_of_two(tmp_path):
-    refused(put(tmp_path, gguf(BASE_KVS + [("general.alignment", U64, 32)])),
+    refused(put(tmp_path, gguf([*BASE_KVS, ("general.alignment", U64, 32)])),
             match="general.alignment must be a u32")
-    refused(put(tmp_path, gguf(BASE_KVS + [("general.alignment", U32, 0)]), "b.gguf"),
+    refused(put(tmp_path, gguf([*BASE_KVS, ("general.alignment", U32, 0)]), "b.gguf"),
             match="not a power of 2")
-    refused(put(tmp_path, gguf(BASE_KVS + [("general.alignment", U32, 48)]), "c.gguf"),
+    refused(put(tmp_path, gguf([*BASE_KVS, ("general.alignment", U32, 48)]), "c.gguf"),
             match="not a power of 2")
-    path = put(tmp_path, gguf(BASE_KVS + [("general.alignment", U32, 64)], align=64), "d.gguf")
+    path = put(tmp_path, gguf([*BASE_KVS, ("general.alignment", U32, 64)], align=64), "d.gguf")
     check_model_file(path)
     assert read_header(path).alignment == 64
 
 
 def test_architecture_must_be_a_string(tmp_path):
     refused(put(tmp_path, gguf(BASE_KVS[1:])), match="no general.architecture")
-    kvs = [("general.architecture", U32, 1)] + BASE_KVS[1:]
+    kvs = [("general.architecture", U32, 1), *BASE_KVS[1:]]
     refused(put(tmp_path, gguf(kvs), "b.gguf"), match="must be a string")
-    kvs = [("general.architecture", ARR, (STR, ["llama"]))] + BASE_KVS[1:]
+    kvs = [("general.architecture", ARR, (STR, ["llama"])), *BASE_KVS[1:]]
     refused(put(tmp_path, gguf(kvs), "c.gguf"), match="must be a string")
-    kvs = [("general.architecture", STR, "")] + BASE_KVS[1:]
+    kvs = [("general.architecture", STR, ""), *BASE_KVS[1:]]
     refused(put(tmp_path, gguf(kvs), "d.gguf"), match="empty")
 
 
@@ -392,13 +397,13 @@ def test_no_tensors_needs_vocab_only(tmp_path):
 
 
 def test_duplicate_token_text(tmp_path):
-    kvs = BASE_KVS[:2] + [("tokenizer.ggml.tokens", ARR, (STR, ["a", "b", "a"]))]
+    kvs = [*BASE_KVS[:2], ("tokenizer.ggml.tokens", ARR, (STR, ["a", "b", "a"]))]
     msg = refused(put(tmp_path, gguf(kvs, [])), vocab_only=True, match="twice")
     assert "ids 0 and 2" in msg
     # llama.cpp names an empty token "[EMPTY_<id>]" before indexing it
-    kvs = BASE_KVS[:2] + [("tokenizer.ggml.tokens", ARR, (STR, ["", "[EMPTY_0]"]))]
+    kvs = [*BASE_KVS[:2], ("tokenizer.ggml.tokens", ARR, (STR, ["", "[EMPTY_0]"]))]
     refused(put(tmp_path, gguf(kvs, []), "b.gguf"), vocab_only=True, match="twice")
-    kvs = BASE_KVS[:2] + [("tokenizer.ggml.tokens", ARR, (STR, ["", ""]))]
+    kvs = [*BASE_KVS[:2], ("tokenizer.ggml.tokens", ARR, (STR, ["", ""]))]
     check_model_file(put(tmp_path, gguf(kvs, []), "c.gguf"), vocab_only=True)
     # a vocabulary llama.cpp does not read may have duplicates
     kvs = [BASE_KVS[0], ("tokenizer.ggml.model", STR, "none"),
@@ -425,7 +430,7 @@ HPARAM_CASES = [
 @pytest.mark.parametrize("key, gtype, value, text", HPARAM_CASES,
                          ids=[f"{c[0]}={c[2]}" for c in HPARAM_CASES])
 def test_hyperparameters_llama_cpp_asserts_on(tmp_path, key, gtype, value, text):
-    kvs = BASE_KVS + [("llama.block_count", U32, 2)]
+    kvs = [*BASE_KVS, ("llama.block_count", U32, 2)]
     kvs = [e for e in kvs if e[0] != key] + [(key, gtype, value)]
     path = put(tmp_path, gguf(kvs))
     refused(path, match=text)
@@ -434,8 +439,8 @@ def test_hyperparameters_llama_cpp_asserts_on(tmp_path, key, gtype, value, text)
 
 
 def test_expert_counts_that_fit(tmp_path):
-    kvs = BASE_KVS + [("llama.block_count", U32, 2), ("llama.expert_count", U32, 8),
-                      ("llama.expert_used_count", U32, 2)]
+    kvs = [*BASE_KVS, ("llama.block_count", U32, 2), ("llama.expert_count", U32, 8),
+           ("llama.expert_used_count", U32, 2)]
     check_model_file(put(tmp_path, gguf(kvs)))
     # per-layer form
     kvs[-1] = ("llama.expert_used_count", ARR, (U32, [2, 0]))
@@ -447,7 +452,7 @@ def test_expert_counts_that_fit(tmp_path):
 
 
 def test_overrides_are_checked_too(tmp_path):
-    path = put(tmp_path, gguf(BASE_KVS + [("llama.block_count", U32, 2)]))
+    path = put(tmp_path, gguf([*BASE_KVS, ("llama.block_count", U32, 2)]))
     check_model_file(path)
     refused(path, overrides={"llama.block_count": 0}, match="from kv_overrides")
     refused(path, overrides={"llama.attention.layer_norm_rms_epsilon": -1.0},
@@ -613,7 +618,7 @@ def model_file_outcomes(tmp_path_factory):
     cases = _model_cases(tmp_path)
     jobs = [{"id": name, "path": path, "vocab_only": vocab_only, "exercise": True}
             for name, path, vocab_only, _ in cases]
-    outcomes, notes = run_loads(jobs, per_job_timeout=120, batch_size=20, workers=2)
+    outcomes, _notes = run_loads(jobs, per_job_timeout=120, batch_size=20, workers=2)
     return {name: (path, expect, outcomes.get(name)) for name, path, _, expect in cases}
 
 

@@ -12,7 +12,6 @@ A model loaded with mmap (the default) is freed when its file is no longer mappe
 from __future__ import annotations
 
 import pytest
-
 from _rel_helpers import messages_by_tag, record, run_child
 
 pytestmark = pytest.mark.model
@@ -303,8 +302,8 @@ say("after")
     "so under -W error::ResourceWarning the error is swallowed instead of being "
     "reported through sys.unraisablehook like CPython's own unclosed files"))
 def test_unclosed_model_is_reported_under_w_error(smol_path: str) -> None:
-    child, msgs = run_child(UNCLOSED_STRICT, smol_path, timeout=120,
-                            extra_flags=("-W", "error::ResourceWarning"))
+    child, _ = run_child(UNCLOSED_STRICT, smol_path, timeout=120,
+                         extra_flags=("-W", "error::ResourceWarning"))
     _ok(child)
     assert "ResourceWarning: unclosed llamabind.Model" in child.stderr
 

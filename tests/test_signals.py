@@ -17,7 +17,6 @@ import signal
 import time
 
 import pytest
-
 from _rel_helpers import Child, record
 
 pytestmark = pytest.mark.model

@@ -25,8 +25,10 @@ import os
 import stat
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import repeat
+from typing import IO, Any, NoReturn
 
 from llamabind.errors import ModelFileError, ModelNotFoundError
 
@@ -97,7 +99,7 @@ class GGUFTensorInfo:
     """One tensor info entry (``info_offset``: where it starts in the file)."""
 
     name: str
-    shape: tuple
+    shape: tuple[int, ...]
     ggml_type: int
     offset: int
     info_offset: int
@@ -108,14 +110,15 @@ class GGUFTensorInfo:
 @dataclass
 class GGUFKeyValue:
     """One metadata entry. Scalars and strings carry ``value``; arrays carry
-    ``elem_type`` and ``count`` (and ``value`` only for short arrays of numbers)."""
+    ``elem_type`` and ``count`` (and ``value`` only for numeric arrays of up to 512
+    elements). Keys that are not UTF-8 are decoded with "surrogateescape"."""
 
     key: str
     type: int
     offset: int            # where the entry (its key length) starts
     value_offset: int      # where the value (for arrays: the element type) starts
     end: int               # one past the entry's last byte
-    value: object = None
+    value: Any = None
     elem_type: int | None = None
     count: int | None = None
 
@@ -130,8 +133,8 @@ class GGUFHeader:
     n_tensors: int
     n_kv: int
     alignment: int
-    kv: dict = field(default_factory=dict)          # key -> GGUFKeyValue
-    tensors: list = field(default_factory=list)     # [GGUFTensorInfo]
+    kv: dict[str, GGUFKeyValue] = field(default_factory=dict)
+    tensors: list[GGUFTensorInfo] = field(default_factory=list)
     tensor_info_offset: int = 0   # where the tensor infos start (end of the metadata)
     data_offset: int = 0          # where the tensor data starts (after padding)
     data_size: int = 0            # the data section's size, tensors padded to alignment
@@ -146,7 +149,7 @@ class _Reader:
     does not make it read everything in between.
     """
 
-    def __init__(self, fh, path: str, size: int) -> None:
+    def __init__(self, fh: IO[bytes], path: str, size: int) -> None:
         self.fh = fh
         self.path = path
         self.size = size
@@ -154,7 +157,7 @@ class _Reader:
         self.data = b""
         self.pos = 0
 
-    def fail(self, offset: int, problem: str):
+    def fail(self, offset: int, problem: str) -> NoReturn:
         raise ModelFileError(
             f"invalid GGUF file {self.path!r} at byte {offset}: {problem}", self.path)
 
@@ -189,7 +192,7 @@ class _Reader:
             self.fail(pos, f"the file ends inside {what} (it shrank while being read)")
         return rel
 
-    def unpack(self, st: struct.Struct, what: str):
+    def unpack(self, st: struct.Struct, what: str) -> Any:
         rel = self.need(st.size, what)
         self.pos += st.size
         return st.unpack_from(self.data, rel)[0]
@@ -203,7 +206,7 @@ class _Reader:
         self.pos += n
         return self.data[rel:rel + n]
 
-    def strings(self, count: int, what: str, collect: bool = False):
+    def strings(self, count: int, what: str, collect: bool = False) -> list[bytes] | None:
         """Skip ``count`` length-prefixed strings (the bulk of a tokenizer), or with
         ``collect`` return them as a list of bytes."""
         start = self.pos
@@ -270,7 +273,7 @@ class _Reader:
         self.pos = pos
         return True
 
-    def _collect_fast(self, count: int, span: int):
+    def _collect_fast(self, count: int, span: int) -> list[bytes] | None:
         """The strings as a list, if they all lie within ``span`` bytes; None if not,
         or if one is damaged."""
         unpack = _U64.unpack_from
@@ -278,7 +281,7 @@ class _Reader:
         rel = self.window(start, span)
         data = self.data
         begin_rel = rel
-        out = []
+        out: list[bytes] = []
         append = out.append
         try:
             for _ in repeat(None, count):
@@ -293,7 +296,7 @@ class _Reader:
         return out
 
 
-def _open_checked(path):
+def _open_checked(path: str) -> tuple[IO[bytes], int]:
     """Open ``path`` for reading, mapping every failure to a llamabind exception."""
     try:
         st = os.stat(path)
@@ -312,13 +315,14 @@ def _open_checked(path):
     if st.st_size == 0:
         raise ModelFileError(f"model file is empty: {path!r}", path)
     try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed by the caller
+        fh = open(path, "rb")
     except OSError as exc:
         raise ModelFileError(f"cannot open model file {path!r}: {exc}", path) from None
     return fh, st.st_size
 
 
-def read_header(path, *, vocab_only: bool = False, overrides=None) -> GGUFHeader:
+def read_header(path: str | os.PathLike[str], *, vocab_only: bool = False,
+                overrides: dict[str, Any] | None = None) -> GGUFHeader:
     """Parse and check the header region of a GGUF file.
 
     Raises ModelNotFoundError for a missing file and ModelFileError for anything
@@ -339,7 +343,8 @@ def read_header(path, *, vocab_only: bool = False, overrides=None) -> GGUFHeader
     return hdr
 
 
-def check_model_file(path, *, vocab_only: bool = False, overrides=None) -> None:
+def check_model_file(path: str | os.PathLike[str], *, vocab_only: bool = False,
+                     overrides: dict[str, Any] | None = None) -> None:
     """Raise ModelNotFoundError / ModelFileError if ``path`` cannot be a GGUF model.
 
     Checks the structure of the whole header region (magic, version, every metadata
@@ -408,7 +413,7 @@ def _read_kv(r: _Reader, i: int) -> GGUFKeyValue:
     raw = r.string(f"the key of metadata entry {i}")
     if not raw:
         r.fail(start, f"metadata entry {i} has an empty key")
-    key = raw.decode("utf-8", "replace")
+    key = raw.decode("utf-8", "surrogateescape")   # lossless: distinct keys stay distinct
     what = f"metadata {_short(key)!r}"
     type_pos = r.pos
     vtype = r.unpack(_I32, f"the type of {what}")
@@ -431,18 +436,18 @@ def _read_kv(r: _Reader, i: int) -> GGUFKeyValue:
         kv.elem_type = etype
         kv.count = count
         if etype == _T_STRING:
-            if count * 8 > size_left(r):
+            if count * 8 > _size_left(r):
                 r.fail(count_pos, f"{what} has {count} strings; their lengths alone need "
-                                  f"{count * 8} bytes, {size_left(r)} are left")
+                                  f"{count * 8} bytes, {_size_left(r)} are left")
             strings = r.strings(count, what, collect=key == "tokenizer.ggml.tokens")
             if strings is not None:
                 kv.value = strings
         else:
             esize = _GGUF_TYPES[etype][1]
             nbytes = count * esize
-            if nbytes > size_left(r):
+            if nbytes > _size_left(r):
                 r.fail(count_pos, f"{what} has {count} elements of {esize} bytes "
-                                  f"({nbytes} bytes); only {size_left(r)} bytes are left")
+                                  f"({nbytes} bytes); only {_size_left(r)} bytes are left")
             if count <= _KEEP_ARRAY_VALUES:
                 rel = r.need(nbytes, what)
                 fmt = _SCALAR_FORMATS[etype]
@@ -460,7 +465,7 @@ def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def size_left(r: _Reader) -> int:
+def _size_left(r: _Reader) -> int:
     return r.size - r.pos
 
 
@@ -503,7 +508,7 @@ def _check_token_list(r: _Reader, hdr: GGUFHeader) -> None:
             texts[i] = b"[EMPTY_%d]" % i
     if len(set(texts)) == len(texts):
         return
-    first = {}
+    first: dict[bytes, int] = {}
     for i, text in enumerate(texts):
         j = first.setdefault(text, i)
         if j != i:
@@ -516,7 +521,8 @@ def _check_wpm_token_types(r: _Reader, hdr: GGUFHeader, n_tokens: int) -> None:
     """A WordPiece ("bert") vocabulary cannot render byte tokens: llama.cpp aborts
     (GGML_ABORT in token_to_byte) while it builds its token-to-piece cache."""
     types = hdr.kv.get("tokenizer.ggml.token_type")
-    if types is None or types.type != _T_ARRAY or types.elem_type != 5 or types.count < n_tokens:
+    if (types is None or types.type != _T_ARRAY or types.elem_type != 5
+            or types.count is None or types.count < n_tokens):
         return  # no token types, or llama.cpp refuses them with an error
     first = types.value_offset + 12
     saved, r.pos = r.pos, first
@@ -567,14 +573,14 @@ def _unescape_rwkv(text: bytes, signed_char: bool) -> bytes:
     return bytes(out)
 
 
-def _check_rwkv_tokens(r: _Reader, tokens: GGUFKeyValue, texts: list) -> None:
+def _check_rwkv_tokens(r: _Reader, tokens: GGUFKeyValue, texts: list[bytes]) -> None:
     """llama.cpp's RWKV tokenizer loops forever, allocating without bound, on text
     that ends in a byte that starts some token but is no token by itself (and it
     tokenizes "\\n" while loading). Every byte that starts a token must be a token."""
-    starts = set()
-    singles = None
+    starts: set[int] = set()
+    singles: set[int] | None = None
     for signed_char in (True, False):   # both, where it matters: be safe on any platform
-        one = set()
+        one: set[int] = set()
         for text in texts:
             plain = text if b"\\" not in text else _unescape_rwkv(text, signed_char)
             if plain:
@@ -582,7 +588,7 @@ def _check_rwkv_tokens(r: _Reader, tokens: GGUFKeyValue, texts: list) -> None:
                 if len(plain) == 1:
                     one.add(plain[0])
         singles = one if singles is None else singles & one
-    missing = sorted(starts - singles)
+    missing = sorted(starts - (singles or set()))
     if missing:
         r.fail(tokens.value_offset, f"RWKV vocabulary: tokens start with byte "
                                     f"{missing[0]:#04x} but no token is that byte alone; "
@@ -590,7 +596,7 @@ def _check_rwkv_tokens(r: _Reader, tokens: GGUFKeyValue, texts: list) -> None:
 
 
 def _type_name(kv: GGUFKeyValue) -> str:
-    if kv.type == _T_ARRAY:
+    if kv.type == _T_ARRAY and kv.elem_type is not None:
         return f"an array of {_GGUF_TYPES[kv.elem_type][0]}"
     return _GGUF_TYPES[kv.type][0]
 
@@ -601,13 +607,13 @@ def _read_tensor_info(r: _Reader, i: int, align: int) -> GGUFTensorInfo:
     if len(raw) >= _MAX_NAME:
         r.fail(start, f"the name of tensor {i} is {len(raw)} bytes long; names must be "
                       f"shorter than {_MAX_NAME} bytes")
-    name = raw.decode("utf-8", "replace")
+    name = raw.decode("utf-8", "surrogateescape")
     what = f"tensor {name!r}"
     dims_pos = r.pos
     n_dims = r.unpack(_U32, f"the dimension count of {what}")
     if n_dims > _MAX_DIMS:
         r.fail(dims_pos, f"{what} has {n_dims} dimensions; at most {_MAX_DIMS} are allowed")
-    shape = []
+    shape: list[int] = []
     nelements = 1
     for d in range(n_dims):
         dim_pos = r.pos
@@ -705,9 +711,9 @@ class _HParams:
     kv_override of the right kind wins; a value of another type is ignored here (llama.cpp
     refuses it with an error)."""
 
-    def __init__(self, hdr: GGUFHeader, overrides: dict) -> None:
+    def __init__(self, hdr: GGUFHeader, overrides: dict[str, Any]) -> None:
         self.hdr = hdr
-        self.arch = hdr.kv["general.architecture"].value.decode("utf-8", "replace")
+        self.arch = hdr.kv["general.architecture"].value.decode("utf-8", "surrogateescape")
         self.overrides = overrides
 
     def key(self, suffix: str) -> str:
@@ -717,17 +723,17 @@ class _HParams:
         kv = self.hdr.kv.get(key)
         return kv.value_offset if kv is not None else self.hdr.tensor_info_offset
 
-    def u32(self, key: str):
+    def u32(self, key: str) -> int | None:
         if key in self.overrides:
             v = self.overrides[key]
             if isinstance(v, int) and not isinstance(v, bool):
                 return v & 0xFFFFFFFF       # stored into a uint32_t
         kv = self.hdr.kv.get(key)
         if kv is not None and kv.type in _U32_TYPES:
-            return kv.value
+            return int(kv.value)
         return None
 
-    def u32_or_max(self, key: str, n_layer: int):
+    def u32_or_max(self, key: str, n_layer: int) -> Any:
         """A per-layer count given as one value or as an array of n_layer values: its
         maximum; None where absent; _UNREADABLE where llama.cpp refuses it (wrong type,
         wrong array length)."""
@@ -743,31 +749,31 @@ class _HParams:
             return max((1 if v else 0 for v in kv.value), default=0)
         return max((v & 0xFFFFFFFF for v in kv.value), default=0)
 
-    def f32(self, key: str):
+    def f32(self, key: str) -> float | None:
         if key in self.overrides:
             v = self.overrides[key]
             if isinstance(v, float):
                 return v
         kv = self.hdr.kv.get(key)
         if kv is not None and kv.type in _F32_TYPES:
-            return kv.value
+            return float(kv.value)
         return None
 
-    def string(self, key: str):
+    def string(self, key: str) -> bytes | None:
         if key in self.overrides:
             v = self.overrides[key]
             if isinstance(v, str):
                 return v.encode("utf-8")
         kv = self.hdr.kv.get(key)
         if kv is not None and kv.type == _T_STRING:
-            return kv.value
+            return bytes(kv.value)
         return None
 
 
-def _check_hparams(r: _Reader, hdr: GGUFHeader, overrides: dict) -> None:
+def _check_hparams(r: _Reader, hdr: GGUFHeader, overrides: dict[str, Any]) -> None:
     hp = _HParams(hdr, overrides)
 
-    def fail(key: str, problem: str):
+    def fail(key: str, problem: str) -> NoReturn:
         source = " (from kv_overrides)" if key in overrides else ""
         r.fail(hp.offset(key), f"{key}{source} {problem}")
 
@@ -808,7 +814,7 @@ def _check_hparams(r: _Reader, hdr: GGUFHeader, overrides: dict) -> None:
                 fail(key, f"is {eps!r}; it must be a finite number >= 0")
 
 
-def _check_experts(hp: _HParams, fail, n_layer: int) -> None:
+def _check_experts(hp: _HParams, fail: Callable[[str, str], NoReturn], n_layer: int) -> None:
     """The expert counts llama.cpp asserts on (llama_model_base::load_hparams)."""
     k_count = hp.key("expert_count")
     k_used = hp.key("expert_used_count")

@@ -523,8 +523,9 @@ class LoadedModel:
     def close(self) -> None:
         """Close the model: idle sessions are freed now; sessions in use finish their
         work and free the model when they are done."""
-        self._closed = True
         with self._pool_lock:
+            # set under the lock: _release() checks it under the same lock
+            self._closed = True
             idle, self._pool = self._pool, []
         for session in idle:
             session.close()
@@ -571,13 +572,13 @@ class LoadedModel:
         return Session(self)
 
     def _release(self, session: Session) -> None:
-        if self._closed or session.closed:
-            session.close()
-            return
-        with self._pool_lock:
-            if len(self._pool) < self._max_idle:
-                self._pool.append(session)
-                return
+        if not session.closed:
+            with self._pool_lock:
+                # _closed is checked under the lock: a close() running at the same time
+                # must not miss a session put back after it emptied the pool
+                if not self._closed and len(self._pool) < self._max_idle:
+                    self._pool.append(session)
+                    return
         session.close()
 
     # --- text --------------------------------------------------------------------
@@ -694,7 +695,11 @@ class LoadedModel:
         s, g = _configs(options.pop("sampling", None), options.pop("generation", None),
                         options)
         session = self._acquire()
-        tokens = session.tokenize_prompt(prompt, g)
+        try:
+            tokens = session.tokenize_prompt(prompt, g)
+        except BaseException:
+            self._release(session)
+            raise
         return await self._arun(session, tokens, s, g, False)
 
     async def achat(self, messages: Sequence[Any], **options: Any) -> GenerationResult:
