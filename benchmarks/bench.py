@@ -171,10 +171,11 @@ class Bench:
 
     # --- sections ----------------------------------------------------------------------
 
-    def run_model(self, name: str, path: Path) -> dict[str, Any]:
+    def run_model(self, name: str, path: Path, res: dict[str, Any]) -> None:
+        """Fill ``res`` as the sections go (an interrupted run keeps what it has)."""
         a = self.args
-        res: dict[str, Any] = {"path": str(path), "size_bytes": path.stat().st_size,
-                               "samples": {}, "outside_us": {}, "runs": {}, "errors": []}
+        res.update({"path": str(path), "size_bytes": path.stat().st_size,
+                    "samples": {}, "outside_us": {}, "runs": {}, "errors": []})
         prompts = self.prompt_files(name, path)
         res["prompts"] = {"short_tokens": prompts["short_tokens"],
                           "long_tokens": prompts["long_tokens"],
@@ -187,7 +188,6 @@ class Bench:
             self.startup_section(name, path, prompts, res)
         if "scaling" in sections:
             self.scaling_section(name, path, prompts, res)
-        return res
 
     def warm_sections(self, name: str, path: Path, prompts: dict[str, Any],
                       res: dict[str, Any]) -> None:
@@ -565,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         if "import" in args.sections:
             results["import_ms"] = bench.import_section()
         for name, path in models:
-            results["models"][name] = bench.run_model(name, path)
+            results["models"][name] = {}
+            bench.run_model(name, path, results["models"][name])
     except KeyboardInterrupt:
         bench.note("interrupted: the results are partial")
     finally:

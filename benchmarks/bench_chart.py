@@ -30,10 +30,13 @@ def draw(results: dict[str, Any], path: Path) -> str | None:
     models = results["summary"]["models"]
     if not models:
         return "chart skipped: no results"
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5.2), squeeze=False,
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5.6), squeeze=False,
                              sharey=True)
     for ax, (name, summ) in zip(axes[0], models.items(), strict=False):
         ratios = summ["ratios"]
+        shown = [ratios.get(key.format(impl=impl)) for _l, key, _t in BARS
+                 for impl in ("llamabind", "peer")]
+        low = min([v for v in shown if v is not None] + [0.9])
         labels = [b[0] for b in BARS]
         ys = list(range(len(BARS)))
         for offset, impl, color, legend in ((-0.2, "llamabind", "#2b6cb0", "llamabind"),
@@ -55,10 +58,11 @@ def draw(results: dict[str, Any], path: Path) -> str | None:
         ax.set_yticks(ys)
         ax.set_yticklabels(labels)
         ax.invert_yaxis()
-        ax.set_xlim(0.5, 1.15)
+        ax.set_xlim(max(0.0, round(low - 0.1, 1)), 1.15)
         ax.set_xlabel("ratio to native (1.0 = native speed; dotted: target)")
         ax.set_title(name)
-        ax.legend(loc="lower left", fontsize=8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8,
+                  frameon=False)
     meta = results["meta"]
     fig.suptitle(f"llamabind vs native llama.cpp, {meta['date'][:10]}, "
                  f"{meta['machine'].get('Model name', '')}, {meta['args']['threads']} threads",

@@ -38,7 +38,7 @@ def stat(samples: list[float] | None) -> dict[str, Any] | None:
         return None
     med = statistics.median(samples)
     lo, hi = min(samples), max(samples)
-    spread = (hi - lo) / 2.0 / med * 100.0 if med else 0.0
+    spread = (hi - lo) / 2.0 / abs(med) * 100.0 if med else 0.0
     return {"median": med, "min": lo, "max": hi, "spread_pct": spread, "n": len(samples)}
 
 
@@ -62,6 +62,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     if imp_med is not None:
         targets.append(_target("all", "import llamabind < 100 ms", imp_med, "ms", imp_med < 100))
     for name, m in results.get("models", {}).items():
+        if "samples" not in m:
+            continue
         samples: dict[str, list[float]] = m.get("samples", {})
         outside: dict[str, list[float]] = m.get("outside_us", {})
         stats = {k: stat(v) for k, v in samples.items()}
@@ -86,7 +88,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                                            _med(samples, "ctx/native"))
             ratios[f"ctx_warm/{impl}"] = _ratio(_med(samples, f"ctx_warm/{impl}"),
                                                 _med(samples, "ctx_warm/native"))
-        out["models"][name] = {"stats": stats, "outside_us": out_stats, "ratios": ratios}
+        # single-token decodes per generation run (llama.cpp's n_eval): n_gen - 1 when
+        # the last generated token is not decoded (nothing needs its logits)
+        decodes = {k: statistics.median(r.get("n_eval", 0) for r in runs)
+                   for k, runs in m.get("runs", {}).items()
+                   if isinstance(runs, list) and runs and "n_eval" in runs[0]}
+        out["models"][name] = {"stats": stats, "outside_us": out_stats, "ratios": ratios,
+                               "decodes": decodes}
 
         def t(label: str, value: float | None, unit: str, ok: bool | None,
               model: str = name) -> None:
@@ -158,7 +166,7 @@ def format_table(results: dict[str, Any]) -> str:
     p, n = args["n_prompt"], args["n_gen"]
     for name, m in results.get("models", {}).items():
         s = summary["models"].get(name)
-        if s is None:
+        if s is None or "path" not in m:
             continue
         stats, ratios, outside = s["stats"], s["ratios"], s["outside_us"]
         prompts = m.get("prompts", {})
@@ -172,7 +180,7 @@ def format_table(results: dict[str, Any]) -> str:
             gen = section in ("greedy", "chain")
             head = f"  {'':52s}{'t/s':>18s}{'vs ' + ref.split('/')[1]:>18s}"
             if gen:
-                head += f"{'outside decode':>18s}{'vs llama-bench tg':>19s}"
+                head += f"{'outside decode':>20s}{'vs llama-bench tg':>19s}{'decodes':>9s}"
             lines.append(head)
             for row in rows:
                 key = f"{section}/{row}"
@@ -181,8 +189,10 @@ def format_table(results: dict[str, Any]) -> str:
                 line = f"  {LABELS.get(row, row):52s}{_fmt(stats[key]):>18s}{_fr(ratios[key]):>18s}"
                 if gen:
                     o = outside.get(key)
-                    line += f"{(_fmt(o, 1) + ' us') if o else '-':>18s}"
+                    line += f"{(_fmt(o, 1) + ' us') if o else '-':>20s}"
                     line += f"{_fr(ratios.get(key + ' vs tg/llama-bench')):>19s}"
+                    dec = s.get("decodes", {}).get(key)
+                    line += f"{'-' if dec is None else f'{dec:.0f}':>9s}"
                 lines.append(line)
         if any(k.startswith("ttft-") for k in stats):
             lines += ["", f"time to first token, ms (short: {prompts.get('short_tokens')} "

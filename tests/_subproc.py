@@ -93,6 +93,13 @@ def _signal_name(rc: int) -> str:
         return f"signal {-rc}"
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _child_env() -> dict:
     env = dict(os.environ)
     env.setdefault("PYTHONHASHSEED", "0")
@@ -124,11 +131,13 @@ def run_python(snippet: str, *, timeout: float = 120.0) -> Outcome:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill(proc)
             _, err = proc.communicate()
+        except BaseException:
+            # e.g. pytest-timeout or Ctrl+C interrupting the wait: leave no orphan
+            _kill(proc)
+            proc.communicate()
+            raise
         with open(results, encoding="utf-8") as fh:
             reports = [json.loads(line) for line in fh if line.strip()]
     stderr = err.decode("utf-8", "replace")

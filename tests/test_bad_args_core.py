@@ -504,8 +504,14 @@ SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
                     derandomize=True, suppress_health_check=list(HealthCheck),
                     print_blob=False)
 
+def threads(x):
+    # thread counts the core accepts but that would oversubscribe this machine (ggml's
+    # workers spin while they wait) become 2; invalid ones are kept
+    return 2 if type(x) is int and 4 < x <= 1024 else x
+
 def reset_ctx(c):
     c.reset_cancel()
+    c.set_n_threads(1, 1)
     c.set_embeddings(False)
     c.set_causal_attn(True)
     check_ctx(c)
@@ -565,7 +571,7 @@ CALLS = {
     "state_size": lambda a, b, d, e: c.state_size(a),
     "save_state": lambda a, b, d, e: c.save_state(a),
     "load_state": lambda a, b, d, e: c.load_state(a, b),
-    "set_n_threads": lambda a, b, d, e: c.set_n_threads(a, b),
+    "set_n_threads": lambda a, b, d, e: c.set_n_threads(threads(a), threads(b)),
     "set_embeddings": lambda a, b, d, e: c.set_embeddings(a),
     "set_causal_attn": lambda a, b, d, e: c.set_causal_attn(a),
     "memory_clear": lambda a, b, d, e: c.memory_clear(a),
@@ -607,6 +613,9 @@ values = {"n_ctx": sizes, "n_batch": sizes, "n_ubatch": sizes, "n_seq_max": size
 def run(kw):
     kw.setdefault("n_ctx", 64)
     kw.setdefault("n_threads", 1)
+    for k in ("n_threads", "n_threads_batch"):
+        if k in kw:
+            kw[k] = threads(kw[k])
     seqs, batch, n_ctx = kw.get("n_seq_max", 1), kw.get("n_batch", 512), kw["n_ctx"]
     if (type(seqs) is int and 1 <= seqs <= 256 and type(batch) is int and type(n_ctx) is int
             and seqs > min(batch, n_ctx if n_ctx > 0 else 8192)):
@@ -758,6 +767,8 @@ def run(which, flips, cut, extra, seq):
     if cut is not None:
         del data[cut % (len(data) + 1):]
     data += extra
+    if which == "whole" and len(data) >= 4 and int.from_bytes(data[:4], "little") > 64:
+        return  # KNOWN CORE ISSUE (see STATE_ALLOC): a huge length allocates gigabytes
     attempt(f"load_state({which}, flips={flips}, cut={cut}, extra={extra!r}, seq={seq!r})",
             lambda: c.load_state(bytes(data), seq))
     reset_ctx(c)
@@ -777,7 +788,7 @@ def test_random_values_at_core_entry_points(group):
     arbitrary objects) at the group's entry points. Only LlamaError, TypeError,
     ValueError and OverflowError may come out, and the objects must keep working."""
     snippet = (SETUP + "\nMAX_EXAMPLES = 200\n" + PROPERTY_PRELUDE + GROUPS[group] + GROUP_RUN)
-    o = run_python(snippet, timeout=600)
+    o = run_python(snippet, timeout=540)   # under pytest-timeout's 600 s
     calls = [r["desc"] for r in o.reports if r.get("event") == "call"]
     stats = [r for r in o.reports if r.get("event") == "stats"]
     if o.kind in ("crash", "hang", "died"):
@@ -786,3 +797,26 @@ def test_random_values_at_core_entry_points(group):
     assert o.kind == "ok", f"{group}: {o.describe()}\nlast call: {calls[-1] if calls else '?'}"
     assert stats and stats[0]["calls"] >= 150
     print(f"\n{group}: {stats[0]}")
+
+
+STATE_ALLOC = ("core: Context.load_state(data) passes the data to llama_state_set_data, which "
+               "reads a u32 length and allocates (and zero-fills) that many bytes before it "
+               "checks that the data holds them: 4 bytes of input cost up to 4 GiB (an OOM "
+               "kill on a small machine). Check the leading u32 (the architecture name's "
+               "length) against len(data) - 4 first; the same for load_state_file")
+
+
+@pytest.mark.xfail(strict=True, reason=STATE_ALLOC)
+def test_load_state_with_a_huge_length_does_not_allocate_gigabytes():
+    o = run_python(SETUP + """
+import resource
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    ctx.load_state(b"\\xff\\xff\\xff\\x7f" + bytes(64))
+except llamabind.StateError:
+    pass
+check_ctx()
+report(grew_kib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+""", timeout=300)
+    assert o.kind == "ok", o.describe()
+    assert o.reports[0]["grew_kib"] < 512 * 1024, o.reports[0]

@@ -48,7 +48,8 @@ PROMPTS: dict[str, str] = {
         "def merge_sorted(a: list[int], b: list[int]) -> list[int]:\n"
         '    """Merge two sorted lists into one sorted list."""\n'
     ),
-    "cjk": "中国的首都是北京。日本の首都は東京です。한국의 수도는 서울입니다. 这三座城市",
+    "cjk": ("東京の朝は早い。서울의 겨울은 춥다. "
+            "从前，在一个遥远的小山村里，住着一位老木匠。每天清晨，他都会"),
     "emoji": "My favourite emojis are 🦙, 🚀 and 😶‍🌫️ because",
 }
 
@@ -62,7 +63,12 @@ MULTI_BATCH_PROMPT = (
     "came from the north, cold and steady, carrying the smell of snow. He wrote the time, "
     "the weather and the boat in the logbook, in the same careful hand his father had "
     "taught him. Then he made tea, sat by the window, and waited for the supply ship that "
-    "was already two days late. When it finally appeared on the horizon,"
+    "was already two days late. In the afternoon he repaired the hinge of the storm door, "
+    "oiled the winch, and carried three sacks of coal up from the cellar. His daughter "
+    "had written from the city, asking him again to come and live with her family, and "
+    "the letter lay unanswered on the table beside the barometer. He read it once more, "
+    "folded it, and put it back under the brass weight. When the ship finally appeared "
+    "on the horizon,"
 )
 
 SENTENCES = (
@@ -266,6 +272,7 @@ def test_seed_changes_the_sample(smol: Model, smol_path: str, native: NativeRef)
 
 TOKENIZE_CASES = [
     *PROMPTS.values(),
+    "中国的首都是北京。日本の首都は東京です。한국의 수도는 서울입니다.",
     MULTI_BATCH_PROMPT,
     "",
     " ",

@@ -63,6 +63,12 @@ class Field:
         return struct.calcsize(self.fmt)
 
 
+def read_prefix(path: Path, n: int) -> bytes:
+    """The first ``n`` bytes of a file (its header region), without reading the rest."""
+    with open(path, "rb") as fh:
+        return fh.read(n)
+
+
 def _string_lengths(data: bytes, pos: int, count: int, take: int):
     """Offsets of the length fields of the first ``take`` strings of an array."""
     out = []
@@ -76,7 +82,7 @@ def _string_lengths(data: bytes, pos: int, count: int, take: int):
 def layout(path: Path):
     """The original file's header bytes, fields, and structural regions."""
     hdr = read_header(path, vocab_only=path == VOCAB)
-    data = path.read_bytes()[:hdr.data_offset]
+    data = read_prefix(path, hdr.data_offset)
     fields = [Field(4, "<I", "version", hdr.version),
               Field(8, "<q", "n_tensors", hdr.n_tensors),
               Field(16, "<q", "n_kv", hdr.n_kv)]

@@ -23,6 +23,7 @@ from test_fuzz_gguf import (
     _enc_value,
     _known_core_issue,
     original_entries,
+    read_prefix,
     serialize,
     write_sparse,
 )
@@ -461,6 +462,23 @@ def test_overrides_are_checked_too(tmp_path):
     check_model_file(path, overrides={"llama.block_count": "zero"})
 
 
+def test_adapter_file_check(tmp_path):
+    kvs = [("general.architecture", STR, "llama"), ("general.type", STR, "adapter"),
+           ("adapter.type", STR, "lora")]
+    tensors = [("blk.0.attn_q.weight.lora_a", (64, 8), 0),
+               ("blk.0.attn_q.weight.lora_b", (8, 64), 0)]
+    data = gguf(kvs, tensors)
+    _gguf.check_adapter_file(put(tmp_path, data))
+    # no tokenizer needed, but the tensor data must be there
+    with pytest.raises(ModelFileError, match="runs past the end") as info:
+        _gguf.check_adapter_file(put(tmp_path, data[:-10], "b.gguf"))
+    assert "b.gguf" in str(info.value)
+    with pytest.raises(ModelFileError, match="no tensors"):
+        _gguf.check_adapter_file(put(tmp_path, gguf(kvs, []), "c.gguf"))
+    with pytest.raises(ModelNotFoundError, match="LoRA adapter file not found"):
+        _gguf.check_adapter_file(str(tmp_path / "missing.gguf"))
+
+
 def test_check_reads_only_the_header_region(tmp_path, monkeypatch):
     """The check must not read tensor data: count the bytes it reads."""
     data = gguf(tensors=[("big", (1 << 20,), 0)])       # 4 MiB of tensor data
@@ -511,7 +529,7 @@ def _model_cases(tmp_path: Path, write: bool = True):
     """(name, path, vocab_only, expected exception type, "ok", or None for either) for
     the damaged files; ``write=False`` only names them."""
     hdr = read_header(MODEL)
-    head = MODEL.read_bytes()[:hdr.data_offset]
+    head = read_prefix(MODEL, hdr.data_offset)
     size = hdr.file_size
     cases = []
 
@@ -674,7 +692,7 @@ def test_vocab_only_file_as_full_model_in_process():
 
 def _none_vocab_copy(tmp_path: Path) -> str:
     hdr = read_header(MODEL)
-    head = MODEL.read_bytes()[:hdr.data_offset]
+    head = read_prefix(MODEL, hdr.data_offset)
     e = original_entries(hdr, head)
     e["tokenizer.ggml.model"] = _enc_value(STR, "none")
     path = tmp_path / "none_vocab.gguf"
@@ -709,3 +727,29 @@ def test_kv_override_block_count_zero_does_not_crash():
         llamabind.Model({str(MODEL)!r}, kv_overrides={{"llama.block_count": 0}})
     """)
     assert o.kind == "exception" and o.is_llama_error, o.describe()
+
+
+# --- the child-process helper itself ----------------------------------------------------
+
+def test_subprocess_helper_classifies_outcomes():
+    assert run_python("report(x=1)").reports[0] == {"x": 1}
+    o = run_python("raise ValueError('bad 42')")
+    assert (o.kind, o.exc_type, o.message) == ("exception", "ValueError", "bad 42")
+    o = run_python("import llamabind\nraise llamabind.ModelFileError('m')")
+    assert o.is_llama_error and "ValueError" in o.exc_mro
+    o = run_python("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)")
+    assert (o.kind, o.signal) == ("crash", "SIGSEGV")
+    assert run_python("import os\nos.abort()").signal == "SIGABRT"
+    assert run_python("import time\ntime.sleep(30)", timeout=2).kind == "hang"
+    o = run_python("import os\nos._exit(7)")
+    assert (o.kind, o.returncode) == ("died", 7)
+
+
+@pytest.mark.model
+@needs_model
+def test_run_loads_names_a_hanging_job():
+    """A load past its time limit (here: any load, with a tiny limit) is a hang."""
+    jobs = [{"id": "vocab", "path": str(VOCAB_SPM), "vocab_only": True}]
+    outcomes, notes = run_loads(jobs, per_job_timeout=0.001, batch_size=1, workers=1)
+    assert outcomes["vocab"].kind == "hang", outcomes["vocab"].describe()
+    assert notes

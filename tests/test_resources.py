@@ -230,7 +230,7 @@ def unclosed(make):
         warnings.showwarning = show
         make()
         gc.collect()
-    return sorted(seen), mapped(path)
+    return seen, mapped(path)
 
 def core():
     m = Model(path)
@@ -244,7 +244,7 @@ def api():
     s.generate("Hello", max_tokens=1, temperature=0)
 
 def cycle():
-    # a reference cycle: only the garbage collector can free it
+    # a reference cycle holds the context: only the garbage collector can free it
     m = Model(path)
     c = Context(m, n_ctx=128, n_threads=1)
     holder = {"ctx": c}
@@ -255,16 +255,31 @@ say("api", result=unclosed(api))
 say("cycle", result=unclosed(cycle))
 '''
 
+CTX_W, MODEL_W = "unclosed llamabind.Context", "unclosed llamabind.Model"
+
 
 def test_unclosed_objects_warn_and_are_freed(smol_path: str) -> None:
     child, msgs = run_child(UNCLOSED, smol_path, timeout=120)
     _ok(child)
     got = messages_by_tag(msgs)
-    ctx_w, model_w = "unclosed llamabind.Context", "unclosed llamabind.Model"
-    assert got["core"]["result"] == [[ctx_w, model_w], False]
+    # each warned once, and the model's memory is released (the file is unmapped);
+    # a context always goes before the model it uses
+    assert got["core"]["result"] == [[CTX_W, MODEL_W], False]
     # the session's context, the pooled session's context, the model
-    assert got["api"]["result"] == [[ctx_w, ctx_w, model_w], False]
-    assert got["cycle"]["result"] == [[ctx_w, model_w], False]
+    assert got["api"]["result"] == [[CTX_W, CTX_W, MODEL_W], False]
+    assert sorted(got["cycle"]["result"][0]) == [CTX_W, MODEL_W]
+    assert got["cycle"]["result"][1] is False
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "core bug: the garbage collector's tp_clear on Context drops Context.model first, "
+    "so the model is freed while the context still uses it; llama_free(ctx) then reads "
+    "freed memory (AddressSanitizer: heap-use-after-free in ~llama_context). The order "
+    "of the two ResourceWarnings shows it"))
+def test_context_in_a_reference_cycle_is_freed_before_its_model(smol_path: str) -> None:
+    child, msgs = run_child(UNCLOSED, smol_path, timeout=120)
+    _ok(child)
+    assert messages_by_tag(msgs)["cycle"]["result"] == [[CTX_W, MODEL_W], False]
 
 
 UNCLOSED_RECORDED = PRELUDE + r'''

@@ -32,7 +32,15 @@ from typing import IO, Any, NoReturn
 
 from llamabind.errors import ModelFileError, ModelNotFoundError
 
-__all__ = ["GGUF_MAGIC", "GGUFHeader", "GGUFTensorInfo", "check_model_file", "read_header"]
+__all__ = [
+    "GGUF_MAGIC",
+    "GGUFHeader",
+    "GGUFKeyValue",
+    "GGUFTensorInfo",
+    "check_adapter_file",
+    "check_model_file",
+    "read_header",
+]
 
 GGUF_MAGIC = b"GGUF"
 _SUPPORTED_VERSIONS = (2, 3)
@@ -91,6 +99,7 @@ _TOKEN_TYPE_BYTE = 6             # LLAMA_TOKEN_TYPE_BYTE
 # Read the header region in chunks of at least this size, guessing at most this far
 # ahead where a tokenizer's strings are.
 _CHUNK = 1 << 20
+_READ_AHEAD = 64 << 10
 _MAX_READ_AHEAD = 64 << 20
 
 
@@ -168,6 +177,17 @@ class _Reader:
         if 0 <= rel and rel + n <= len(self.data):
             return rel
         n = min(max(n, _CHUNK), self.size - pos)
+        end = self.base + len(self.data)
+        if 0 <= rel <= len(self.data):
+            # keep what the window has from pos on; read only the rest
+            data = self.data[rel:] + self._read(end, pos + n - end)
+        else:
+            data = self._read(pos, n)
+        self.base = pos
+        self.data = data
+        return 0
+
+    def _read(self, pos: int, n: int) -> bytes:
         try:
             self.fh.seek(pos)
             data = self.fh.read(n)
@@ -177,9 +197,7 @@ class _Reader:
         if len(data) != n:
             # the file shrank while we read it
             self.size = pos + len(data)
-        self.base = pos
-        self.data = data
-        return 0
+        return data
 
     def need(self, n: int, what: str) -> int:
         """Check that ``n`` bytes of ``what`` follow; return their index in ``data``."""
@@ -211,7 +229,7 @@ class _Reader:
         ``collect`` return them as a list of bytes."""
         start = self.pos
         if collect:
-            out = self._collect_fast(count, min(count * 32 + _CHUNK, _MAX_READ_AHEAD))
+            out = self._collect_fast(count, min(count * 24 + _READ_AHEAD, _MAX_READ_AHEAD))
             if out is not None:
                 return out
         if self._skip_fast(count):
@@ -233,7 +251,7 @@ class _Reader:
         caller then finds it). This loop is most of the time the check takes."""
         unpack = _U64.unpack_from
         size = self.size
-        rel = self.window(self.pos, min(count * 16 + _CHUNK, _MAX_READ_AHEAD))
+        rel = self.window(self.pos, min(count * 16 + _READ_AHEAD, _MAX_READ_AHEAD))
         data = self.data
         base = self.base
         # In a file smaller than the length limit, a length over the limit runs past
@@ -258,7 +276,7 @@ class _Reader:
                 pos = base + rel
                 if pos + 8 > size:
                     return False
-                rel = self.window(pos, min(count * 16 + _CHUNK, _MAX_READ_AHEAD))
+                rel = self.window(pos, min(count * 16 + _READ_AHEAD, _MAX_READ_AHEAD))
                 data = self.data
                 base = self.base
                 if rel + 8 > len(data):
@@ -281,13 +299,12 @@ class _Reader:
         rel = self.window(start, span)
         data = self.data
         begin_rel = rel
-        out: list[bytes] = []
-        append = out.append
+        begin = 0
         try:
-            for _ in repeat(None, count):
-                begin = rel + 8
-                rel = begin + unpack(data, rel)[0]
-                append(data[begin:rel])
+            # a comprehension (with the position carried in assignment expressions)
+            # runs this hot loop faster than append() in a for loop
+            out = [data[(begin := rel + 8):(rel := begin + unpack(data, rel)[0])]
+                   for _ in repeat(None, count)]
         except (struct.error, OverflowError):
             return None
         if rel > len(data) or rel - begin_rel > span:
@@ -296,28 +313,28 @@ class _Reader:
         return out
 
 
-def _open_checked(path: str) -> tuple[IO[bytes], int]:
+def _open_checked(path: str, what: str = "model") -> tuple[IO[bytes], int]:
     """Open ``path`` for reading, mapping every failure to a llamabind exception."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise ModelNotFoundError(f"model file not found: {path!r}", path) from None
+        raise ModelNotFoundError(f"{what} file not found: {path!r}", path) from None
     except NotADirectoryError:
         raise ModelNotFoundError(
-            f"model file not found (a parent is not a directory): {path!r}", path) from None
+            f"{what} file not found (a parent is not a directory): {path!r}", path) from None
     except (OSError, ValueError) as exc:
-        raise ModelFileError(f"cannot access model file {path!r}: {exc}", path) from None
+        raise ModelFileError(f"cannot access {what} file {path!r}: {exc}", path) from None
     if stat.S_ISDIR(st.st_mode):
-        raise ModelFileError(f"model path is a directory, not a GGUF file: {path!r}", path)
+        raise ModelFileError(f"{what} path is a directory, not a GGUF file: {path!r}", path)
     if not stat.S_ISREG(st.st_mode):
         raise ModelFileError(
-            f"model path is not a regular file (a device, pipe or socket?): {path!r}", path)
+            f"{what} path is not a regular file (a device, pipe or socket?): {path!r}", path)
     if st.st_size == 0:
-        raise ModelFileError(f"model file is empty: {path!r}", path)
+        raise ModelFileError(f"{what} file is empty: {path!r}", path)
     try:
         fh = open(path, "rb")
     except OSError as exc:
-        raise ModelFileError(f"cannot open model file {path!r}: {exc}", path) from None
+        raise ModelFileError(f"cannot open {what} file {path!r}: {exc}", path) from None
     return fh, st.st_size
 
 
@@ -354,7 +371,20 @@ def check_model_file(path: str | os.PathLike[str], *, vocab_only: bool = False,
     read_header(path, vocab_only=vocab_only, overrides=overrides)
 
 
-def _parse(r: _Reader, vocab_only: bool) -> GGUFHeader:
+def check_adapter_file(path: str | os.PathLike[str]) -> None:
+    """Raise ModelNotFoundError / ModelFileError if ``path`` cannot be a GGUF LoRA
+    adapter: the same structural checks as for a model (the tensor data must be in
+    the file), without the vocabulary and hyperparameter checks."""
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    fh, size = _open_checked(path, "LoRA adapter")
+    with fh:
+        r = _Reader(fh, path, size)
+        _parse(r, vocab_only=False, adapter=True)
+
+
+def _parse(r: _Reader, vocab_only: bool, adapter: bool = False) -> GGUFHeader:
     size = r.size
     r.window(0, _HEADER_SIZE)
     head = r.data[:4]
@@ -395,7 +425,7 @@ def _parse(r: _Reader, vocab_only: bool) -> GGUFHeader:
             r.fail(kv.offset, f"metadata key {_short(kv.key)!r} appears twice (entry {i})")
         hdr.kv[kv.key] = kv
     hdr.tensor_info_offset = r.pos
-    _check_metadata(r, hdr)
+    _check_metadata(r, hdr, adapter)
 
     seen = set()
     for i in range(n_tensors):
@@ -404,7 +434,15 @@ def _parse(r: _Reader, vocab_only: bool) -> GGUFHeader:
             r.fail(info.info_offset, f"tensor name {info.name!r} appears twice (tensor {i})")
         seen.add(info.name)
         hdr.tensors.append(info)
-    _check_tensor_data(r, hdr, vocab_only)
+    if adapter:
+        if not hdr.tensors:
+            r.fail(r.pos, "the adapter file holds no tensors")
+        _check_tensor_data(r, hdr, require_data=True)
+    else:
+        if not hdr.tensors and not vocab_only:
+            r.fail(r.pos, "the file holds no tensors (a vocabulary-only GGUF?); "
+                          "load it with vocab_only=True")
+        _check_tensor_data(r, hdr, require_data=not vocab_only)
     return hdr
 
 
@@ -469,7 +507,7 @@ def _size_left(r: _Reader) -> int:
     return r.size - r.pos
 
 
-def _check_metadata(r: _Reader, hdr: GGUFHeader) -> None:
+def _check_metadata(r: _Reader, hdr: GGUFHeader, adapter: bool = False) -> None:
     kv = hdr.kv.get("general.alignment")
     if kv is not None:
         if kv.type != 4:
@@ -485,7 +523,8 @@ def _check_metadata(r: _Reader, hdr: GGUFHeader) -> None:
         r.fail(arch.value_offset, f"general.architecture must be a string, not {_type_name(arch)}")
     if not arch.value:
         r.fail(arch.value_offset, "general.architecture is empty")
-    _check_token_list(r, hdr)
+    if not adapter:
+        _check_token_list(r, hdr)
 
 
 def _check_token_list(r: _Reader, hdr: GGUFHeader) -> None:
@@ -502,6 +541,9 @@ def _check_token_list(r: _Reader, hdr: GGUFHeader) -> None:
         _check_wpm_token_types(r, hdr, len(texts))
     elif model.value == b"rwkv":
         _check_rwkv_tokens(r, tokens, texts)
+    unique = set(texts)
+    if len(unique) == len(texts) and b"" not in unique:
+        return
     # llama.cpp renames empty tokens before it indexes them
     for i, text in enumerate(texts):
         if not text:
@@ -658,14 +700,13 @@ def _pad(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
 
-def _check_tensor_data(r: _Reader, hdr: GGUFHeader, vocab_only: bool) -> None:
+def _check_tensor_data(r: _Reader, hdr: GGUFHeader, require_data: bool) -> None:
+    """Tensor offsets as llama.cpp computes them and, with ``require_data``, the tensor
+    data inside the file."""
     align = hdr.alignment
     infos_end = r.pos
     if hdr.n_tensors == 0:
         hdr.data_offset = infos_end
-        if not vocab_only:
-            r.fail(infos_end, "the file holds no tensors (a vocabulary-only GGUF?); "
-                              "load it with vocab_only=True")
         return
     data_offset = _pad(infos_end, align)
     if data_offset > r.size:
@@ -681,7 +722,7 @@ def _check_tensor_data(r: _Reader, hdr: GGUFHeader, vocab_only: bool) -> None:
         if info.offset != expected:
             r.fail(info_end, f"tensor {info.name!r} has data offset {info.offset}; after "
                              f"the tensors before it, it must be {expected}")
-        if not vocab_only and data_offset + info.offset + info.nbytes > r.size:
+        if require_data and data_offset + info.offset + info.nbytes > r.size:
             r.fail(data_offset + info.offset,
                    f"the data of tensor {info.name!r} ({info.nbytes} bytes at byte "
                    f"{data_offset + info.offset}) runs past the end of the file "
