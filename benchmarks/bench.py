@@ -72,6 +72,12 @@ class Bench:
         self.probe_ok = False
         self.peer_python: str | None = None
         self.t_start = time.monotonic()
+        self.variants: dict[str, str] = {}
+        for spec in args.variant or ():
+            name, _, where = spec.partition("=")
+            if not name or not where or not Path(where, "llamabind").is_dir():
+                raise SystemExit(f"bench: --variant wants NAME=DIR with DIR/llamabind: {spec!r}")
+            self.variants[name] = str(Path(where).resolve())
 
     def log(self, msg: str) -> None:
         if not self.args.quiet:
@@ -155,6 +161,7 @@ class Bench:
         if self.probe_ok:
             out.append("native")
         out.append("llamabind")
+        out += [f"llamabind[{name}]" for name in self.variants]
         if self.peer_python:
             out.append("peer")
         return out
@@ -164,7 +171,15 @@ class Bench:
             return procs.start_worker("native")
         if impl == "peer":
             return procs.start_worker("llama_cpp", self.peer_python)
+        if impl.startswith("llamabind["):
+            env = procs.worker_env()
+            env["LLAMABIND_BENCH_PKG_DIR"] = self.variants[impl[len("llamabind["):-1]]
+            return procs.start_worker("llamabind", env=env)
         return procs.start_worker("llamabind")
+
+    def bindings(self, workers: Any) -> list[str]:
+        """The llamabind implementations among ``workers``: installed, then variants."""
+        return [impl for impl in workers if impl.startswith("llamabind")]
 
     def load_line(self, path: Path, threads: int, extra: str = "") -> str:
         return f"load model={path} threads={threads} n_ctx={self.args.n_ctx} {extra}".strip()
@@ -279,13 +294,14 @@ class Bench:
             for mode in ("greedy", "chain"):
                 jobs.append((f"{mode}/native", "native",
                              f"gen mode={mode} {gen} ban_eog={ban[mode]}"))
-        for mode in ("greedy", "chain"):
-            jobs.append((f"{mode}/llamabind-core", "llamabind",
-                         f"gen api=core mode={mode} {gen} ban_eog={ban[mode]}"))
-            jobs.append((f"{mode}/llamabind-generate", "llamabind",
-                         f"gen api=generate mode={mode} {gen} ban_eog={ban[mode]}"))
-        jobs.append(("greedy/llamabind-stream", "llamabind",
-                     f"gen api=stream mode=greedy {gen} ban_eog={ban['greedy']}"))
+        for lb in self.bindings(workers):
+            for mode in ("greedy", "chain"):
+                jobs.append((f"{mode}/{lb}-core", lb,
+                             f"gen api=core mode={mode} {gen} ban_eog={ban[mode]}"))
+                jobs.append((f"{mode}/{lb}-generate", lb,
+                             f"gen api=generate mode={mode} {gen} ban_eog={ban[mode]}"))
+            jobs.append((f"greedy/{lb}-stream", lb,
+                         f"gen api=stream mode=greedy {gen} ban_eog={ban['greedy']}"))
         if "peer" in workers:
             for mode in ("greedy", "chain"):
                 jobs.append((f"{mode}/peer-generate", "peer",
@@ -331,10 +347,9 @@ class Bench:
             f = prompts[size]
             if "native" in workers:
                 jobs.append((f"ttft-{size}/native", "native", f"ttft prompt={f}"))
-            jobs.append((f"ttft-{size}/llamabind-stream", "llamabind",
-                         f"ttft api=stream prompt={f}"))
-            jobs.append((f"ttft-{size}/llamabind-core", "llamabind",
-                         f"ttft api=core prompt={f}"))
+            for lb in self.bindings(workers):
+                jobs.append((f"ttft-{size}/{lb}-stream", lb, f"ttft api=stream prompt={f}"))
+                jobs.append((f"ttft-{size}/{lb}-core", lb, f"ttft api=core prompt={f}"))
             if "peer" in workers:
                 jobs.append((f"ttft-{size}/peer-stream", "peer", f"ttft api=stream prompt={f}"))
         for rep in range(a.ttft_reps):
@@ -358,7 +373,7 @@ class Bench:
             for impl in self.shuffled(impls):
                 try:
                     with self.start(impl) as w:
-                        extra = "cold=1" if impl == "llamabind" else ""
+                        extra = "cold=1" if impl.startswith("llamabind") else ""
                         r = w.call(self.load_line(path, a.threads, extra))
                         api = "" if impl == "native" else "api=generate "
                         w.call(f"gen {api}mode=greedy n=16 prompt={prompts['short']}")
@@ -382,8 +397,8 @@ class Bench:
         workers: dict[str, procs.Worker] = {}
         jobs: list[tuple[str, int]] = []
         try:
-            for impl in ("llamabind", "peer"):
-                if impl == "peer" and not self.peer_python:
+            for impl in self.impls():
+                if impl == "native":
                     continue
                 w = self.start(impl)
                 workers[impl] = w
@@ -414,21 +429,24 @@ class Bench:
 
     def import_section(self) -> dict[str, Any]:
         a = self.args
-        out: dict[str, list[float]] = {"llamabind": []}
-        peer_env = procs.worker_env()
-        peer_env.pop("PYTHONPATH", None)
+        runs: list[tuple[str, str, str, dict[str, str]]] = [
+            ("llamabind", sys.executable, "llamabind", procs.worker_env())]
+        for name, where in self.variants.items():
+            env = procs.worker_env()
+            env["LLAMABIND_BENCH_PKG_DIR"] = where
+            runs.append((f"llamabind[{name}]", sys.executable, "llamabind", env))
         if self.peer_python:
-            out["llama_cpp"] = []
+            peer_env = procs.worker_env()
+            peer_env.pop("PYTHONPATH", None)
+            runs.append(("llama_cpp", self.peer_python, "llama_cpp", peer_env))
+        out: dict[str, list[float]] = {label: [] for label, *_ in runs}
         self.log(f"import time, {a.import_reps} fresh interpreters each")
         for _ in range(a.import_reps):
-            try:
-                out["llamabind"].append(procs.import_time_ms(sys.executable, "llamabind"))
-                if self.peer_python:
-                    out["llama_cpp"].append(
-                        procs.import_time_ms(self.peer_python, "llama_cpp", peer_env))
-            except procs.BenchError as exc:
-                self.note(str(exc))
-                break
+            for label, exe, module, env in self.shuffled(runs):
+                try:
+                    out[label].append(procs.import_time_ms(exe, module, env))
+                except procs.BenchError as exc:
+                    self.note(str(exc))
         return out
 
     def cleanup(self) -> None:
@@ -504,6 +522,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--peer-python", help="a Python that can import llama_cpp (default: "
                     "build/venv-llama-cpp-python/bin/python, else this one)")
     ap.add_argument("--no-peer", action="store_true", help="skip llama-cpp-python")
+    ap.add_argument("--variant", action="append", metavar="NAME=DIR",
+                    help="also measure the llamabind package in DIR/llamabind (a patched "
+                    "build, say) as llamabind[NAME]; repeatable")
     ap.add_argument("--out", help="JSON output (default benchmarks/results/<timestamp>.json)")
     ap.add_argument("--no-chart", action="store_true")
     ap.add_argument("--update-chart", action="store_true",

@@ -103,11 +103,12 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def start_worker(impl: str, python: str | None = None) -> Worker:
+def start_worker(impl: str, python: str | None = None,
+                 env: dict[str, str] | None = None) -> Worker:
     if impl == "native":
         return Worker("native", [str(probe_path())], env=worker_env())
     exe = python or sys.executable
-    env = worker_env()
+    env = dict(env) if env is not None else worker_env()
     if impl == "llama_cpp":
         # the peer's venv must not see this project's sources ahead of its own packages
         env.pop("PYTHONPATH", None)
@@ -269,7 +270,13 @@ def peer_python(explicit: str | None) -> tuple[str | None, str]:
 def import_time_ms(python: str, module: str, env: dict[str, str] | None = None) -> float:
     """`import module` in a fresh interpreter, timed inside it (interpreter start-up
     excluded)."""
-    code = ("import time, sys\nt = time.perf_counter()\nimport " + module +
+    code = ("import time, sys, os\n"
+            "d = os.environ.get('LLAMABIND_BENCH_PKG_DIR')\n"
+            "if d:\n"
+            "    sys.meta_path[:] = [f for f in sys.meta_path\n"
+            "                        if 'editable' not in type(f).__module__.lower()]\n"
+            "    sys.path.insert(0, d)\n"
+            "t = time.perf_counter()\nimport " + module +
             "\nsys.stdout.write(repr((time.perf_counter() - t) * 1000))")
     proc = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False,
                           env=env, cwd=str(ROOT))

@@ -69,25 +69,17 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         stats = {k: stat(v) for k, v in samples.items()}
         out_stats = {k: stat(v) for k, v in outside.items()}
         ratios: dict[str, float | None] = {}
-        for section, _title, ref, rows in SPEED_SECTIONS:
-            for row in rows:
-                key = f"{section}/{row}"
-                ratios[key] = _ratio(_med(samples, key), _med(samples, ref))
-        for key in ("greedy/llamabind-generate", "greedy/llamabind-stream",
-                    "greedy/llamabind-core", "greedy/peer-generate", "greedy/native"):
-            ratios[f"{key} vs tg/llama-bench"] = _ratio(_med(samples, key),
-                                                        _med(samples, "tg/llama-bench"))
-        for impl in ("llamabind", "peer"):
-            for k in (1, 2):
-                ratios[f"scale{k}/{impl}"] = _ratio(_med(samples, f"scale{k}/{impl}"),
-                                                    _med(samples, f"scale{k}/llama-bench"))
-        for impl in ("llamabind", "peer"):
-            ratios[f"load/{impl}"] = _ratio(_med(samples, f"load/{impl}"),
-                                            _med(samples, "load/native"))
-            ratios[f"ctx/{impl}"] = _ratio(_med(samples, f"ctx/{impl}"),
-                                           _med(samples, "ctx/native"))
-            ratios[f"ctx_warm/{impl}"] = _ratio(_med(samples, f"ctx_warm/{impl}"),
-                                                _med(samples, "ctx_warm/native"))
+        refs = {section: ref for section, _title, ref, _rows in SPEED_SECTIONS}
+        refs.update({"scale1": "scale1/llama-bench", "scale2": "scale2/llama-bench",
+                     "load": "load/native", "ctx": "ctx/native",
+                     "ctx_warm": "ctx_warm/native"})
+        for key in samples:
+            section = key.split("/")[0]
+            if section in refs:
+                ratios[key] = _ratio(_med(samples, key), _med(samples, refs[section]))
+            if section == "greedy":
+                ratios[f"{key} vs tg/llama-bench"] = _ratio(_med(samples, key),
+                                                            _med(samples, "tg/llama-bench"))
         # single-token decodes per generation run (llama.cpp's n_eval): n_gen - 1 when
         # the last generated token is not decoded (nothing needs its logits)
         decodes = {k: statistics.median(r.get("n_eval", 0) for r in runs)
@@ -147,6 +139,27 @@ def _fr(r: float | None) -> str:
     return "-" if r is None else f"{r:.3f}"
 
 
+def _with_variants(rows: list[str], stats: dict[str, Any], section: str) -> list[str]:
+    """Rows, each llamabind row followed by the same row of every --variant."""
+    out = []
+    for row in rows:
+        out.append(row)
+        if row.startswith("llamabind"):
+            rest = row[len("llamabind"):]
+            prefix = f"{section}/llamabind["
+            out += sorted({k[len(section) + 1:] for k in stats
+                           if k.startswith(prefix) and k.endswith("]" + rest)})
+    return out
+
+
+def _label(row: str) -> str:
+    if row.startswith("llamabind["):
+        name, _, rest = row[len("llamabind["):].partition("]")
+        return LABELS.get("llamabind" + rest, "llamabind" + rest).replace(
+            "llamabind", f"llamabind[{name}]", 1)
+    return LABELS.get(row, row)
+
+
 def format_table(results: dict[str, Any]) -> str:
     summary = results["summary"]
     meta = results["meta"]
@@ -182,14 +195,15 @@ def format_table(results: dict[str, Any]) -> str:
             if gen:
                 head += f"{'outside decode':>20s}{'vs llama-bench tg':>19s}{'decodes':>9s}"
             lines.append(head)
-            for row in rows:
+            for row in _with_variants(rows, stats, section):
                 key = f"{section}/{row}"
                 if key not in stats:
                     continue
-                line = f"  {LABELS.get(row, row):52s}{_fmt(stats[key]):>18s}{_fr(ratios[key]):>18s}"
+                line = f"  {_label(row):52s}{_fmt(stats[key]):>18s}{_fr(ratios.get(key)):>18s}"
                 if gen:
                     o = outside.get(key)
-                    line += f"{(_fmt(o, 1) + ' us') if o else '-':>20s}"
+                    out_us = f"{o['median']:.0f} (min {o['min']:.0f}) us" if o else "-"
+                    line += f"{out_us:>20s}"
                     line += f"{_fr(ratios.get(key + ' vs tg/llama-bench')):>19s}"
                     dec = s.get("decodes", {}).get(key)
                     line += f"{'-' if dec is None else f'{dec:.0f}':>9s}"
@@ -198,25 +212,24 @@ def format_table(results: dict[str, Any]) -> str:
             lines += ["", f"time to first token, ms (short: {prompts.get('short_tokens')} "
                       f"tokens, long: {prompts.get('long_tokens')} tokens)",
                       f"  {'':52s}{'short':>18s}{'- native':>10s}{'long':>18s}{'- native':>10s}"]
-            for row in TTFT_ROWS:
+            for row in _with_variants(TTFT_ROWS, stats, "ttft-short"):
                 a, b = stats.get(f"ttft-short/{row}"), stats.get(f"ttft-long/{row}")
                 if a is None and b is None:
                     continue
                 na, nb = stats.get("ttft-short/native"), stats.get("ttft-long/native")
                 da = f"{a['median'] - na['median']:+.2f}" if a and na else "-"
                 db = f"{b['median'] - nb['median']:+.1f}" if b and nb else "-"
-                lines.append(f"  {LABELS.get(row, row):52s}{_fmt(a, 2):>18s}{da:>10s}"
+                lines.append(f"  {_label(row):52s}{_fmt(a, 2):>18s}{da:>10s}"
                              f"{_fmt(b, 1):>18s}{db:>10s}")
         if any(k.startswith(("load/", "ctx_warm/")) for k in stats):
             lines += ["", "start-up (load and context: fresh processes; warm context: "
                       "created again in a running process)",
                       f"  {'':28s}{'model load ms':>17s}{'ratio':>7s}{'context ms':>16s}"
                       f"{'warm ctx ms':>16s}{'ratio':>7s}{'peak RSS MiB':>15s}"]
-            for row in STARTUP_ROWS:
+            for row in _with_variants(STARTUP_ROWS, stats, "load"):
                 if not any(f"{k}/{row}" in stats for k in ("load", "ctx_warm")):
                     continue
-                label = {"native": "native C API", "llamabind": "llamabind",
-                         "peer": "llama-cpp-python"}[row]
+                label = {"native": "native C API", "peer": "llama-cpp-python"}.get(row, row)
                 ctx_label = _fmt(stats.get(f"ctx/{row}"), 1)
                 if row == "peer" and f"llama_init/{row}" in stats:
                     ctx_label = "(Llama() " + f"{stats[f'llama_init/{row}']['median']:.0f})"
@@ -232,12 +245,12 @@ def format_table(results: dict[str, Any]) -> str:
                       "one shared model, a context each",
                       f"  {'':28s}{'1 worker':>18s}{'2 workers':>18s}{'2 / 1':>8s}"
                       f"{'2 vs native 2':>15s}"]
-            for row in ("llama-bench", "llamabind", "peer"):
+            for row in _with_variants(["llama-bench", "llamabind", "peer"], stats, "scale1"):
                 one, two = stats.get(f"scale1/{row}"), stats.get(f"scale2/{row}")
                 if one is None and two is None:
                     continue
-                label = {"llama-bench": "native processes", "llamabind": "llamabind threads",
-                         "peer": "llama-cpp-python threads"}[row]
+                label = {"llama-bench": "native processes",
+                         "peer": "llama-cpp-python threads"}.get(row, f"{row} threads")
                 sc = _fr(two["median"] / one["median"]) if one and two else "-"
                 vs = _fr(ratios.get(f"scale2/{row}")) if row != "llama-bench" else ""
                 lines.append(f"  {label:28s}{_fmt(one):>18s}{_fmt(two):>18s}{sc:>8s}{vs:>15s}")

@@ -305,7 +305,8 @@ std::string run_command(probe & pr, const std::string & cmd, const std::map<std:
         llama_sampler * smpl = pr.make_sampler(mode, (uint32_t) get_int(a, "seed", 42),
                                                get_int(a, "ban_eog", 0) != 0);
         llama_context * c = pr.ctx;
-        llama_memory_clear(llama_get_memory(c), true);
+        // as llama.cpp's tools do: the cells are emptied, their stale data is never read
+        llama_memory_clear(llama_get_memory(c), false);
         llama_perf_context_reset(c);
         llama_batch b = llama_batch_init(1, 0, 1);
         std::string output;

@@ -103,7 +103,7 @@ class LlamabindWorker:
         vocab = self.model.vocab
         self.eog = [i for i in range(vocab.n_tokens) if vocab.is_eog(i)]
         return {"load_ms": load_ms, "ctx_ms": ctx_ms, "rss_kb": rss_kb(),
-                "peak_rss_kb": peak_rss_kb()}
+                "peak_rss_kb": peak_rss_kb(), "module": lb._llama.__file__}
 
     def ctx(self, a: dict[str, str]) -> dict[str, Any]:
         t = Timer()
@@ -196,7 +196,7 @@ class LlamabindWorker:
             ctx.perf_reset()
             t = Timer()
             toks = self.model.vocab.tokenize(prompt, add_special=True, parse_special=False)
-            ctx.memory_clear()
+            ctx.memory_clear(False)  # as llama.cpp's tools do (and the native probe)
             ctx.eval(toks, pos0=0)
             prompt_ms = t.ms()
             gen = self.lb.TokenGenerator(ctx, len(toks), sampler, max_tokens=n)
@@ -250,7 +250,7 @@ class LlamabindWorker:
             ctx = self.core
             t = Timer()
             toks = self.model.vocab.tokenize(prompt, add_special=True, parse_special=False)
-            ctx.memory_clear()
+            ctx.memory_clear(False)  # as llama.cpp's tools do (and the native probe)
             ctx.eval(toks, pos0=0)
             gen = self.lb.TokenGenerator(ctx, len(toks), None, max_tokens=1)
             next(gen)
@@ -526,8 +526,23 @@ def parse(line: str) -> tuple[str, dict[str, str]]:
     return words[0], args
 
 
+def use_package_dir() -> None:
+    """With LLAMABIND_BENCH_PKG_DIR set, import llamabind from that directory (say, a
+    patched build being evaluated) instead of the installed one: the editable install's
+    import hook is taken out of the way first."""
+    where = os.environ.get("LLAMABIND_BENCH_PKG_DIR")
+    if not where:
+        return
+    sys.meta_path[:] = [f for f in sys.meta_path
+                        if "editable" not in type(f).__module__.lower()
+                        and "editable" not in type(f).__name__.lower()]
+    sys.path.insert(0, where)
+
+
 def main(argv: list[str]) -> int:
     impl = argv[1] if len(argv) > 1 else "llamabind"
+    if impl == "llamabind":
+        use_package_dir()
     out = sys.stdout
     # Keep the protocol channel clean: anything a library prints goes to stderr.
     sys.stdout = sys.stderr

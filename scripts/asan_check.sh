@@ -16,8 +16,11 @@
 # CPython deliberately keeps memory alive at exit, which LeakSanitizer would list.
 #
 # The tests run by default: tokenize/detokenize, decode, logits, sampling, state,
-# bad input (the core tests), and the thread/fork/close-while-busy tests. The RSS
-# tests are left out: ASan's quarantine and shadow memory make RSS meaningless.
+# bad input (the core tests), the thread/fork/signal/close-while-busy tests, and the
+# lifetime tests (unclosed objects, garbage-collected cycles, exit with busy threads).
+# The RSS tests are left out: ASan's quarantine and shadow memory make RSS meaningless.
+# A test marked xfail for a memory bug still fails this script: ASan's report of the
+# child process it ran is collected below.
 #
 # Environment:
 #   LLAMABIND_ASAN_VENV  the venv to create or reuse (default: <repo>/build/asan-venv)
@@ -50,7 +53,8 @@ if ((${#pytest_args[@]} == 0)); then
   pytest_args=(
     tests/test_core_context.py tests/test_core_model_vocab.py
     tests/test_concurrency.py tests/test_fork.py tests/test_signals.py
-    -m "not slow" -p no:cacheprovider
+    tests/test_resources.py
+    -m "not slow" -k "not close_frees" -p no:cacheprovider
   )
 fi
 
@@ -114,6 +118,7 @@ export LD_PRELOAD="$libasan $libstdcxx"
 export PYTHONMALLOC=malloc
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1:strict_init_order=1:detect_stack_use_after_return=0:log_path=$logs/asan${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 export GGML_NO_BACKTRACE=1
+export LLAMABIND_METRICS_FILE=$build_root/reliability-metrics.json
 
 # The module must really be the instrumented one (it imports __asan_* symbols).
 (cd / && "$venv/bin/python" - <<'EOF'

@@ -67,9 +67,10 @@ CTX_OK = "check_ctx()"
 SAMPLER_OK = "check_ctx(); assert 0 <= s.add_greedy().sample(ctx) < N"
 
 
-def case(name, code, exc, contains=(), after="pass", xfail=None):
+def case(name, code, exc, contains=(), after="pass", xfail=None, crashes=False):
+    """``crashes``: a known core crash, run in a child of its own."""
     return {"name": name, "code": code, "exc": exc, "contains": list(contains),
-            "after": after, "xfail": xfail}
+            "after": after, "xfail": xfail, "crashes": crashes}
 
 
 INT_OVERFLOW = ("core: int parameters typed as C int raise a bare OverflowError "
@@ -161,7 +162,8 @@ CASES = [
     case("context_n_seq_max_huge", "fresh_ctx(n_seq_max=10**4)", "InvalidArgumentError",
          ["10000"], CTX_OK),
     case("context_n_seq_max_over_n_batch", "fresh_ctx(n_ctx=256, n_batch=32, n_seq_max=40)",
-         "InvalidArgumentError", ["n_seq_max", "40"], CTX_OK, xfail=SEQ_MAX_CRASH),
+         "InvalidArgumentError", ["n_seq_max", "40"], CTX_OK, xfail=SEQ_MAX_CRASH,
+         crashes=True),
     case("context_type_k", "fresh_ctx(type_k='q9')", "InvalidArgumentError", ["'q9'"],
          CTX_OK),
     case("context_flash_attn", "fresh_ctx(flash_attn='maybe')", "InvalidArgumentError",
@@ -228,11 +230,12 @@ CASES = [
          ["got 4"], CTX_OK),
     case("seq_cp_partial_range_across_streams",
          "c = fresh_ctx(n_ctx=256, n_seq_max=2); c.eval(HI, seq_id=0); c.seq_cp(0, 1, 1, 2)",
-         "InvalidArgumentError", ["p0"], CTX_OK, xfail=SEQ_CP_CRASH),
+         "InvalidArgumentError", ["p0"], CTX_OK, xfail=SEQ_CP_CRASH, crashes=True),
     case("load_state_empty", "ctx.load_state(b'')", "InvalidArgumentError", ["empty"],
          CTX_OK),
-    case("load_state_garbage", "ctx.load_state(b'garbage' * 100)", "StateError", ["700"],
-         CTX_OK),
+    # (a short length prefix: see STATE_ALLOC for what a long one costs)
+    case("load_state_garbage", "ctx.load_state(b'\\x05\\0\\0\\0' + b'garbage' * 100)",
+         "StateError", ["704 bytes", "arch"], CTX_OK),
     case("load_state_not_bytes", "ctx.load_state(123)", "InvalidArgumentError", ["int"],
          CTX_OK),
     case("state_size_seq_out_of_range", "ctx.state_size(seq_id=9)", "InvalidArgumentError",
@@ -421,16 +424,16 @@ def _run_cases(cases):
 
 @pytest.fixture(scope="module")
 def case_results():
-    whole = _run_cases(CASES)
+    whole = _run_cases([c for c in CASES if not c["crashes"]])
     results = {r["name"]: r for r in whole.reports if r.get("event") == "case"}
-    if whole.kind != "ok":
-        # the child died: run every unfinished case alone to name the culprit
-        for c in CASES:
-            if c["name"] in results:
-                continue
-            alone = _run_cases([c])
-            got = [r for r in alone.reports if r.get("event") == "case"]
-            results[c["name"]] = got[0] if got else {"outcome": alone.describe()}
+    # known crashes run alone; and if the shared child died, every case it did not
+    # finish runs alone, which names the culprit
+    for c in CASES:
+        if c["name"] in results:
+            continue
+        alone = _run_cases([c])
+        got = [r for r in alone.reports if r.get("event") == "case"]
+        results[c["name"]] = got[0] if got else {"outcome": alone.describe()}
     return results
 
 
@@ -656,7 +659,8 @@ METHODS = {
     "add_logit_bias": lambda s, a: s.add_logit_bias(a[5], a[0]),
     "add_grammar": lambda s, a: s.add_grammar(a[5], a[6]),
     "add_grammar_lazy": lambda s, a: s.add_grammar(a[5], a[6], "root", a[0], a[1]),
-    "add_infill": lambda s, a: s.add_infill(a[5]),
+    # KNOWN CORE ISSUE (see INFILL_SLOW): infill over the whole vocabulary is O(n^2)
+    "add_infill": lambda s, a: s.add_top_k(40).add_infill(a[5]),
     "sample": lambda s, a: s.sample(ctx, a[0]),
     "accept": lambda s, a: s.accept(a[0]),
     "reset": lambda s, a: s.reset(),
@@ -767,8 +771,10 @@ def run(which, flips, cut, extra, seq):
     if cut is not None:
         del data[cut % (len(data) + 1):]
     data += extra
-    if which == "whole" and len(data) >= 4 and int.from_bytes(data[:4], "little") > 64:
-        return  # KNOWN CORE ISSUE (see STATE_ALLOC): a huge length allocates gigabytes
+    if seq is None and len(data) >= 4 and int.from_bytes(data[:4], "little") > 64:
+        # KNOWN CORE ISSUE (see STATE_ALLOC): a huge leading length allocates gigabytes;
+        # keep the original one, and the rest of the damage
+        data[:4] = WHOLE[:4]
     attempt(f"load_state({which}, flips={flips}, cut={cut}, extra={extra!r}, seq={seq!r})",
             lambda: c.load_state(bytes(data), seq))
     reset_ctx(c)
@@ -798,6 +804,11 @@ def test_random_values_at_core_entry_points(group):
     assert stats and stats[0]["calls"] >= 150
     print(f"\n{group}: {stats[0]}")
 
+
+INFILL_SLOW = ("core: Sampler.add_infill() with no top_k before it makes sample() compare "
+               "every candidate with every other (llama_sampler_infill_apply is O(n_vocab^2)): "
+               "30 s per token for a 49k vocabulary, minutes for 150k, and cancel() cannot "
+               "stop it; require a top_k (as llama.cpp's common sampler has) before infill")
 
 STATE_ALLOC = ("core: Context.load_state(data) passes the data to llama_state_set_data, which "
                "reads a u32 length and allocates (and zero-fills) that many bytes before it "

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.model
 # spinning thread pools would only fight each other.
 SMALL = ContextConfig(context_length=256, batch_size=64, ubatch_size=64, threads=1)
 LONG = ContextConfig(context_length=4096, batch_size=512, ubatch_size=512, threads=1)
-MAX_TOKENS = 3
+MAX_TOKENS = 2
 
 SUBJECTS = ["The sky", "My cat", "Paris", "A good book", "The ocean", "Python code",
             "Winter", "The moon", "Coffee", "A robot", "The train", "Music",

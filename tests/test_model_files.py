@@ -479,6 +479,47 @@ def test_adapter_file_check(tmp_path):
         _gguf.check_adapter_file(str(tmp_path / "missing.gguf"))
 
 
+def _age(path: str, seconds: float = 60.0) -> None:
+    """Make a file look untouched for a while (only such files are remembered)."""
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
+
+
+def test_a_file_that_passed_is_not_parsed_again(tmp_path, monkeypatch):
+    path = put(tmp_path, gguf([*BASE_KVS, ("llama.block_count", U32, 2)]))
+    opened = []
+    real_open = _gguf._open_checked
+    monkeypatch.setattr(_gguf, "_open_checked",
+                        lambda p, *a: opened.append(p) or real_open(p, *a))
+    monkeypatch.setattr(_gguf, "_RACY_NS", -(10**12))   # ctime cannot be aged
+    _age(path)
+    check_model_file(path)
+    check_model_file(path)
+    assert len(opened) == 1
+    # the hyperparameter checks still see each load's overrides
+    refused(path, overrides={"llama.block_count": 0}, match="from kv_overrides")
+    # a vocab-only check is remembered separately
+    check_model_file(path, vocab_only=True)
+    assert len(opened) == 2
+    # any write changes the file's identity: the damage is found
+    data = bytearray(gguf([*BASE_KVS, ("llama.block_count", U32, 2)]))
+    data[4] = 9   # version 9
+    with open(path, "r+b") as fh:
+        fh.write(data)
+    refused(path, at=4, match="version 9")
+
+
+def test_a_file_changed_just_now_is_not_remembered(tmp_path, monkeypatch):
+    path = put(tmp_path, gguf())
+    opened = []
+    real_open = _gguf._open_checked
+    monkeypatch.setattr(_gguf, "_open_checked",
+                        lambda p, *a: opened.append(p) or real_open(p, *a))
+    check_model_file(path)
+    check_model_file(path)
+    assert len(opened) == 2
+
+
 def test_check_reads_only_the_header_region(tmp_path, monkeypatch):
     """The check must not read tensor data: count the bytes it reads."""
     data = gguf(tensors=[("big", (1 << 20,), 0)])       # 4 MiB of tensor data

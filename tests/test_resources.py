@@ -82,7 +82,7 @@ def one(i):
     p = prompts[i % 4]
     kind = i % 5
     if kind == 0:
-        r = model.generate(p, max_tokens=2, temperature=0)               # pooled, greedy
+        r = model.generate(p, max_tokens=1, temperature=0)               # pooled, greedy
     elif kind == 1:
         r = own.generate(p, max_tokens=2, temperature=0.8, seed=i)      # sampler chain
     elif kind == 2:
@@ -94,7 +94,7 @@ def one(i):
         r = model.chat(messages, max_tokens=1, temperature=0)            # chat template
     return r
 
-for i in range(200):         # warm-up
+for i in range(100):         # warm-up
     one(i)
 gc.collect()
 base = rss_kb()
@@ -368,7 +368,7 @@ if mode == "both":
 
 
 _EXIT_RACE = pytest.mark.xfail(strict=False, reason=(
-    "core bug (intermittent, a few % of runs): at exit, llama.cpp's static destructors "
+    "core bug (intermittent: 13-40% of runs here): at exit, llama.cpp's static destructors "
     "run while the daemon thread is still inside llama_decode -> SIGSEGV in "
     "ggml_cpu_extra_compute_forward"))
 

@@ -25,6 +25,9 @@ import os
 import stat
 import struct
 import sys
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -158,7 +161,7 @@ class _Reader:
     does not make it read everything in between.
     """
 
-    def __init__(self, fh: IO[bytes], path: str, size: int) -> None:
+    def __init__(self, fh: IO[bytes] | None, path: str, size: int) -> None:
         self.fh = fh
         self.path = path
         self.size = size
@@ -188,6 +191,8 @@ class _Reader:
         return 0
 
     def _read(self, pos: int, n: int) -> bytes:
+        if self.fh is None:
+            raise ModelFileError(f"{self.path!r} is not open for reading", self.path)
         try:
             self.fh.seek(pos)
             data = self.fh.read(n)
@@ -338,6 +343,11 @@ def _open_checked(path: str, what: str = "model") -> tuple[IO[bytes], int]:
     return fh, st.st_size
 
 
+def _fspath(path: str | os.PathLike[str]) -> str:
+    p = os.fspath(path)
+    return os.fsdecode(p) if isinstance(p, bytes) else p
+
+
 def read_header(path: str | os.PathLike[str], *, vocab_only: bool = False,
                 overrides: dict[str, Any] | None = None) -> GGUFHeader:
     """Parse and check the header region of a GGUF file.
@@ -348,16 +358,40 @@ def read_header(path: str | os.PathLike[str], *, vocab_only: bool = False,
     the ``kv_overrides`` the model will be loaded with: the hyperparameter checks use
     the values llama.cpp will see.
     """
-    path = os.fspath(path)
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
+    path = _fspath(path)
+    hdr = _read(path, vocab_only)
+    if not vocab_only:
+        _check_hparams(_Reader(None, path, hdr.file_size), hdr, overrides or {})
+    return hdr
+
+
+def _read(path: str, vocab_only: bool) -> GGUFHeader:
     fh, size = _open_checked(path)
     with fh:
-        r = _Reader(fh, path, size)
-        hdr = _parse(r, vocab_only)
-    if not vocab_only:
-        _check_hparams(r, hdr, overrides or {})
-    return hdr
+        return _parse(_Reader(fh, path, size), vocab_only)
+
+
+# Files that passed the structural check, by identity: (device, inode, size, mtime,
+# ctime, vocab_only). Loading the same file again then costs one stat() instead of a
+# parse: any write to a file changes its ctime, which cannot be set back. As with
+# git's "racily clean" files, a file changed in the last seconds is not remembered,
+# since a timestamp's granularity could hide a second write.
+_CHECKED: OrderedDict[tuple[int, ...], GGUFHeader] = OrderedDict()
+_CHECKED_MAX = 16
+_CHECKED_LOCK = threading.Lock()
+_RACY_NS = 3_000_000_000
+
+
+def _identity(path: str, vocab_only: bool) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < _RACY_NS:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, int(vocab_only))
 
 
 def check_model_file(path: str | os.PathLike[str], *, vocab_only: bool = False,
@@ -365,10 +399,27 @@ def check_model_file(path: str | os.PathLike[str], *, vocab_only: bool = False,
     """Raise ModelNotFoundError / ModelFileError if ``path`` cannot be a GGUF model.
 
     Checks the structure of the whole header region (magic, version, every metadata
-    entry, every tensor info, the tensor data's place in the file) and the
-    hyperparameters that llama.cpp asserts on instead of reporting an error.
+    entry, every tensor info, the tensor data's place in the file), the vocabulary
+    defects llama.cpp aborts on, and (for a full load) the hyperparameters that
+    llama.cpp asserts on instead of reporting an error -- with ``overrides``, the
+    ``kv_overrides`` the model will be loaded with, applied. A file that passed is
+    remembered, so loading it again does not parse it again.
     """
-    read_header(path, vocab_only=vocab_only, overrides=overrides)
+    path = _fspath(path)
+    key = _identity(path, vocab_only)
+    with _CHECKED_LOCK:
+        hdr = _CHECKED.get(key) if key is not None else None
+        if hdr is not None:
+            _CHECKED.move_to_end(key)  # type: ignore[arg-type]
+    if hdr is None:
+        hdr = _read(path, vocab_only)
+        if key is not None:
+            with _CHECKED_LOCK:
+                _CHECKED[key] = hdr
+                while len(_CHECKED) > _CHECKED_MAX:
+                    _CHECKED.popitem(last=False)
+    if not vocab_only:
+        _check_hparams(_Reader(None, path, hdr.file_size), hdr, overrides or {})
 
 
 def check_adapter_file(path: str | os.PathLike[str]) -> None:

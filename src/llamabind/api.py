@@ -12,7 +12,6 @@ pool, so contexts are reused (KV cache cleared) instead of recreated per request
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import os
 import sys
@@ -20,7 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from llamabind import _llama
 from llamabind.chat import ChatTemplate, validate_messages
@@ -33,6 +32,9 @@ from llamabind.errors import (
     GenerationCancelled,
     InvalidArgumentError,
 )
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["GenerationResult", "LoadedModel", "Session", "default_model_path"]
 
@@ -711,6 +713,8 @@ class LoadedModel:
 
     async def _arun(self, session: Session, tokens: list[int], s: SamplingConfig,
                     g: GenerationConfig, reuse: bool) -> GenerationResult:
+        import asyncio
+
         run = _Run(threading.Event())
 
         def work() -> GenerationResult:
@@ -754,6 +758,8 @@ class LoadedModel:
 
     async def _astream_run(self, session: Session, tokens: list[int], s: SamplingConfig,
                            g: GenerationConfig, reuse: bool) -> AsyncIterator[str]:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         run = _Run(threading.Event())

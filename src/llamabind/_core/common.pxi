@@ -19,7 +19,17 @@ import logging
 import os
 import threading
 
-import numpy as np
+# NumPy is imported on first use: it is most of the import time of the package, and
+# many programs load a model and generate text without ever needing an array.
+cdef object _numpy = None
+
+
+cdef object _np():
+    global _numpy
+    if _numpy is None:
+        import numpy
+        _numpy = numpy
+    return _numpy
 
 from llamabind.errors import (
     BackendError,
@@ -148,7 +158,7 @@ cdef object _token_array(object tokens, int32_t n_vocab, str name):
     if isinstance(tokens, (str, bytes)):
         raise InvalidArgumentError(f"{name} must be a sequence of token ids, not {type(tokens).__name__}")
     try:
-        arr = np.asarray(tokens)
+        arr = _np().asarray(tokens)
     except Exception as exc:
         raise InvalidArgumentError(f"{name} is not a sequence of token ids: {exc}") from None
     if arr.ndim != 1:
@@ -156,7 +166,7 @@ cdef object _token_array(object tokens, int32_t n_vocab, str name):
             raise InvalidArgumentError(f"{name} must be a sequence of token ids, got {tokens!r}")
         raise InvalidArgumentError(f"{name} must be one-dimensional, got shape {arr.shape}")
     if arr.size == 0:
-        return np.empty(0, dtype=np.int32)
+        return _np().empty(0, dtype=_np().int32)
     if arr.dtype.kind not in "iu":
         bad = next((t for t in arr.tolist() if isinstance(t, bool) or not isinstance(t, int)),
                    arr.tolist()[0])
@@ -164,11 +174,11 @@ cdef object _token_array(object tokens, int32_t n_vocab, str name):
     lo = arr.min()
     hi = arr.max()
     if lo < 0 or hi >= n_vocab:
-        index = int(np.argmax((arr < 0) | (arr >= n_vocab)))
+        index = int(_np().argmax((arr < 0) | (arr >= n_vocab)))
         raise InvalidArgumentError(
             f"{name}[{index}] = {int(arr[index])} is not a valid token id "
             f"(the vocabulary has {n_vocab} tokens: 0..{n_vocab - 1})")
-    return np.ascontiguousarray(arr, dtype=np.int32)
+    return _np().ascontiguousarray(arr, dtype=_np().int32)
 
 
 # --- return codes -> exceptions -----------------------------------------------------

@@ -798,7 +798,7 @@ cdef class Context:
         if not os.path.isfile(fspath):
             raise FileNotFoundError(f"state file not found: {fspath!r}")
         cdef size_t cap = self._n_ctx if max_tokens < 0 else max_tokens
-        out = np.empty(max(cap, 1), dtype=np.int32)
+        out = _np().empty(max(cap, 1), dtype=_np().int32)
         cdef int32_t[::1] view = out
         cdef size_t count = 0
         cdef const char * c = cpath
@@ -932,7 +932,7 @@ cdef class _OutputView:
             v._shape[1] = cols
             v._strides[0] = cols * sizeof(float)
             v._strides[1] = sizeof(float)
-        arr = np.asarray(v)
+        arr = _np().asarray(v)
         arr.flags.writeable = False
         return arr
 

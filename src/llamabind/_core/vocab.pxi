@@ -233,7 +233,7 @@ cdef object _tokenize_bytes(Vocab vocab, bytes data, bint add_special, bint pars
     # Every token covers at least one byte; special tokens add at most a few.
     cdef int32_t cap = text_len + 8
     cdef int32_t n
-    out = np.empty(cap, dtype=np.int32)
+    out = _np().empty(cap, dtype=_np().int32)
     cdef int32_t[::1] view = out
     vocab._model._pin()
     try:
@@ -250,7 +250,7 @@ cdef object _tokenize_bytes(Vocab vocab, bytes data, bint add_special, bint pars
             if n == -2147483648:
                 raise TokenizationError("text produces too many tokens (over 2^31)")
             cap = -n
-            out = np.empty(cap, dtype=np.int32)
+            out = _np().empty(cap, dtype=_np().int32)
             view = out
     finally:
         vocab._model._unpin()
