@@ -162,8 +162,7 @@ CASES = [
     case("context_n_seq_max_huge", "fresh_ctx(n_seq_max=10**4)", "InvalidArgumentError",
          ["10000"], CTX_OK),
     case("context_n_seq_max_over_n_batch", "fresh_ctx(n_ctx=256, n_batch=32, n_seq_max=40)",
-         "InvalidArgumentError", ["n_seq_max", "40"], CTX_OK, xfail=SEQ_MAX_CRASH,
-         crashes=True),
+         "InvalidArgumentError", ["n_seq_max", "40"], CTX_OK),
     case("context_type_k", "fresh_ctx(type_k='q9')", "InvalidArgumentError", ["'q9'"],
          CTX_OK),
     case("context_flash_attn", "fresh_ctx(flash_attn='maybe')", "InvalidArgumentError",
@@ -230,7 +229,7 @@ CASES = [
          ["got 4"], CTX_OK),
     case("seq_cp_partial_range_across_streams",
          "c = fresh_ctx(n_ctx=256, n_seq_max=2); c.eval(HI, seq_id=0); c.seq_cp(0, 1, 1, 2)",
-         "InvalidArgumentError", ["p0"], CTX_OK, xfail=SEQ_CP_CRASH, crashes=True),
+         "InvalidArgumentError", ["p0"], CTX_OK),
     case("load_state_empty", "ctx.load_state(b'')", "InvalidArgumentError", ["empty"],
          CTX_OK),
     # (a short length prefix: see STATE_ALLOC for what a long one costs)
@@ -508,9 +507,10 @@ SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
                     print_blob=False)
 
 def threads(x):
-    # thread counts the core accepts but that would oversubscribe this machine (ggml's
-    # workers spin while they wait) become 2; invalid ones are kept
-    return 2 if type(x) is int and 4 < x <= 1024 else x
+    # thread counts the core accepts become 1: ggml's workers spin while they wait, so
+    # more threads than free cores (a busy 2-core CI machine) make each decode take
+    # seconds; the invalid ones are kept
+    return 1 if type(x) is int and 1 < x <= 1024 else x
 
 def reset_ctx(c):
     c.reset_cancel()

@@ -296,6 +296,18 @@ def test_tokenization_matches_native(model_case: tuple[Model, str], native: Nati
         assert ours == ref, f"{text!r}: " + _first_difference(ours, ref)
 
 
+@pytest.mark.model
+@pytest.mark.xfail(strict=True, raises=llamabind.InvalidArgumentError, reason=(
+    "core: Vocab.tokenize refuses text with NUL characters, which llama_tokenize (it takes "
+    "a length) tokenizes like any other byte; see the fidelity report"))
+def test_tokenize_text_with_nul_matches_native(smol: Model, smol_path: str,
+                                               native: NativeRef) -> None:
+    text = "a\0b"
+    ref = native.tokenize(smol_path, text, add_special=False)
+    assert len(ref) == 3
+    assert smol.vocab.tokenize(text, add_special=False) == ref
+
+
 # --- embeddings ------------------------------------------------------------------------
 
 

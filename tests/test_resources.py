@@ -271,11 +271,6 @@ def test_unclosed_objects_warn_and_are_freed(smol_path: str) -> None:
     assert got["cycle"]["result"][1] is False
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: the garbage collector's tp_clear on Context drops Context.model first, "
-    "so the model is freed while the context still uses it; llama_free(ctx) then reads "
-    "freed memory (AddressSanitizer: heap-use-after-free in ~llama_context). The order "
-    "of the two ResourceWarnings shows it"))
 def test_context_in_a_reference_cycle_is_freed_before_its_model(smol_path: str) -> None:
     child, msgs = run_child(UNCLOSED, smol_path, timeout=120)
     _ok(child)
@@ -295,9 +290,6 @@ say("recorded", n=len(caught), source_is_none=caught[0].source is None)
 '''
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: Model/Context.__dealloc__ pass source=self to warnings.warn; a recorded "
-    "warning keeps a dangling reference to the freed object (segfault)"))
 def test_recorded_resource_warning_does_not_keep_a_dangling_object(smol_path: str) -> None:
     child, msgs = run_child(UNCLOSED_RECORDED, smol_path, timeout=120)
     _ok(child)
@@ -312,10 +304,6 @@ say("after")
 '''
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: Model/Context.__dealloc__ wrap warnings.warn in try/except BaseException, "
-    "so under -W error::ResourceWarning the error is swallowed instead of being "
-    "reported through sys.unraisablehook like CPython's own unclosed files"))
 def test_unclosed_model_is_reported_under_w_error(smol_path: str) -> None:
     child, _ = run_child(UNCLOSED_STRICT, smol_path, timeout=120,
                          extra_flags=("-W", "error::ResourceWarning"))
@@ -367,15 +355,8 @@ if mode == "both":
 '''
 
 
-_EXIT_RACE = pytest.mark.xfail(strict=False, reason=(
-    "core bug (intermittent: 13-40% of runs here): at exit, llama.cpp's static destructors "
-    "run while the daemon thread is still inside llama_decode -> SIGSEGV in "
-    "ggml_cpu_extra_compute_forward"))
-
-
 @pytest.mark.parametrize("mode", ["none", "generate",
-                                  pytest.param("eval", marks=_EXIT_RACE),
-                                  pytest.param("both", marks=_EXIT_RACE)])
+                                  "eval", "both"])
 def test_exit_with_unclosed_objects_and_busy_daemon_thread(smol_path: str, mode: str) -> None:
     child, msgs = run_child(SHUTDOWN, smol_path, mode, timeout=180)
     assert ("exiting", {}) in msgs, child.describe()

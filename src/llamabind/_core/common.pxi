@@ -15,9 +15,12 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from ggml cimport *
 from llama cimport *
 
+import atexit
 import logging
 import os
 import threading
+import time
+import warnings
 
 # NumPy is imported on first use: it is most of the import time of the package, and
 # many programs load a model and generate text without ever needing an array.
@@ -195,3 +198,21 @@ cdef dict _DECODE_MEANING = {
 cdef int _raise_for_decode(int32_t rc, str op) except -1:
     meaning = _DECODE_MEANING.get(rc, "llama.cpp internal error")
     raise DecodeError(f"{op} failed with code {rc}: {meaning}", rc)
+
+
+# --- objects freed while open ------------------------------------------------------
+
+cdef void _warn_unclosed(str what) noexcept:
+    """ResourceWarning for an object freed while still open; called from __dealloc__.
+
+    The object is never passed as the warning's ``source``: it is being destroyed, and
+    a warning kept by catch_warnings(record=True) (pytest records every warning) would
+    hold a dangling pointer to it. Under ``-W error::ResourceWarning`` the error is
+    reported through sys.unraisablehook, as CPython does for unclosed files; at
+    interpreter exit, when the warnings machinery may be gone, nothing is said."""
+    try:
+        warnings.warn(f"unclosed {what}", ResourceWarning, stacklevel=2)
+    except Warning:
+        raise  # a noexcept function hands it to sys.unraisablehook
+    except BaseException:
+        pass

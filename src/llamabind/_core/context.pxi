@@ -44,6 +44,8 @@ DEF _SIGNAL_POLL_NS = 20000000  # 20 ms
 ctypedef void (*_sighandler_t)(int) noexcept nogil
 
 cdef volatile int _sigint_seen = 0
+cdef volatile bint _exiting = False     # see "interpreter exit" below
+cdef int _decodes_running = 0           # decodes in progress (changed with the GIL held)
 cdef sigaction_t _python_sigint
 
 
@@ -63,9 +65,28 @@ cdef struct _AbortState:
 
 cdef cppbool _abort_callback(void * data) noexcept nogil:
     cdef _AbortState * st = <_AbortState *>data
-    return st.cancel or (st.watch_sigint and _sigint_seen)
+    return st.cancel or _exiting or (st.watch_sigint and _sigint_seen)
 
 
+# --- interpreter exit ---------------------------------------------------------------
+# After Python's atexit handlers, the C library runs llama.cpp's and ggml's static
+# destructors, while daemon threads may still be computing inside llama_decode (they
+# stop only when they next want the GIL): they would run on destroyed objects and
+# crash the exiting process. So at exit every running decode is aborted, new ones are
+# refused, and the exit waits (briefly) until no thread is inside a decode.
+
+def _stop_decodes_at_exit():
+    global _exiting
+    _exiting = True
+    deadline = time.monotonic() + 5.0
+    while _decodes_running > 0 and time.monotonic() < deadline:
+        time.sleep(0.001)  # lets the decoding threads take the GIL and leave
+
+
+atexit.register(_stop_decodes_at_exit)
+
+
+@cython.no_gc_clear  # __dealloc__ frees the llama_context, which needs self.model alive
 cdef class Context:
     """A llama.cpp context on a :class:`Model`: KV cache, decode, logits, state.
 
@@ -86,6 +107,7 @@ cdef class Context:
     cdef uint32_t _n_ctx, _n_batch, _n_ubatch, _n_seq_max
     cdef int32_t _n_embd_out
     cdef bint _embeddings
+    cdef bint _kv_unified
     cdef uint32_t _out_capacity
     # rows of the last decoded batch that produced outputs
     cdef int8_t * _out_rows
@@ -126,6 +148,12 @@ cdef class Context:
         if n_seq_max < 1 or <size_t>n_seq_max > llama_max_parallel_sequences():
             raise InvalidArgumentError(
                 f"n_seq_max must be in [1, {llama_max_parallel_sequences()}], got {n_seq_max}")
+        model._check_open()
+        # llama.cpp aborts (output_reserve) when more sequences than batch rows exist
+        effective = min(n_batch, n_ctx if n_ctx > 0 else model.n_ctx_train)
+        if n_seq_max > effective:
+            raise InvalidArgumentError(
+                f"n_seq_max = {n_seq_max} must not exceed min(n_batch, n_ctx) = {effective}")
         threads = _default_threads() if n_threads is None else n_threads
         _int_arg(threads, "n_threads", 1, 1024)
         threads_batch = threads if n_threads_batch is None else n_threads_batch
@@ -201,6 +229,7 @@ cdef class Context:
         self._n_seq_max = llama_n_seq_max(ptr)
         self._n_embd_out = llama_model_n_embd_out(model._ptr)
         self._embeddings = embeddings
+        self._kv_unified = kv_unified
         self._out_capacity = self._n_seq_max
 
     # --- lifetime ------------------------------------------------------------------
@@ -273,10 +302,7 @@ cdef class Context:
     def __dealloc__(self):
         if self._ptr != NULL:
             if not self._closed:
-                try:
-                    warnings.warn("unclosed llamabind.Context", ResourceWarning, source=self)
-                except BaseException:
-                    pass
+                _warn_unclosed("llamabind.Context")
             self._exports = 0
             self._free()
 
@@ -411,7 +437,7 @@ cdef class Context:
     cdef int _run(self, llama_batch * b, bint encode, bint long_running) except -1:
         """Decode or encode a validated batch with the GIL released; owns the
         cancel/Ctrl+C protocol and the error mapping. Caller holds _enter()."""
-        global _sigint_seen
+        global _sigint_seen, _decodes_running
         cdef int32_t rc
         cdef int32_t n_out = self._validate_batch(b)
         cdef bint relay = False
@@ -419,15 +445,21 @@ cdef class Context:
         if self._abort.cancel:
             self._abort.cancel = False
             raise GenerationCancelled("cancelled before the decode started")
+        if _exiting:
+            raise GenerationCancelled("the interpreter is exiting")
         if (long_running and b.n_tokens > 1
                 and threading.current_thread() is threading.main_thread()
                 and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler):
+            # a Ctrl+C that came while no relay was installed (between two chunks of
+            # a long evaluation) would otherwise wait until the whole evaluation ends
+            PyErr_CheckSignals()
             ours.sa_handler = _sigint_relay
             sigemptyset(&ours.sa_mask)
             ours.sa_flags = 0
             _sigint_seen = 0
             relay = sigaction(SIGINT, &ours, &_python_sigint) == 0
         self._abort.watch_sigint = relay
+        _decodes_running += 1
         try:
             with nogil:
                 if encode:
@@ -435,6 +467,7 @@ cdef class Context:
                 else:
                     rc = llama_decode(self._ptr, b[0])
         finally:
+            _decodes_running -= 1
             if relay:
                 sigaction(SIGINT, &_python_sigint, NULL)
                 self._abort.watch_sigint = False
@@ -443,6 +476,8 @@ cdef class Context:
             if self._abort.cancel:
                 self._abort.cancel = False
                 raise GenerationCancelled("decode was cancelled")
+            if _exiting:
+                raise GenerationCancelled("the interpreter is exiting")
             PyErr_CheckSignals()
             raise KeyboardInterrupt()
         if rc != 0:
@@ -636,6 +671,12 @@ cdef class Context:
         """Make positions [p0, p1) of sequence ``src`` also belong to ``dst``."""
         self._check_seq(src, False)
         self._check_seq(dst, False)
+        if (src != dst and self._n_seq_max > 1 and not self._kv_unified
+                and (p0 > 0 or p1 >= 0)):
+            # each sequence has its own KV stream: llama.cpp can copy only whole ones
+            raise InvalidArgumentError(
+                f"seq_cp of a partial range (p0={p0}, p1={p1}) between sequences needs a "
+                "context created with kv_unified=True; copy the whole sequence (p0=-1, p1=-1)")
         self._enter()
         try:
             llama_memory_seq_cp(self._mem, src, dst, p0, p1)
@@ -908,6 +949,7 @@ def default_threads():
 
 
 @cython.final
+@cython.no_gc_clear  # __releasebuffer__ uses self._ctx
 cdef class _OutputView:
     """Exports a slice of a context's output buffer to NumPy without copying, and
     keeps the context (and so the buffer) alive while any array uses it."""

@@ -1,6 +1,7 @@
 # LoraAdapter: a LoRA adapter file loaded for one model (llama_adapter_lora). It pins
 # the model; apply it to contexts with Context.set_lora_adapters().
 
+@cython.no_gc_clear  # __dealloc__ frees the adapter, which needs self.model alive
 cdef class LoraAdapter:
     """A LoRA adapter loaded from a GGUF file for ``model``."""
 

@@ -220,12 +220,11 @@ cdef class Model:
     def __dealloc__(self):
         if self._ptr != NULL:
             if not self._closed:
-                try:
-                    warnings.warn(f"unclosed llamabind.Model {self.path!r}", ResourceWarning,
-                                  source=self)
-                except BaseException:
-                    pass
-            self._free()
+                _warn_unclosed(f"llamabind.Model {self.path!r}")
+            if self._pins == 0:
+                self._free()
+            # else: something that pinned the model lost its reference without
+            # unpinning: leak rather than free memory that may still be in use
 
     def __repr__(self):
         state = "closed" if self._closed else "open"

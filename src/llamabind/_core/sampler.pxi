@@ -9,6 +9,7 @@ cdef uint32_t _resolve_seed(object seed) except? 0xFFFFFFFF:
     return <uint32_t>_int_arg(seed, "seed", 0, 0xFFFFFFFE)
 
 
+@cython.no_gc_clear  # __dealloc__ frees samplers that read the models in self._models
 cdef class Sampler:
     """A chain of llama.cpp samplers, built with ``add_*`` methods (each returns
     the sampler, so calls chain)::
