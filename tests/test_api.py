@@ -273,9 +273,12 @@ def test_generation_config_object(loaded_smol: LoadedModel) -> None:
 def test_session_close_and_model_close(smol_path: str) -> None:
     model = LoadedModel.load(smol_path, n_ctx=128)
     session = model.create_session()
-    model.close()
-    # the session still works: it keeps the native model alive
     assert session.generate("Hi", temperature=0, max_tokens=2).completion_tokens == 2
+    model.close()
+    # the session's context keeps the native model alive, but new work is refused
+    assert not session.closed
+    with pytest.raises(llamabind.ClosedError):
+        session.generate("Hi")
     session.close()
     with pytest.raises(llamabind.ClosedError):
         model.generate("Hi")
