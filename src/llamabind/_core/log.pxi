@@ -74,7 +74,7 @@ def _take_recent_errors():
 
 
 cdef void _log_discard(ggml_log_level level, const char * text,
-                        void * user_data) noexcept nogil:
+                       void * user_data) noexcept nogil:
     pass
 
 
