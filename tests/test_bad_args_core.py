@@ -77,17 +77,10 @@ INT_OVERFLOW = ("core: int parameters typed as C int raise a bare OverflowError 
                 "('Python int too large to convert to C int') that names neither the "
                 "parameter nor the value; take them as objects and check with _int_arg")
 
-# Core crashes found while writing these tests; each is pinned by a strict xfail case
-# above or here, and the property tests below steer around exactly these inputs.
-SEQ_CP_CRASH = ("core: Context.seq_cp(src, dst, p0, p1) across sequences that live in "
-                "different KV streams (n_seq_max > 1 without kv_unified) with a partial "
-                "range aborts in llama.cpp (GGML_ASSERT(is_full) in llama_kv_cache::seq_cp); "
-                "refuse p0 > 0 or p1 >= 0 there unless kv_unified")
-SEQ_MAX_CRASH = ("core: Context(n_seq_max=S) with S greater than the effective n_batch "
-                 "(min(n_batch, n_ctx) for causal models) aborts in llama.cpp while the "
-                 "context is created (GGML_ASSERT(n_outputs_max <= cparams.n_outputs_max) "
-                 "in output_reserve); refuse n_seq_max > min(n_batch, n_ctx)")
-
+# Known core issues are pinned by strict xfail cases (xfail=...): once the core is
+# fixed they XPASS, which fails, and the marker goes. The property tests below steer
+# around exactly those inputs (search for KNOWN CORE ISSUE). crashes=True runs a case
+# in a child of its own.
 CASES = [
     # --- Vocab ------------------------------------------------------------------------
     case("detokenize_id_too_large", "vocab.detokenize([10**6])", "InvalidArgumentError",
@@ -547,13 +540,6 @@ def run(name, a, b, c, d):
 GROUPS["context_ops"] = r"""
 c = fresh_ctx(n_ctx=256, n_seq_max=4)
 
-def seq_cp(a, b, p0, p1):
-    # KNOWN CORE CRASH (see SEQ_CP_CRASH): partial copies across KV streams abort
-    if (isinstance(a, int) and isinstance(b, int) and a != b and
-            ((isinstance(p0, int) and p0 > 0) or (isinstance(p1, int) and p1 > 0))):
-        return None
-    return c.seq_cp(a, b, p0, p1)
-
 def generate(a, b, d):
     g = TokenGenerator(c, a, max_tokens=b, seq_id=d)
     return next(g, None)
@@ -565,7 +551,7 @@ CALLS = {
     "embeddings": lambda a, b, d, e: c.embeddings(a),
     "sequence_embeddings": lambda a, b, d, e: c.sequence_embeddings(a),
     "seq_rm": lambda a, b, d, e: c.seq_rm(a, b, d),
-    "seq_cp": lambda a, b, d, e: seq_cp(a, b, d, e),
+    "seq_cp": lambda a, b, d, e: c.seq_cp(a, b, d, e),
     "seq_keep": lambda a, b, d, e: c.seq_keep(a),
     "seq_add": lambda a, b, d, e: c.seq_add(a, b, d, e),
     "seq_div": lambda a, b, d, e: c.seq_div(a, b, d, e),
@@ -619,10 +605,6 @@ def run(kw):
     for k in ("n_threads", "n_threads_batch"):
         if k in kw:
             kw[k] = threads(kw[k])
-    seqs, batch, n_ctx = kw.get("n_seq_max", 1), kw.get("n_batch", 512), kw["n_ctx"]
-    if (type(seqs) is int and 1 <= seqs <= 256 and type(batch) is int and type(n_ctx) is int
-            and seqs > min(batch, n_ctx if n_ctx > 0 else 8192)):
-        return  # KNOWN CORE CRASH (see SEQ_MAX_CRASH)
     def make_and_use():
         c = Context(m, **kw)
         try:

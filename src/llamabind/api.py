@@ -181,6 +181,11 @@ def _configs(sampling: SamplingConfig | None, generation: GenerationConfig | Non
     return s, g
 
 
+def _configs_from(options: dict[str, Any]) -> tuple[SamplingConfig, GenerationConfig]:
+    """Configs from keyword options that may include ``sampling=``/``generation=``."""
+    return _configs(options.pop("sampling", None), options.pop("generation", None), options)
+
+
 def build_sampler(model: _llama.Model, s: SamplingConfig) -> _llama.Sampler | None:
     """The llama.cpp sampler chain for ``s``; None means plain greedy (argmax in C)."""
     if s.greedy and not s.logit_bias and s.grammar is None and not s.has_penalties:
@@ -303,10 +308,7 @@ class Session:
         SamplingConfig/GenerationConfig (``temperature=0``, ``max_tokens=16``...)."""
         s, g = _configs(sampling, generation, options)
         run = _Run()
-        for _ in self._stream_tokens(self.tokenize_prompt(prompt, g), s, g, reuse_prefix, run):
-            pass
-        assert run.result is not None
-        return run.result
+        return self._run_to_end(self.tokenize_prompt(prompt, g), s, g, reuse_prefix, run)
 
     def stream(self, prompt: str, *, sampling: SamplingConfig | None = None,
                generation: GenerationConfig | None = None, reuse_prefix: bool = False,
@@ -323,10 +325,7 @@ class Session:
         prefix with the previous call (the earlier turns) is reused."""
         s, g = _configs(sampling, generation, options)
         run = _Run()
-        for _ in self._stream_tokens(self.model.chat_prompt_tokens(messages), s, g, True, run):
-            pass
-        assert run.result is not None
-        return run.result
+        return self._run_to_end(self.model.chat_prompt_tokens(messages), s, g, True, run)
 
     def stream_chat(self, messages: Sequence[Any], *, sampling: SamplingConfig | None = None,
                     generation: GenerationConfig | None = None,
@@ -334,6 +333,13 @@ class Session:
         s, g = _configs(sampling, generation, options)
         tokens = self.model.chat_prompt_tokens(messages)
         return self._stream_tokens(tokens, s, g, True, _Run())
+
+    def _run_to_end(self, prompt: list[int], s: SamplingConfig, g: GenerationConfig,
+                    reuse_prefix: bool, run: _Run) -> GenerationResult:
+        for _ in self._stream_tokens(prompt, s, g, reuse_prefix, run):
+            pass
+        assert run.result is not None
+        return run.result
 
     def _stream_tokens(self, prompt: list[int], s: SamplingConfig, g: GenerationConfig,
                        reuse_prefix: bool, run: _Run) -> Iterator[str]:
@@ -573,6 +579,15 @@ class LoadedModel:
                 return self._pool.pop(index)
         return Session(self)
 
+    def _acquire_for(self, prompt: str, g: GenerationConfig) -> tuple[Session, list[int]]:
+        """A pooled session and the prompt's tokens (the session goes back on failure)."""
+        session = self._acquire()
+        try:
+            return session, session.tokenize_prompt(prompt, g)
+        except BaseException:
+            self._release(session)
+            raise
+
     def _release(self, session: Session) -> None:
         if not session.closed:
             with self._pool_lock:
@@ -668,11 +683,7 @@ class LoadedModel:
         session = self._acquire(prefer=tokens)
         try:
             s, g = _configs(sampling, generation, options)
-            run = _Run()
-            for _ in session._stream_tokens(tokens, s, g, True, run):
-                pass
-            assert run.result is not None
-            return run.result
+            return session._run_to_end(tokens, s, g, True, _Run())
         finally:
             self._release(session)
 
@@ -694,19 +705,12 @@ class LoadedModel:
     async def agenerate(self, prompt: str, **options: Any) -> GenerationResult:
         """``generate`` in a worker thread; the event loop keeps running, and
         cancelling the task stops the generation."""
-        s, g = _configs(options.pop("sampling", None), options.pop("generation", None),
-                        options)
-        session = self._acquire()
-        try:
-            tokens = session.tokenize_prompt(prompt, g)
-        except BaseException:
-            self._release(session)
-            raise
+        s, g = _configs_from(options)
+        session, tokens = self._acquire_for(prompt, g)
         return await self._arun(session, tokens, s, g, False)
 
     async def achat(self, messages: Sequence[Any], **options: Any) -> GenerationResult:
-        s, g = _configs(options.pop("sampling", None), options.pop("generation", None),
-                        options)
+        s, g = _configs_from(options)
         tokens = self.chat_prompt_tokens(messages)
         session = self._acquire(prefer=tokens)
         return await self._arun(session, tokens, s, g, True)
@@ -719,10 +723,7 @@ class LoadedModel:
 
         def work() -> GenerationResult:
             try:
-                for _ in session._stream_tokens(tokens, s, g, reuse, run):
-                    pass
-                assert run.result is not None
-                return run.result
+                return session._run_to_end(tokens, s, g, reuse, run)
             finally:
                 self._release(session)
 
@@ -737,20 +738,13 @@ class LoadedModel:
 
     async def astream(self, prompt: str, **options: Any) -> AsyncIterator[str]:
         """``stream`` without blocking the event loop; pieces arrive as generated."""
-        s, g = _configs(options.pop("sampling", None), options.pop("generation", None),
-                        options)
-        session = self._acquire()
-        try:
-            tokens = session.tokenize_prompt(prompt, g)
-        except BaseException:
-            self._release(session)
-            raise
+        s, g = _configs_from(options)
+        session, tokens = self._acquire_for(prompt, g)
         async for piece in self._astream_run(session, tokens, s, g, False):
             yield piece
 
     async def astream_chat(self, messages: Sequence[Any], **options: Any) -> AsyncIterator[str]:
-        s, g = _configs(options.pop("sampling", None), options.pop("generation", None),
-                        options)
+        s, g = _configs_from(options)
         tokens = self.chat_prompt_tokens(messages)
         session = self._acquire(prefer=tokens)
         async for piece in self._astream_run(session, tokens, s, g, True):
