@@ -489,6 +489,8 @@ def llamabind_info() -> dict[str, Any]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    if argv[:1] == ["--"]:  # `llamabind bench -- --quick` passes the separator along
+        argv = argv[1:]
     ap = argparse.ArgumentParser(
         prog="bench", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -248,7 +248,7 @@ def test_seeded_sampling_reproduces(smol: Model, ctx: Context) -> None:
     lambda s, m: s.add_mirostat_v2(5.0, 0.1, 1),
     lambda s, m: s.add_dry(m, 0.8, 1.75, 2, -1).add_dist(1),
     lambda s, m: s.add_logit_bias(m, {504: float("-inf")}).add_greedy(),
-    lambda s, m: s.add_infill(m).add_greedy(),
+    lambda s, m: s.add_top_k(40).add_infill(m).add_greedy(),
 ], ids=["typical", "temp_ext", "xtc", "top_n_sigma", "mirostat", "mirostat_v2", "dry",
         "logit_bias", "infill"])
 def test_every_sampler_runs(smol: Model, ctx: Context, build) -> None:

@@ -410,12 +410,8 @@ def test_fuzz_gguf_loading(tmp_path):
         if o.kind in ("crash", "hang", "died"):
             bad.append(f"#{idx} {label}: {o.describe()}")
         elif o.kind == "exception" and not o.is_llama_error:
-            issue = _known_core_issue(o)
-            if issue:
-                known[issue] += 1
-            else:
-                bad.append(f"#{idx} {label}: {o.exc_type} in the {o.phase} phase is not a "
-                           f"LlamaError: {o.message}")
+            bad.append(f"#{idx} {label}: {o.exc_type} in the {o.phase} phase is not a "
+                       f"LlamaError: {o.message}")
         elif o.kind == "exception" and o.phase == "load":
             if path not in o.message:
                 bad.append(f"#{idx} {label}: message does not name the file: {o.message}")
@@ -426,31 +422,12 @@ def test_fuzz_gguf_loading(tmp_path):
     print(f"\nGGUF fuzz: {len(specs)} mutations ({dict(by_kind)}), seed {SEED}, "
           f"{elapsed:.1f} s; outcomes: {dict(counts)}; crashes {crashes}, "
           f"hangs {counts['hang']}")
-    for issue, n in known.items():
-        print(f"  known core issue x{n}: {issue}")
+    for note, n in known.items():
+        print(f"  x{n}: {note}")
     for note in notes:
         print("  note:", note)
     assert not bad, "\n".join(bad[:20])
     assert len(specs) >= 300
-
-
-# Failures after a successful load that come from the Cython core, not from the file
-# check; see the report of the "no input can crash" task. Each entry: exception type,
-# text in its message, description.
-KNOWN_CORE_ISSUES = [
-    ("IndexError", "unordered_map::at",
-     "Vocab.tokenize lets a C++ std::out_of_range from llama_tokenize escape as "
-     "IndexError (SPM vocabulary without byte tokens) instead of TokenizationError"),
-]
-
-
-def _known_core_issue(o) -> str:
-    if o.phase != "use":
-        return ""
-    for exc_type, text, description in KNOWN_CORE_ISSUES:
-        if o.exc_type == exc_type and text in o.message:
-            return description
-    return ""
 
 
 def kind_of(label: str) -> str:

@@ -46,6 +46,7 @@ from llamabind.errors import (
     ModelNotFoundError,
     SamplingError,
     StateError,
+    StateFileNotFoundError,
     TokenizationError,
 )
 
@@ -83,6 +84,7 @@ __all__ = [
     "SamplingError",
     "Session",
     "StateError",
+    "StateFileNotFoundError",
     "TokenGenerator",
     "TokenizationError",
     "Vocab",

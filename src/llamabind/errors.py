@@ -25,6 +25,7 @@ __all__ = [
     "ModelNotFoundError",
     "SamplingError",
     "StateError",
+    "StateFileNotFoundError",
     "TokenizationError",
 ]
 
@@ -108,6 +109,14 @@ class ChatTemplateError(LlamaError, ValueError):
 
 class StateError(LlamaError, RuntimeError):
     """Saving or restoring context state failed."""
+
+
+class StateFileNotFoundError(StateError, FileNotFoundError):
+    """The state file to load does not exist."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        LlamaError.__init__(self, message)
+        self.filename = path
 
 
 class ContextLengthExceededError(LlamaError, ValueError):

@@ -17,14 +17,11 @@ cdef class Batch:
         self._allocated = False
         memset(&self._b, 0, sizeof(llama_batch))
 
-    def __init__(self, int capacity=512, int n_seq_max=1):
+    def __init__(self, capacity=512, n_seq_max=1):
         if self._allocated:
             raise InvalidArgumentError("Batch is already initialised")
-        if capacity < 1 or capacity > (1 << 24):
-            raise InvalidArgumentError(f"capacity must be in [1, {1 << 24}], got {capacity}")
-        if n_seq_max < 1 or <size_t>n_seq_max > llama_max_parallel_sequences():
-            raise InvalidArgumentError(
-                f"n_seq_max must be in [1, {llama_max_parallel_sequences()}], got {n_seq_max}")
+        capacity = _int_arg(capacity, "capacity", 1, 1 << 24)
+        n_seq_max = _int_arg(n_seq_max, "n_seq_max", 1, llama_max_parallel_sequences())
         self._b = llama_batch_init(capacity, 0, n_seq_max)
         if self._b.token == NULL:
             raise MemoryError()
@@ -66,16 +63,14 @@ cdef class Batch:
         self._check()
         self._b.n_tokens = 0
 
-    def add(self, int token, int pos, seq_ids=(0,), bint logits=False):
+    def add(self, token, pos, seq_ids=(0,), bint logits=False):
         """Append one token at position ``pos`` belonging to ``seq_ids``."""
         self._check()
         cdef int32_t i = self._b.n_tokens
         if i >= self.capacity:
             raise InvalidArgumentError(f"batch is full ({self.capacity} tokens)")
-        if pos < 0:
-            raise InvalidArgumentError(f"pos must be >= 0, got {pos}")
-        if token < 0:
-            raise InvalidArgumentError(f"token must be >= 0, got {token}")
+        cdef llama_token tok = _int_arg(token, "token", 0, 2147483647)
+        cdef llama_pos p = _int_arg(pos, "pos", 0, 2147483647)
         if isinstance(seq_ids, int):
             seq_ids = (seq_ids,)
         seqs = list(seq_ids)
@@ -86,13 +81,13 @@ cdef class Batch:
             if isinstance(s, bool) or not isinstance(s, int) or s < 0 or s >= (1 << 30):
                 raise InvalidArgumentError(f"seq_ids[{k}] must be an int >= 0, got {s!r}")
             self._b.seq_id[i][k] = s
-        self._b.token[i] = token
-        self._b.pos[i] = pos
+        self._b.token[i] = tok
+        self._b.pos[i] = p
         self._b.n_seq_id[i] = len(seqs)
         self._b.logits[i] = logits
         self._b.n_tokens = i + 1
 
-    def set_tokens(self, tokens, int pos0=0, int seq_id=0, logits="last"):
+    def set_tokens(self, tokens, pos0=0, seq_id=0, logits="last"):
         """Replace the contents with ``tokens`` at positions ``pos0, pos0+1, ...``.
 
         ``logits``: ``"last"`` (only the last row outputs), ``"all"``, or ``"none"``.
@@ -104,19 +99,18 @@ cdef class Batch:
         if n > self.capacity:
             raise InvalidArgumentError(
                 f"{n} tokens do not fit in a batch of capacity {self.capacity}")
-        if pos0 < 0:
-            raise InvalidArgumentError(f"pos0 must be >= 0, got {pos0}")
-        if seq_id < 0:
-            raise InvalidArgumentError(f"seq_id must be >= 0, got {seq_id}")
+        pos0 = _int_arg(pos0, "pos0", 0, 2147483647 - n)
+        seq_id = _int_arg(seq_id, "seq_id", 0, (1 << 30) - 1)
         if logits not in ("last", "all", "none"):
             raise InvalidArgumentError(
                 f"logits must be 'last', 'all' or 'none', got {logits!r}")
         _fill_batch(&self._b, &view[0] if n else NULL, n, pos0, seq_id,
                     2 if logits == "all" else (1 if logits == "last" else 0))
 
-    def set_logits(self, int i, bint value=True):
+    def set_logits(self, i, bint value=True):
         """Choose whether row ``i`` outputs logits."""
         self._check()
+        i = _any_int_arg(i, "i")
         if i < 0 or i >= self._b.n_tokens:
             raise InvalidArgumentError(f"row {i} out of range (batch has {self._b.n_tokens})")
         self._b.logits[i] = value

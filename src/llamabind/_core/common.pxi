@@ -7,7 +7,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from cpython.ref cimport PyObject
 from libc.math cimport isfinite
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 from libcpp cimport bool as cppbool
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -50,6 +50,7 @@ from llamabind.errors import (
     ModelNotFoundError,
     SamplingError,
     StateError,
+    StateFileNotFoundError,
     TokenizationError,
 )
 
@@ -127,7 +128,9 @@ cdef object _path_bytes(object path, str name):
 
 cdef int64_t _int_arg(object value, str name, int64_t lo, int64_t hi) except? -1:
     """An integer argument within [lo, hi]; bools and floats are refused."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be an int, got bool {value!r}")
+    if not isinstance(value, int):
         try:
             import operator
             value = operator.index(value)
@@ -137,6 +140,11 @@ cdef int64_t _int_arg(object value, str name, int64_t lo, int64_t hi) except? -1
     if value < lo or value > hi:
         raise InvalidArgumentError(f"{name} must be in [{lo}, {hi}], got {value}")
     return value
+
+
+cdef int64_t _any_int_arg(object value, str name) except? -1:
+    """An integer argument whose range the caller checks (with its own message)."""
+    return _int_arg(value, name, -(1 << 62), 1 << 62)
 
 
 cdef double _float_arg(object value, str name, double lo, double hi,
@@ -171,8 +179,11 @@ cdef object _token_array(object tokens, int32_t n_vocab, str name):
     if arr.size == 0:
         return _np().empty(0, dtype=_np().int32)
     if arr.dtype.kind not in "iu":
-        bad = next((t for t in arr.tolist() if isinstance(t, bool) or not isinstance(t, int)),
-                   arr.tolist()[0])
+        # look in the caller's own sequence: asarray([1, 'a']) turns every item into a str
+        items = tokens if isinstance(tokens, (list, tuple)) else arr.tolist()
+        bad = next((t for t in items
+                    if isinstance(t, bool) or not isinstance(t, (int, _np().integer))),
+                   items[0])
         raise InvalidArgumentError(f"{name} must hold ints, got {type(bad).__name__} {bad!r}")
     lo = arr.min()
     hi = arr.max()

@@ -86,6 +86,53 @@ def _stop_decodes_at_exit():
 atexit.register(_stop_decodes_at_exit)
 
 
+# The whole-context state starts with the model's architecture name as a u32 length and
+# the bytes. llama.cpp allocates (and zero-fills) that length before it checks that the
+# data holds it, so 4 damaged bytes could cost 4 GiB: check the length first.
+cdef int _check_state_arch_length(bytes head, size_t available, str what) except -1:
+    if len(head) < 4:
+        raise StateError(f"{what} is too short ({len(head)} bytes) to hold a state header")
+    cdef uint32_t length = int.from_bytes(head, "little")
+    if length > available:
+        raise StateError(f"{what} is damaged: the architecture name's length ({length}) "
+                         f"is more than the {available} bytes after it")
+    return 0
+
+
+cdef int _check_state_file(str path) except -1:
+    """A session file is: magic, version, token count n (u32 each), n tokens, then the
+    state. Checks the state's first length against the file's size before llama.cpp
+    allocates it; a file too short or with other damage is left to llama.cpp."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            if len(head) < 12:
+                return 0
+            if int.from_bytes(head[:4], "little") != LLAMA_SESSION_MAGIC:
+                return 0
+            n_tokens = int.from_bytes(head[8:12], "little")
+            start = 12 + 4 * n_tokens
+            size = os.fstat(fh.fileno()).st_size
+            if start + 4 > size:
+                return 0
+            fh.seek(start)
+            _check_state_arch_length(fh.read(4), size - start - 4, f"state file {path!r}")
+    except OSError as exc:
+        raise StateError(f"could not read state file {path!r}: {exc}") from None
+    return 0
+
+
+cdef int32_t _row_arg(object i, str name) except? -2147483648:
+    """An output row index: negative counts from the last output row."""
+    return <int32_t>_int_arg(i, name, -2147483647, 2147483647)
+
+
+cdef tuple _pos_range(object p0, object p1):
+    """Positions [p0, p1) of a KV-cache operation; -1 (any negative in llama.cpp) is an
+    open end, so only -1 is taken."""
+    return (_int_arg(p0, "p0", -1, 2147483647), _int_arg(p1, "p1", -1, 2147483647))
+
+
 @cython.no_gc_clear  # __dealloc__ frees the llama_context, which needs self.model alive
 cdef class Context:
     """A llama.cpp context on a :class:`Model`: KV cache, decode, logits, state.
@@ -129,25 +176,24 @@ cdef class Context:
         memset(&self._abort, 0, sizeof(_AbortState))
         self._fork_gen = _fork_generation
 
-    def __init__(self, Model model not None, *, int n_ctx=2048, int n_batch=512,
-                 n_ubatch=None, int n_seq_max=1, n_threads=None, n_threads_batch=None,
+    def __init__(self, Model model not None, *, n_ctx=2048, n_batch=512,
+                 n_ubatch=None, n_seq_max=1, n_threads=None, n_threads_batch=None,
                  flash_attn="auto", type_k="f16", type_v="f16", bint embeddings=False,
                  pooling=None, bint offload_kqv=True, bint no_perf=False,
                  bint kv_unified=False, bint swa_full=False):
         if self._ptr != NULL:
             raise InvalidArgumentError("Context is already initialised")
         cdef int cpu = os.cpu_count() or 1
+        n_ctx = _any_int_arg(n_ctx, "n_ctx")
         if n_ctx < 0 or n_ctx > (1 << 24):
             raise InvalidArgumentError(f"n_ctx must be 0 (model's) or in [1, {1 << 24}], got {n_ctx}")
-        if n_batch < 1 or n_batch > (1 << 24):
-            raise InvalidArgumentError(f"n_batch must be in [1, {1 << 24}], got {n_batch}")
+        n_batch = _int_arg(n_batch, "n_batch", 1, 1 << 24)
         if n_ubatch is None:
             n_ubatch = min(n_batch, 512)
-        if isinstance(n_ubatch, bool) or not isinstance(n_ubatch, int) or not 1 <= n_ubatch <= n_batch:
+        n_ubatch = _any_int_arg(n_ubatch, "n_ubatch")
+        if not 1 <= n_ubatch <= n_batch:
             raise InvalidArgumentError(f"n_ubatch must be in [1, n_batch={n_batch}], got {n_ubatch}")
-        if n_seq_max < 1 or <size_t>n_seq_max > llama_max_parallel_sequences():
-            raise InvalidArgumentError(
-                f"n_seq_max must be in [1, {llama_max_parallel_sequences()}], got {n_seq_max}")
+        n_seq_max = _int_arg(n_seq_max, "n_seq_max", 1, llama_max_parallel_sequences())
         model._check_open()
         # llama.cpp aborts (output_reserve) when more sequences than batch rows exist
         effective = min(n_batch, n_ctx if n_ctx > 0 else model.n_ctx_train)
@@ -363,11 +409,11 @@ cdef class Context:
         self._check()
         return (llama_n_threads(self._ptr), llama_n_threads_batch(self._ptr))
 
-    def set_n_threads(self, int n_threads, n_threads_batch=None):
+    def set_n_threads(self, n_threads, n_threads_batch=None):
         self._check()
+        n_threads = _int_arg(n_threads, "n_threads", 1, 1024)
         nb = n_threads if n_threads_batch is None else n_threads_batch
-        _int_arg(n_threads, "n_threads", 1, 1024)
-        _int_arg(nb, "n_threads_batch", 1, 1024)
+        nb = _int_arg(nb, "n_threads_batch", 1, 1024)
         self._enter()
         try:
             llama_set_n_threads(self._ptr, n_threads, nb)
@@ -512,7 +558,7 @@ cdef class Context:
         finally:
             self._leave()
 
-    def eval(self, tokens, pos0=None, int seq_id=0, logits="last"):
+    def eval(self, tokens, pos0=None, seq_id=0, logits="last"):
         """Decode ``tokens`` for one sequence, in n_batch-sized chunks.
 
         ``pos0`` defaults to the position after the sequence's last cached token.
@@ -523,9 +569,9 @@ cdef class Context:
             raise InvalidArgumentError(f"logits must be 'last' or 'all', got {logits!r}")
         self._check()
         arr = _token_array(tokens, self._n_vocab, "tokens")
-        if seq_id < 0 or <uint32_t>seq_id >= self._n_seq_max:
-            raise InvalidArgumentError(
-                f"seq_id must be in [0, {self._n_seq_max - 1}], got {seq_id}")
+        seq_id = self._check_seq(seq_id, False)
+        if pos0 is not None:
+            pos0 = _int_arg(pos0, "pos0", 0, 2147483647)
         if logits == "all" and len(arr) > self._n_batch:
             raise InvalidArgumentError(
                 f"logits='all' needs all {len(arr)} tokens in one batch; n_batch is {self._n_batch}")
@@ -593,7 +639,7 @@ cdef class Context:
                 f"row {i} of the last batch did not request logits (set logits for it)")
         return i
 
-    def logits(self, int i=-1):
+    def logits(self, i=-1):
         """Logits of row ``i`` of the last batch (negative: counted from the last
         output row), as a zero-copy float32 NumPy array of n_vocab values.
 
@@ -601,31 +647,30 @@ cdef class Context:
         to keep it). The context stays alive while the array does.
         """
         self._check()
-        cdef int32_t row = self._resolve_row(i)
+        cdef int32_t row = self._resolve_row(_row_arg(i, "i"))
         cdef float * p = llama_get_logits_ith(self._ptr, row)
         if p == NULL:
             raise InvalidArgumentError(f"no logits for row {row}")
         return _OutputView._make(self, p, 1, self._n_vocab, "logits")
 
-    def embeddings(self, int i=-1):
+    def embeddings(self, i=-1):
         """Embedding of row ``i`` of the last batch (context created with
         embeddings=True), as a zero-copy float32 array."""
         self._check()
         if not self._embeddings:
             raise InvalidArgumentError("embeddings are off: create the context with embeddings=True")
-        cdef int32_t row = self._resolve_row(i)
+        cdef int32_t row = self._resolve_row(_row_arg(i, "i"))
         cdef float * p = llama_get_embeddings_ith(self._ptr, row)
         if p == NULL:
             raise InvalidArgumentError(f"no embeddings for row {row}")
         return _OutputView._make(self, p, 1, self._n_embd_out, "embeddings")
 
-    def sequence_embeddings(self, int seq_id=0):
+    def sequence_embeddings(self, seq_id=0):
         """Pooled embedding of a sequence (pooling other than 'none'), zero-copy."""
         self._check()
         if not self._embeddings:
             raise InvalidArgumentError("embeddings are off: create the context with embeddings=True")
-        if seq_id < 0 or <uint32_t>seq_id >= self._n_seq_max:
-            raise InvalidArgumentError(f"seq_id {seq_id} out of range")
+        seq_id = self._check_seq(seq_id, False)
         if self._last_n_tokens == 0:
             raise InvalidArgumentError("no outputs: decode a batch first")
         cdef float * p = llama_get_embeddings_seq(self._ptr, seq_id)
@@ -639,14 +684,17 @@ cdef class Context:
 
     # --- memory (KV cache) ---------------------------------------------------------
 
-    cdef inline int _check_seq(self, int seq_id, bint allow_all) except -1:
-        if (allow_all and seq_id == -1):
-            return 0
-        if seq_id < 0 or <uint32_t>seq_id >= self._n_seq_max:
+    cdef llama_seq_id _check_seq(self, object seq_id, bint allow_all,
+                                 str name="seq_id") except? -2:
+        """A sequence id of this context (or -1, all sequences, where allowed)."""
+        cdef int64_t v = _any_int_arg(seq_id, name)
+        if allow_all and v == -1:
+            return -1
+        if v < 0 or v >= self._n_seq_max:
             raise InvalidArgumentError(
-                f"seq_id must be in [0, {self._n_seq_max - 1}]{' or -1 (all)' if allow_all else ''}, "
-                f"got {seq_id}")
-        return 0
+                f"{name} must be in [0, {self._n_seq_max - 1}]{' or -1 (all)' if allow_all else ''}, "
+                f"got {v}")
+        return <llama_seq_id>v
 
     def memory_clear(self, bint data=True):
         """Empty the KV cache (all sequences)."""
@@ -657,20 +705,22 @@ cdef class Context:
         finally:
             self._leave()
 
-    def seq_rm(self, int seq_id, int p0=-1, int p1=-1):
+    def seq_rm(self, seq_id, p0=-1, p1=-1):
         """Remove positions [p0, p1) of a sequence (-1: all sequences / open ends).
         Returns False if llama.cpp cannot remove a partial range (recurrent models)."""
-        self._check_seq(seq_id, True)
+        seq_id = self._check_seq(seq_id, True)
+        p0, p1 = _pos_range(p0, p1)
         self._enter()
         try:
             return llama_memory_seq_rm(self._mem, seq_id, p0, p1)
         finally:
             self._leave()
 
-    def seq_cp(self, int src, int dst, int p0=-1, int p1=-1):
+    def seq_cp(self, src, dst, p0=-1, p1=-1):
         """Make positions [p0, p1) of sequence ``src`` also belong to ``dst``."""
-        self._check_seq(src, False)
-        self._check_seq(dst, False)
+        src = self._check_seq(src, False, "src")
+        dst = self._check_seq(dst, False, "dst")
+        p0, p1 = _pos_range(p0, p1)
         if (src != dst and self._n_seq_max > 1 and not self._kv_unified
                 and (p0 > 0 or p1 >= 0)):
             # each sequence has its own KV stream: llama.cpp can copy only whole ones
@@ -683,18 +733,20 @@ cdef class Context:
         finally:
             self._leave()
 
-    def seq_keep(self, int seq_id):
+    def seq_keep(self, seq_id):
         """Remove every sequence but ``seq_id``."""
-        self._check_seq(seq_id, False)
+        seq_id = self._check_seq(seq_id, False)
         self._enter()
         try:
             llama_memory_seq_keep(self._mem, seq_id)
         finally:
             self._leave()
 
-    def seq_add(self, int seq_id, int p0, int p1, int delta):
+    def seq_add(self, seq_id, p0, p1, delta):
         """Shift positions [p0, p1) of a sequence by ``delta`` (needs can_shift)."""
-        self._check_seq(seq_id, True)
+        seq_id = self._check_seq(seq_id, True)
+        p0, p1 = _pos_range(p0, p1)
+        delta = _int_arg(delta, "delta", -2147483647, 2147483647)
         self._enter()
         try:
             if not llama_memory_can_shift(self._mem):
@@ -703,11 +755,11 @@ cdef class Context:
         finally:
             self._leave()
 
-    def seq_div(self, int seq_id, int p0, int p1, int d):
+    def seq_div(self, seq_id, p0, p1, d):
         """Integer-divide positions [p0, p1) of a sequence by ``d`` (> 0)."""
-        self._check_seq(seq_id, True)
-        if d < 1:
-            raise InvalidArgumentError(f"d must be >= 1, got {d}")
+        seq_id = self._check_seq(seq_id, True)
+        p0, p1 = _pos_range(p0, p1)
+        d = _int_arg(d, "d", 1, 2147483647)
         self._enter()
         try:
             if not llama_memory_can_shift(self._mem):
@@ -716,15 +768,15 @@ cdef class Context:
         finally:
             self._leave()
 
-    def seq_pos_min(self, int seq_id=0):
+    def seq_pos_min(self, seq_id=0):
         """Smallest cached position of a sequence, -1 if empty."""
-        self._check_seq(seq_id, False)
+        seq_id = self._check_seq(seq_id, False)
         self._check()
         return llama_memory_seq_pos_min(self._mem, seq_id)
 
-    def seq_pos_max(self, int seq_id=0):
+    def seq_pos_max(self, seq_id=0):
         """Largest cached position of a sequence, -1 if empty."""
-        self._check_seq(seq_id, False)
+        seq_id = self._check_seq(seq_id, False)
         self._check()
         return llama_memory_seq_pos_max(self._mem, seq_id)
 
@@ -754,8 +806,7 @@ cdef class Context:
         cdef bint whole = seq_id is None
         try:
             if not whole:
-                self._check_seq(seq_id, False)
-                seq = seq_id
+                seq = self._check_seq(seq_id, False)
             with nogil:
                 size = llama_state_get_size(self._ptr) if whole else llama_state_seq_get_size(self._ptr, seq)
             out = PyBytes_FromStringAndSize(NULL, size)
@@ -785,11 +836,12 @@ cdef class Context:
         cdef bint whole = seq_id is None
         if n == 0:
             raise InvalidArgumentError("state data is empty")
+        if whole:
+            _check_state_arch_length(bytes(view[:4]), n - 4, "state data")
         self._enter()
         try:
             if not whole:
-                self._check_seq(seq_id, False)
-                seq = seq_id
+                seq = self._check_seq(seq_id, False)
             if self._exports > 0:
                 raise ConcurrentUseError(
                     "release the NumPy views of this context's outputs before loading state")
@@ -821,8 +873,7 @@ cdef class Context:
         self._enter()
         try:
             if not whole:
-                self._check_seq(seq_id, False)
-                seq = seq_id
+                seq = self._check_seq(seq_id, False)
             with nogil:
                 if whole:
                     ok = llama_state_save_file(self._ptr, c, toks, n)
@@ -833,11 +884,15 @@ cdef class Context:
         finally:
             self._leave()
 
-    def load_state_file(self, path, seq_id=None, int max_tokens=-1):
-        """Restore state from a file; returns the tokens saved with it."""
+    def load_state_file(self, path, seq_id=None, max_tokens=-1):
+        """Restore state from a file; returns the tokens saved with it (at most
+        ``max_tokens``; -1: the context size)."""
         fspath, cpath = _path_bytes(path, "path")
+        max_tokens = _int_arg(max_tokens, "max_tokens", -1, 1 << 30)
         if not os.path.isfile(fspath):
-            raise FileNotFoundError(f"state file not found: {fspath!r}")
+            raise StateFileNotFoundError(f"state file not found: {fspath!r}", fspath)
+        if seq_id is None:
+            _check_state_file(fspath)
         cdef size_t cap = self._n_ctx if max_tokens < 0 else max_tokens
         out = _np().empty(max(cap, 1), dtype=_np().int32)
         cdef int32_t[::1] view = out
@@ -849,8 +904,7 @@ cdef class Context:
         self._enter()
         try:
             if not whole:
-                self._check_seq(seq_id, False)
-                seq = seq_id
+                seq = self._check_seq(seq_id, False)
             if self._exports > 0:
                 raise ConcurrentUseError(
                     "release the NumPy views of this context's outputs before loading state")

@@ -39,15 +39,14 @@ cdef class TokenGenerator:
     cdef readonly object finish_reason
     cdef readonly object last_token
 
-    def __init__(self, Context ctx not None, int pos, Sampler sampler=None, *,
-                 int max_tokens=256, int seq_id=0, bint render_special=False):
+    def __init__(self, Context ctx not None, pos, Sampler sampler=None, *,
+                 max_tokens=256, seq_id=0, bint render_special=False):
         ctx._check()
-        if pos < 1:
+        pos = _any_int_arg(pos, "pos")
+        if pos < 1 or pos > 2147483647:
             raise InvalidArgumentError(f"pos must be >= 1 (after the prompt), got {pos}")
-        if max_tokens < 0:
-            raise InvalidArgumentError(f"max_tokens must be >= 0, got {max_tokens}")
-        if seq_id < 0 or <uint32_t>seq_id >= ctx._n_seq_max:
-            raise InvalidArgumentError(f"seq_id {seq_id} out of range")
+        max_tokens = _int_arg(max_tokens, "max_tokens", 0, 2147483647)
+        seq_id = ctx._check_seq(seq_id, False)
         if sampler is not None:
             sampler._check()
             if not sampler._selects:

@@ -16,6 +16,7 @@ from ggml cimport (
 cdef extern from "llama.h" nogil:
     int LLAMA_DEFAULT_SEED
     int LLAMA_TOKEN_NULL
+    unsigned int LLAMA_SESSION_MAGIC
 
     struct llama_vocab
     struct llama_model

@@ -14,8 +14,9 @@ cdef class LoraAdapter:
 
     def __init__(self, Model model not None, path):
         fspath, cpath = _path_bytes(path, "path")
-        if not os.path.exists(fspath):
-            raise ModelNotFoundError(f"LoRA adapter file not found: {fspath!r}", fspath)
+        model._check_open()
+        from llamabind._gguf import check_adapter_file
+        check_adapter_file(fspath)  # missing, not GGUF, truncated: llama.cpp may abort
         model._pin()
         cdef const char * c = cpath
         cdef llama_adapter_lora * ptr = NULL

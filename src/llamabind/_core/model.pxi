@@ -79,7 +79,7 @@ cdef class Model:
         self._closed = True
         self._fork_gen = _fork_generation
 
-    def __init__(self, path, *, int n_gpu_layers=0, int main_gpu=0, split_mode="layer",
+    def __init__(self, path, *, n_gpu_layers=0, main_gpu=0, split_mode="layer",
                  tensor_split=None, bint use_mmap=True, bint use_mlock=False,
                  bint vocab_only=False, bint check_tensors=False, kv_overrides=None,
                  devices=None, progress=None):
@@ -90,12 +90,13 @@ cdef class Model:
         if split_mode not in _SPLIT_MODES:
             raise InvalidArgumentError(
                 f"split_mode must be one of {sorted(_SPLIT_MODES)}, got {split_mode!r}")
-        if n_gpu_layers < -1:
+        n_gpu_layers = _any_int_arg(n_gpu_layers, "n_gpu_layers")
+        if n_gpu_layers < -1 or n_gpu_layers > 2147483647:
             raise InvalidArgumentError(
                 f"n_gpu_layers must be -1 (all) or >= 0, got {n_gpu_layers}")
+        main_gpu = _int_arg(main_gpu, "main_gpu", 0, 1 << 16)
         if progress is not None and not callable(progress):
             raise InvalidArgumentError(f"progress must be callable or None, got {progress!r}")
-        _check_model_file(fspath, vocab_only)
         _ensure_backend()
 
         cdef llama_model_params params = llama_model_default_params()
@@ -133,8 +134,10 @@ cdef class Model:
                     split[i] = v
                 params.tensor_split = split
             if kv_overrides:
-                overrides = _make_kv_overrides(kv_overrides)
+                overrides = _make_kv_overrides(kv_overrides)  # validates them too
                 params.kv_overrides = overrides
+            # what llama.cpp would abort on, with the overrides applied
+            _check_model_file(fspath, vocab_only, dict(kv_overrides) if kv_overrides else None)
             if devices is not None:
                 devs = _device_list(devices)
                 params.devices = devs
@@ -341,8 +344,9 @@ cdef class Model:
         self._check_open()
         return llama_model_n_cls_out(self._ptr)
 
-    def cls_label(self, int i):
+    def cls_label(self, i):
         self._check_open()
+        i = _any_int_arg(i, "i")
         if i < 0 or <uint32_t>i >= llama_model_n_cls_out(self._ptr):
             raise InvalidArgumentError(f"classifier label index {i} out of range")
         cdef const char * label = llama_model_cls_label(self._ptr, i)
@@ -459,7 +463,7 @@ cdef ggml_backend_dev_t * _device_list(object names) except NULL:
     return devs
 
 
-cdef int _check_model_file(str path, bint vocab_only) except -1:
+cdef int _check_model_file(str path, bint vocab_only, dict overrides) except -1:
     from llamabind._gguf import check_model_file
-    check_model_file(path, vocab_only=vocab_only)
+    check_model_file(path, vocab_only=vocab_only, overrides=overrides)
     return 0

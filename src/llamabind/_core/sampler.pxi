@@ -28,9 +28,13 @@ cdef class Sampler:
     cdef int _fork_gen
     cdef bint _selects      # the chain ends with a selecting sampler
     cdef int _grammar_index  # position of a grammar sampler in the chain, or -1
+    cdef llama_token_data * _cur  # candidates buffer for sampling with a grammar
+    cdef size_t _cur_cap
 
     def __cinit__(self):
         self._ptr = NULL
+        self._cur = NULL
+        self._cur_cap = 0
         self._names = []
         self._models = []
         self._busy = False
@@ -76,6 +80,9 @@ cdef class Sampler:
         self._ptr = NULL
         if ptr != NULL and self._fork_gen == _fork_generation:
             llama_sampler_free(ptr)
+        free(self._cur)
+        self._cur = NULL
+        self._cur_cap = 0
         models, self._models = self._models, []
         for m in models:
             (<Model>m)._unpin()
@@ -84,6 +91,8 @@ cdef class Sampler:
         if self._ptr != NULL and self._fork_gen == _fork_generation:
             llama_sampler_free(self._ptr)
         self._ptr = NULL
+        free(self._cur)
+        self._cur = NULL
         for m in self._models:
             (<Model>m)._unpin()
         self._models = []
@@ -183,13 +192,11 @@ cdef class Sampler:
         cdef float nn = _float_arg(n, "top_n_sigma", 0.0, 1e6, True, False)
         return self._add(llama_sampler_init_top_n_sigma(nn), "top_n_sigma", False)
 
-    def add_mirostat(self, int n_vocab, tau=5.0, eta=0.1, int m=100, seed=None):
+    def add_mirostat(self, n_vocab, tau=5.0, eta=0.1, m=100, seed=None):
         """Mirostat v1 (selects the token): target surprise ``tau``, rate ``eta``."""
         self._check()
-        if n_vocab < 1:
-            raise InvalidArgumentError(f"n_vocab must be >= 1, got {n_vocab}")
-        if m < 1:
-            raise InvalidArgumentError(f"m must be >= 1, got {m}")
+        n_vocab = _int_arg(n_vocab, "n_vocab", 1, 2147483647)
+        m = _int_arg(m, "m", 1, 2147483647)
         cdef float t = _float_arg(tau, "mirostat_tau", 0.0, 1e6)
         cdef float e = _float_arg(eta, "mirostat_eta", 0.0, 1.0, True, False)
         return self._add(llama_sampler_init_mirostat(n_vocab, _resolve_seed(seed), t, e, m),
@@ -203,12 +210,11 @@ cdef class Sampler:
         return self._add(llama_sampler_init_mirostat_v2(_resolve_seed(seed), t, e),
                          "mirostat_v2", True)
 
-    def add_penalties(self, int n_vocab, last_n=64, repeat=1.0, frequency=0.0, presence=0.0):
+    def add_penalties(self, n_vocab, last_n=64, repeat=1.0, frequency=0.0, presence=0.0):
         """Repetition penalties over the last ``last_n`` accepted tokens (0 disables);
         ``n_vocab`` is the model's vocabulary size (``model.n_vocab``)."""
         self._check()
-        if n_vocab < 1:
-            raise InvalidArgumentError(f"n_vocab must be >= 1, got {n_vocab}")
+        n_vocab = _int_arg(n_vocab, "n_vocab", 1, 2147483647)
         cdef int32_t ln = _int_arg(last_n, "penalty_last_n", 0, 1 << 24)
         cdef float r = _float_arg(repeat, "repeat_penalty", 0.0, 1e6, True, False)
         cdef float f = _float_arg(frequency, "frequency_penalty", -1e6, 1e6)
@@ -313,14 +319,21 @@ cdef class Sampler:
         return self._add(smpl, "grammar", False, model)
 
     def add_infill(self, Model model not None):
-        """Fill-in-the-middle helper sampler (for FIM models)."""
+        """Fill-in-the-middle helper sampler (for FIM models). It needs a ``top_k``
+        earlier in the chain, as llama.cpp's own sampler setup has: the infill sampler
+        compares every candidate with every other, O(n^2) over the whole vocabulary
+        (minutes per token for 150k tokens)."""
         self._check()
         model._check_open()
+        if "top_k" not in self._names:
+            raise InvalidArgumentError(
+                "add_infill needs add_top_k(...) earlier in the chain: over the whole "
+                f"vocabulary ({model._n_vocab} tokens) the infill sampler is O(n^2)")
         return self._add(llama_sampler_init_infill(model._vocab), "infill", False, model)
 
     # --- use -----------------------------------------------------------------------
 
-    def sample(self, Context ctx not None, int idx=-1):
+    def sample(self, Context ctx not None, idx=-1):
         """Sample a token from row ``idx`` of the context's last batch and accept it."""
         self._check()
         if not self._selects:
@@ -331,7 +344,7 @@ cdef class Sampler:
         cdef llama_token tok
         cdef int32_t row
         try:
-            row = ctx._resolve_row(idx)
+            row = ctx._resolve_row(_row_arg(idx, "idx"))
             tok = self._sample_row(ctx, row)
         finally:
             ctx._leave()
@@ -340,6 +353,8 @@ cdef class Sampler:
     cdef llama_token _sample_row(self, Context ctx, int32_t row) except -1:
         """Caller holds ctx._enter(); row is validated."""
         cdef llama_token tok
+        if self._grammar_index >= 0:
+            return self._sample_row_grammar(ctx, row)
         self._busy = True
         try:
             with nogil:
@@ -353,6 +368,69 @@ cdef class Sampler:
                 f"no token could be sampled (got {tok}); a grammar may allow no token here")
         return tok
 
+    cdef llama_token _sample_row_grammar(self, Context ctx, int32_t row) except -1:
+        """llama_sampler_sample's CPU path, split so that the grammar is asked about the
+        chosen token before it is accepted: llama.cpp aborts the process when a grammar is
+        fed an end-of-generation token it does not allow, which the chain picks when the
+        grammar allows no token at all (every logit is -inf)."""
+        cdef int32_t n = ctx._n_vocab
+        cdef int32_t i
+        cdef const float * logits = llama_get_logits_ith(ctx._ptr, row)
+        cdef llama_token_data * cur
+        cdef llama_token_data_array arr
+        cdef llama_token tok
+        if logits == NULL:
+            raise SamplingError(f"the context has no logits for row {row}")
+        if self._cur_cap < <size_t>n:
+            cur = <llama_token_data *>realloc(self._cur, n * sizeof(llama_token_data))
+            if cur == NULL:
+                raise MemoryError()
+            self._cur = cur
+            self._cur_cap = n
+        cur = self._cur
+        arr.data = cur
+        arr.size = n
+        arr.selected = -1
+        arr.sorted = False
+        self._busy = True
+        try:
+            with nogil:
+                for i in range(n):
+                    cur[i].id = i
+                    cur[i].logit = logits[i]
+                    cur[i].p = 0.0
+                llama_sampler_apply(self._ptr, &arr)
+        except RuntimeError as exc:
+            raise SamplingError(f"sampling failed: {exc}") from None
+        finally:
+            self._busy = False
+        if arr.selected < 0 or arr.selected >= <int64_t>arr.size:
+            raise SamplingError(f"the sampler chain selected no token (index {arr.selected})")
+        tok = arr.data[arr.selected].id
+        if not self._grammar_allows(tok):
+            raise GrammarError(
+                f"the chain chose token {tok}, which the grammar does not allow here: "
+                "the grammar allows no token at this point")
+        try:
+            llama_sampler_accept(self._ptr, tok)
+        except RuntimeError as exc:
+            raise SamplingError(f"accepting token {tok} failed: {exc}") from None
+        return tok
+
+    cdef bint _grammar_allows(self, llama_token token) except -1:
+        """Whether the chain's grammar sampler allows ``token`` next (one-token apply)."""
+        cdef llama_token_data data
+        cdef llama_token_data_array arr
+        data.id = token
+        data.logit = 0.0
+        data.p = 0.0
+        arr.data = &data
+        arr.size = 1
+        arr.selected = -1
+        arr.sorted = False
+        llama_sampler_apply(llama_sampler_chain_get(self._ptr, self._grammar_index), &arr)
+        return isfinite(data.logit)
+
     def accept(self, token):
         """Tell stateful samplers (penalties, grammar...) that ``token`` was chosen.
         (``sample`` already does this for the token it returns.)"""
@@ -363,21 +441,10 @@ cdef class Sampler:
             if token >= (<Model>m)._n_vocab:
                 raise InvalidArgumentError(
                     f"token {token} is not in the vocabulary ({(<Model>m)._n_vocab} tokens)")
-        cdef llama_token_data data
-        cdef llama_token_data_array arr
-        if self._grammar_index >= 0:
-            # llama.cpp aborts the process when a grammar is fed a token it forbids:
-            # ask the grammar about this one token first.
-            data.id = token
-            data.logit = 0.0
-            data.p = 0.0
-            arr.data = &data
-            arr.size = 1
-            arr.selected = -1
-            arr.sorted = False
-            llama_sampler_apply(llama_sampler_chain_get(self._ptr, self._grammar_index), &arr)
-            if not isfinite(data.logit):
-                raise GrammarError(f"token {token} is not allowed by the grammar at this point")
+        # llama.cpp aborts the process when a grammar is fed a token it forbids:
+        # ask the grammar about this one token first.
+        if self._grammar_index >= 0 and not self._grammar_allows(token):
+            raise GrammarError(f"token {token} is not allowed by the grammar at this point")
         try:
             llama_sampler_accept(self._ptr, token)
         except RuntimeError as exc:

@@ -155,12 +155,11 @@ cdef class Vocab:
         arr = _tokenize_bytes(self, data, add_special, parse_special)
         return arr if as_array else arr.tolist()
 
-    def token_to_piece(self, token, *, bint special=False, int lstrip=0):
+    def token_to_piece(self, token, *, bint special=False, lstrip=0):
         """The bytes one token renders to (may be part of a UTF-8 character)."""
         self._check()
         self._check_token(token, "token")
-        if lstrip < 0:
-            raise InvalidArgumentError(f"lstrip must be >= 0, got {lstrip}")
+        lstrip = _int_arg(lstrip, "lstrip", 0, 2147483647)
         return _piece(self._ptr, token, special, lstrip)
 
     def detokenize(self, tokens, *, bint remove_special=False, bint unparse_special=False,
@@ -185,6 +184,7 @@ cdef class Vocab:
         cdef int32_t got
         cdef char * buf
         cdef const llama_token * toks = &view[0]
+        _check_tokenizer(self._ptr)
         self._model._pin()
         try:
             while True:
@@ -192,9 +192,12 @@ cdef class Vocab:
                 if buf == NULL:
                     raise MemoryError()
                 try:
-                    with nogil:
-                        got = llama_detokenize(self._ptr, toks, n, buf, cap,
-                                               remove_special, unparse_special)
+                    try:
+                        with nogil:
+                            got = llama_detokenize(self._ptr, toks, n, buf, cap,
+                                                   remove_special, unparse_special)
+                    except (IndexError, ValueError, RuntimeError) as exc:
+                        raise _tokenizer_failed("detokenize", exc) from None
                     if got >= 0:
                         return buf[:got]
                 finally:
@@ -206,16 +209,40 @@ cdef class Vocab:
             self._model._unpin()
 
 
+cdef int _check_tokenizer(const llama_vocab * vocab) except -1:
+    """llama.cpp aborts the process (GGML_ASSERT) when a vocabulary of type "none",
+    one without a tokenizer, is asked to tokenize or render tokens."""
+    if llama_vocab_type_of(vocab) == LLAMA_VOCAB_TYPE_NONE:
+        raise TokenizationError(
+            "the model has no tokenizer (vocabulary type 'none'): it cannot tokenize or "
+            "render tokens")
+    return 0
+
+
+cdef object _tokenizer_failed(str op, object exc):
+    """A C++ exception from llama.cpp's tokenizer (Cython turns std::out_of_range into
+    IndexError, others into RuntimeError/ValueError) as a TokenizationError."""
+    return TokenizationError(f"llama.cpp failed to {op}: {type(exc).__name__}: {exc}")
+
+
 cdef bytes _piece(const llama_vocab * vocab, llama_token token, bint special, int lstrip):
     cdef char small[64]
-    cdef int32_t n = llama_token_to_piece(vocab, token, small, sizeof(small), lstrip, special)
+    cdef int32_t n
+    _check_tokenizer(vocab)
+    try:
+        n = llama_token_to_piece(vocab, token, small, sizeof(small), lstrip, special)
+    except (IndexError, ValueError, RuntimeError) as exc:
+        raise _tokenizer_failed(f"render token {token}", exc) from None
     if n >= 0:
         return small[:n]
     cdef char * big = <char *>malloc(-n)
     if big == NULL:
         raise MemoryError()
     try:
-        n = llama_token_to_piece(vocab, token, big, -n, lstrip, special)
+        try:
+            n = llama_token_to_piece(vocab, token, big, -n, lstrip, special)
+        except (IndexError, ValueError, RuntimeError) as exc:
+            raise _tokenizer_failed(f"render token {token}", exc) from None
         if n < 0:
             raise TokenizationError(f"token {token} could not be rendered")
         return big[:n]
@@ -235,16 +262,20 @@ cdef object _tokenize_bytes(Vocab vocab, bytes data, bint add_special, bint pars
     cdef int32_t n
     out = _np().empty(cap, dtype=_np().int32)
     cdef int32_t[::1] view = out
+    _check_tokenizer(vocab._ptr)
     vocab._model._pin()
     try:
         while True:
-            if text_len >= _NOGIL_TEXT_BYTES:
-                with nogil:
+            try:
+                if text_len >= _NOGIL_TEXT_BYTES:
+                    with nogil:
+                        n = llama_tokenize(vocab._ptr, text, text_len, &view[0], cap,
+                                           add_special, parse_special)
+                else:
                     n = llama_tokenize(vocab._ptr, text, text_len, &view[0], cap,
                                        add_special, parse_special)
-            else:
-                n = llama_tokenize(vocab._ptr, text, text_len, &view[0], cap,
-                                   add_special, parse_special)
+            except (IndexError, ValueError, RuntimeError) as exc:
+                raise _tokenizer_failed("tokenize", exc) from None
             if n >= 0:
                 return out[:n]
             if n == -2147483648:
