@@ -306,7 +306,7 @@ def test_text_with_nul_is_refused_where_native_tokenizes_it(smol: Model, smol_pa
     text = "a\0b"
     ref = native.tokenize(smol_path, text, add_special=False)
     assert len(ref) == 3
-    with pytest.raises(llamabind.InvalidArgumentError, match="NUL.*index 1"):
+    with pytest.raises(llamabind.InvalidArgumentError, match=r"NUL.*index 1"):
         smol.vocab.tokenize(text, add_special=False)
 
 

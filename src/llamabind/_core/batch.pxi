@@ -63,8 +63,9 @@ cdef class Batch:
         self._check()
         self._b.n_tokens = 0
 
-    def add(self, token, pos, seq_ids=(0,), bint logits=False):
+    def add(self, token, pos, seq_ids=(0,), logits=False):
         """Append one token at position ``pos`` belonging to ``seq_ids``."""
+        logits = _bool_arg(logits, "logits")
         self._check()
         cdef int32_t i = self._b.n_tokens
         if i >= self.capacity:
@@ -107,8 +108,9 @@ cdef class Batch:
         _fill_batch(&self._b, &view[0] if n else NULL, n, pos0, seq_id,
                     2 if logits == "all" else (1 if logits == "last" else 0))
 
-    def set_logits(self, i, bint value=True):
+    def set_logits(self, i, value=True):
         """Choose whether row ``i`` outputs logits."""
+        value = _bool_arg(value, "value")
         self._check()
         i = _any_int_arg(i, "i")
         if i < 0 or i >= self._b.n_tokens:

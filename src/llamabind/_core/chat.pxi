@@ -3,10 +3,11 @@
 # for templates llama.cpp knows by name.
 
 
-def apply_builtin_chat_template(template, messages, bint add_assistant=True):
+def apply_builtin_chat_template(template, messages, add_assistant=True):
     """Format ``messages`` (dicts with "role" and "content") with llama.cpp's built-in
     implementation of ``template`` (a name from ``builtin_chat_templates()`` or a
     template source llama.cpp recognises)."""
+    cdef bint add_ass = _bool_arg(add_assistant, "add_assistant")
     tmpl = _utf8(template, "template")
     msgs = list(messages)
     encoded = []
@@ -36,7 +37,7 @@ def apply_builtin_chat_template(template, messages, bint add_assistant=True):
                 raise MemoryError()
             try:
                 with nogil:
-                    got = llama_chat_apply_template(ctmpl, chat, n, add_assistant, buf, cap)
+                    got = llama_chat_apply_template(ctmpl, chat, n, add_ass, buf, cap)
             except RuntimeError as exc:
                 raise ChatTemplateError(f"chat template failed: {exc}") from None
             if got < 0:

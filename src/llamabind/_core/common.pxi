@@ -142,6 +142,18 @@ cdef int64_t _int_arg(object value, str name, int64_t lo, int64_t hi) except? -1
     return value
 
 
+cdef bint _bool_arg(object value, str name) except -1:
+    """A flag: a bool (NumPy's too), or the ints 0 and 1. Anything else (a string such
+    as "no", None, 2) is refused rather than taken for its truth value."""
+    if value is True or value is False:
+        return value
+    if isinstance(value, int) and (value == 0 or value == 1):
+        return value == 1
+    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+        return bool(value)
+    raise InvalidArgumentError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
 cdef int64_t _any_int_arg(object value, str name) except? -1:
     """An integer argument whose range the caller checks (with its own message)."""
     return _int_arg(value, name, -(1 << 62), 1 << 62)

@@ -178,9 +178,14 @@ cdef class Context:
 
     def __init__(self, Model model not None, *, n_ctx=2048, n_batch=512,
                  n_ubatch=None, n_seq_max=1, n_threads=None, n_threads_batch=None,
-                 flash_attn="auto", type_k="f16", type_v="f16", bint embeddings=False,
-                 pooling=None, bint offload_kqv=True, bint no_perf=False,
-                 bint kv_unified=False, bint swa_full=False):
+                 flash_attn="auto", type_k="f16", type_v="f16", embeddings=False,
+                 pooling=None, offload_kqv=True, no_perf=False,
+                 kv_unified=False, swa_full=False):
+        embeddings = _bool_arg(embeddings, "embeddings")
+        offload_kqv = _bool_arg(offload_kqv, "offload_kqv")
+        no_perf = _bool_arg(no_perf, "no_perf")
+        kv_unified = _bool_arg(kv_unified, "kv_unified")
+        swa_full = _bool_arg(swa_full, "swa_full")
         if self._ptr != NULL:
             raise InvalidArgumentError("Context is already initialised")
         cdef int cpu = os.cpu_count() or 1
@@ -420,8 +425,9 @@ cdef class Context:
         finally:
             self._leave()
 
-    def set_embeddings(self, bint enabled):
+    def set_embeddings(self, enabled):
         """Turn embedding output on or off for the next decodes."""
+        enabled = _bool_arg(enabled, "enabled")
         self._enter()
         try:
             if enabled != self._embeddings and self._exports > 0:
@@ -433,7 +439,8 @@ cdef class Context:
         finally:
             self._leave()
 
-    def set_causal_attn(self, bint causal):
+    def set_causal_attn(self, causal):
+        causal = _bool_arg(causal, "causal")
         self._enter()
         try:
             llama_set_causal_attn(self._ptr, causal)
@@ -696,8 +703,9 @@ cdef class Context:
                 f"got {v}")
         return <llama_seq_id>v
 
-    def memory_clear(self, bint data=True):
+    def memory_clear(self, data=True):
         """Empty the KV cache (all sequences)."""
+        data = _bool_arg(data, "data")
         self._enter()
         try:
             llama_memory_clear(self._mem, data)

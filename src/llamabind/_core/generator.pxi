@@ -40,7 +40,8 @@ cdef class TokenGenerator:
     cdef readonly object last_token
 
     def __init__(self, Context ctx not None, pos, Sampler sampler=None, *,
-                 max_tokens=256, seq_id=0, bint render_special=False):
+                 max_tokens=256, seq_id=0, render_special=False):
+        render_special = _bool_arg(render_special, "render_special")
         ctx._check()
         pos = _any_int_arg(pos, "pos")
         if pos < 1 or pos > 2147483647:

@@ -80,9 +80,13 @@ cdef class Model:
         self._fork_gen = _fork_generation
 
     def __init__(self, path, *, n_gpu_layers=0, main_gpu=0, split_mode="layer",
-                 tensor_split=None, bint use_mmap=True, bint use_mlock=False,
-                 bint vocab_only=False, bint check_tensors=False, kv_overrides=None,
+                 tensor_split=None, use_mmap=True, use_mlock=False,
+                 vocab_only=False, check_tensors=False, kv_overrides=None,
                  devices=None, progress=None):
+        use_mmap = _bool_arg(use_mmap, "use_mmap")
+        use_mlock = _bool_arg(use_mlock, "use_mlock")
+        vocab_only = _bool_arg(vocab_only, "vocab_only")
+        check_tensors = _bool_arg(check_tensors, "check_tensors")
         if self._ptr != NULL:
             raise InvalidArgumentError("Model is already loaded")
         fspath, cpath = _path_bytes(path, "path")

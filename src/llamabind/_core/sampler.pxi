@@ -42,7 +42,8 @@ cdef class Sampler:
         self._grammar_index = -1
         self._fork_gen = _fork_generation
 
-    def __init__(self, *, bint perf=False):
+    def __init__(self, *, perf=False):
+        perf = _bool_arg(perf, "perf")
         if self._ptr != NULL:
             raise InvalidArgumentError("Sampler is already initialised")
         cdef llama_sampler_chain_params params = llama_sampler_chain_default_params()

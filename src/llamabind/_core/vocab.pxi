@@ -143,37 +143,45 @@ cdef class Vocab:
         self._check_token(token, "token")
         return <int>llama_vocab_get_attr(self._ptr, token)
 
-    def tokenize(self, text, *, bint add_special=True, bint parse_special=False,
-                 bint as_array=False):
+    def tokenize(self, text, *, add_special=True, parse_special=False,
+                 as_array=False):
         """Tokenize ``text`` (str). Returns a list of ids, or an int32 array.
 
         ``add_special`` adds BOS/EOS as the model asks; ``parse_special`` turns
         special-token text such as ``<|im_start|>`` into the special token.
         """
+        add_special = _bool_arg(add_special, "add_special")
+        parse_special = _bool_arg(parse_special, "parse_special")
+        as_array = _bool_arg(as_array, "as_array")
         self._check()
         data = _utf8(text, "text")
         arr = _tokenize_bytes(self, data, add_special, parse_special)
         return arr if as_array else arr.tolist()
 
-    def token_to_piece(self, token, *, bint special=False, lstrip=0):
+    def token_to_piece(self, token, *, special=False, lstrip=0):
         """The bytes one token renders to (may be part of a UTF-8 character)."""
+        special = _bool_arg(special, "special")
         self._check()
         self._check_token(token, "token")
         lstrip = _int_arg(lstrip, "lstrip", 0, 2147483647)
         return _piece(self._ptr, token, special, lstrip)
 
-    def detokenize(self, tokens, *, bint remove_special=False, bint unparse_special=False,
+    def detokenize(self, tokens, *, remove_special=False, unparse_special=False,
                    errors="replace"):
         """Turn token ids back into text.
 
         Invalid UTF-8 (a token sequence cut inside a character) is decoded with
         ``errors`` (as ``bytes.decode``); use ``detokenize_bytes`` for the raw bytes.
         """
+        remove_special = _bool_arg(remove_special, "remove_special")
+        unparse_special = _bool_arg(unparse_special, "unparse_special")
         return self.detokenize_bytes(tokens, remove_special=remove_special,
                                      unparse_special=unparse_special).decode("utf-8", errors)
 
-    def detokenize_bytes(self, tokens, *, bint remove_special=False,
-                         bint unparse_special=False):
+    def detokenize_bytes(self, tokens, *, remove_special=False,
+                         unparse_special=False):
+        cdef bint rm_special = _bool_arg(remove_special, "remove_special")
+        cdef bint unparse = _bool_arg(unparse_special, "unparse_special")
         self._check()
         arr = _token_array(tokens, self._n_vocab, "tokens")
         cdef const int32_t[::1] view = arr
@@ -195,7 +203,7 @@ cdef class Vocab:
                     try:
                         with nogil:
                             got = llama_detokenize(self._ptr, toks, n, buf, cap,
-                                                   remove_special, unparse_special)
+                                                   rm_special, unparse)
                     except (IndexError, ValueError, RuntimeError) as exc:
                         raise _tokenizer_failed("detokenize", exc) from None
                     if got >= 0:
