@@ -801,3 +801,29 @@ def test_run_loads_names_a_hanging_job():
     outcomes, notes = run_loads(jobs, per_job_timeout=0.001, batch_size=1, workers=1)
     assert outcomes["vocab"].kind == "hang", outcomes["vocab"].describe()
     assert notes
+
+
+def test_compiled_string_walkers_agree_with_the_format():
+    """The GGUF check's hot loops run in C (_llama._gguf_*): length-prefixed strings,
+    cut strings, over-long lengths, duplicates and empty strings."""
+    from llamabind._llama import _gguf_collect_strings, _gguf_skip_strings, _gguf_strings_unique
+
+    def enc(items: list[bytes]) -> bytes:
+        return b"".join(struct.pack("<Q", len(x)) + x for x in items)
+
+    data = enc([b"a", b"bc", b"", b"def"])
+    assert _gguf_skip_strings(data, 0, 4, 1 << 30) == (len(data), 4, False)
+    assert _gguf_skip_strings(data, 0, 9, 1 << 30) == (len(data), 4, False)
+    assert _gguf_skip_strings(data, 0, 4, 1) == (9, 1, True)          # "bc" is over 1
+    assert _gguf_skip_strings(data[:-1], 0, 4, 1 << 30) == (27, 3, False)  # "def" cut
+    assert _gguf_collect_strings(data, 0, 4, len(data)) == ([b"a", b"bc", b"", b"def"],
+                                                           len(data))
+    assert _gguf_collect_strings(data, 0, 4, len(data) - 1) is None
+    assert _gguf_strings_unique(data, 0, 2, len(data)) == (19, True)
+    assert _gguf_strings_unique(data, 0, 3, len(data)) == (27, False)  # an empty one
+    dup = enc([b"ab", b"ba", b"ab"])
+    assert _gguf_strings_unique(dup, 0, 3, len(dup)) == (len(dup), False)
+    assert _gguf_strings_unique(dup, 0, 2, len(dup)) == (20, True)
+    assert _gguf_strings_unique(dup[:-1], 0, 3, len(dup)) is None
+    with pytest.raises(llamabind.InvalidArgumentError):
+        _gguf_skip_strings(data, len(data) + 1, 1, 1 << 30)

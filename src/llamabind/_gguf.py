@@ -30,7 +30,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import IO, Any, NoReturn
 
 from llamabind.errors import ModelFileError, ModelNotFoundError
@@ -63,6 +62,9 @@ _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8    # name length, n_dims, type, offset
 _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
 _U64 = struct.Struct("<Q")
+# what _Reader.strings(collect=True, unique_ok=True) gives for strings that are all
+# different and non-empty (compared by identity)
+UNIQUE_STRINGS: list[bytes] = []
 _I64 = struct.Struct("<q")
 
 # gguf_type: value -> (name, element size in bytes; 0 where it varies)
@@ -229,10 +231,22 @@ class _Reader:
         self.pos += n
         return self.data[rel:rel + n]
 
-    def strings(self, count: int, what: str, collect: bool = False) -> list[bytes] | None:
+    def strings(self, count: int, what: str, collect: bool = False,
+                unique_ok: bool = False) -> list[bytes] | None:
         """Skip ``count`` length-prefixed strings (the bulk of a tokenizer), or with
-        ``collect`` return them as a list of bytes."""
+        ``collect`` return them as a list of bytes. With ``unique_ok`` as well, strings
+        that are all different and non-empty give ``UNIQUE_STRINGS`` instead of a list
+        (checked in C, with no object per string)."""
         start = self.pos
+        if collect and unique_ok:
+            from llamabind._llama import _gguf_strings_unique
+
+            span = min(count * 24 + _READ_AHEAD, _MAX_READ_AHEAD)
+            rel = self.window(start, span)
+            found = _gguf_strings_unique(self.data, rel, count, rel + span)
+            if found is not None and found[1]:
+                self.pos = start + (found[0] - rel)
+                return UNIQUE_STRINGS
         if collect:
             out = self._collect_fast(count, min(count * 24 + _READ_AHEAD, _MAX_READ_AHEAD))
             if out is not None:
@@ -253,68 +267,47 @@ class _Reader:
 
     def _skip_fast(self, count: int) -> bool:
         """Skip the strings if they are all well-formed; False if one is not (the
-        caller then finds it). This loop is most of the time the check takes."""
-        unpack = _U64.unpack_from
-        size = self.size
+        caller then finds it). The walk runs in C (``_llama._gguf_skip_strings``), one
+        window of the file at a time."""
+        from llamabind._llama import _gguf_skip_strings
+
+        left = count
         rel = self.window(self.pos, min(count * 16 + _READ_AHEAD, _MAX_READ_AHEAD))
-        data = self.data
-        base = self.base
-        # In a file smaller than the length limit, a length over the limit runs past
-        # the end of the file, which is caught below: the loop can skip that test.
-        limit = _MAX_STRING_LENGTH if size > _MAX_STRING_LENGTH else None
-        items = repeat(None, count)
         while True:
-            try:
-                if limit is None:
-                    for _ in items:
-                        rel += 8 + unpack(data, rel)[0]
-                else:
-                    for _ in items:
-                        n = unpack(data, rel)[0]
-                        if n > limit:
-                            return False
-                        rel += 8 + n
+            rel, done, bad = _gguf_skip_strings(self.data, rel, left, _MAX_STRING_LENGTH)
+            if bad:
+                return False
+            left -= done
+            pos = self.base + rel   # the next string, not wholly in the window
+            if not left:
                 break
-            except (struct.error, OverflowError):
-                # this string's length lies past the window (or the previous length
-                # was absurd): move the window there
-                pos = base + rel
-                if pos + 8 > size:
+            if pos + 8 > self.size:
+                return False
+            if done == 0:
+                # one string longer than a window: read its length, jump over it
+                n = _U64.unpack_from(self.data, self.window(pos, 8))[0]
+                if n > _MAX_STRING_LENGTH or n > self.size - pos - 8:
                     return False
-                rel = self.window(pos, min(count * 16 + _READ_AHEAD, _MAX_READ_AHEAD))
-                data = self.data
-                base = self.base
-                if rel + 8 > len(data):
-                    return False
-                n = unpack(data, rel)[0]
-                if n > _MAX_STRING_LENGTH:
-                    return False
-                rel += 8 + n
-        pos = base + rel
-        if pos > self.size:
-            return False
+                pos += 8 + n
+                left -= 1
+                if not left:
+                    break
+            rel = self.window(pos, min(left * 16 + _READ_AHEAD, _MAX_READ_AHEAD))
         self.pos = pos
         return True
 
     def _collect_fast(self, count: int, span: int) -> list[bytes] | None:
         """The strings as a list, if they all lie within ``span`` bytes; None if not,
         or if one is damaged."""
-        unpack = _U64.unpack_from
+        from llamabind._llama import _gguf_collect_strings
+
         start = self.pos
         rel = self.window(start, span)
-        data = self.data
-        begin_rel = rel
-        begin = 0
-        try:
-            # a comprehension (with the position carried in assignment expressions)
-            # runs this hot loop faster than append() in a for loop
-            out = [data[(begin := rel + 8):(rel := begin + unpack(data, rel)[0])]
-                   for _ in repeat(None, count)]
-        except (struct.error, OverflowError):
+        found = _gguf_collect_strings(self.data, rel, count, rel + span)
+        if found is None:
             return None
-        if rel > len(data) or rel - begin_rel > span:
-            return None
-        self.pos = start + (rel - begin_rel)
+        out, end = found
+        self.pos = start + (end - rel)
         return out
 
 
@@ -528,7 +521,8 @@ def _read_kv(r: _Reader, i: int) -> GGUFKeyValue:
             if count * 8 > _size_left(r):
                 r.fail(count_pos, f"{what} has {count} strings; their lengths alone need "
                                   f"{count * 8} bytes, {_size_left(r)} are left")
-            strings = r.strings(count, what, collect=key == "tokenizer.ggml.tokens")
+            tokens = key == "tokenizer.ggml.tokens"
+            strings = r.strings(count, what, collect=tokens, unique_ok=tokens)
             if strings is not None:
                 kv.value = strings
         else:
@@ -589,9 +583,17 @@ def _check_token_list(r: _Reader, hdr: GGUFHeader) -> None:
     if model is None or model.type != _T_STRING or model.value in (b"no_vocab", b"none"):
         return  # llama.cpp does not read the token list (or refuses the file)
     if model.value == b"bert":
-        _check_wpm_token_types(r, hdr, len(texts))
+        _check_wpm_token_types(r, hdr, tokens.count or 0)
     elif model.value == b"rwkv":
+        if texts is UNIQUE_STRINGS:  # the RWKV check needs the texts: read them again
+            saved, r.pos = r.pos, tokens.value_offset + 12   # after the type and count
+            again = r.strings(tokens.count or 0, "tokenizer.ggml.tokens", collect=True)
+            r.pos = saved
+            assert again is not None
+            texts = again
         _check_rwkv_tokens(r, tokens, texts)
+    if texts is UNIQUE_STRINGS:
+        return
     unique = set(texts)
     if len(unique) == len(texts) and b"" not in unique:
         return
