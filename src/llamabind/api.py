@@ -289,7 +289,7 @@ class Session:
     def reset(self) -> None:
         """Forget the KV cache."""
         with self._claim():
-            self._ctx.memory_clear()
+            self._ctx.memory_clear(False)
             self._cached = []
 
     def _claim(self) -> _Claim:
@@ -381,7 +381,10 @@ class Session:
                     if kept == n_prompt:
                         kept -= 1  # the last prompt token must run again for its logits
                 if kept == 0:
-                    ctx.memory_clear()
+                    # Empty the cells, not the buffers (as llama.cpp's tools do): zeroing
+                    # the buffers costs milliseconds (47 MB for SmolLM2 at n_ctx 2048) and
+                    # changes nothing, as empty cells are masked out.
+                    ctx.memory_clear(False)
                 else:
                     ctx.seq_rm(0, kept, -1)
                 self._cached = prompt[:kept]

@@ -5,14 +5,35 @@
 
 
 cdef inline llama_token _argmax(const float * logits, int32_t n) noexcept nogil:
-    """The first index of the largest logit: what llama.cpp's greedy sampler picks."""
-    cdef int32_t i, best = 0
-    cdef float v = logits[0]
-    for i in range(1, n):
+    """The first index of the largest logit: what llama.cpp's greedy sampler picks
+    (``>`` comparisons, so NaNs are never picked; index 0 if every logit is NaN).
+
+    Two passes: the maximum with eight independent running maxima (the compares
+    pipeline instead of waiting on each other: several times faster over 150k logits
+    than one running maximum), then the first index holding it."""
+    cdef int32_t i, j
+    cdef float m[8]
+    cdef float v
+    for j in range(8):
+        m[j] = logits[0]
+    i = 0
+    while i + 8 <= n:
+        for j in range(8):
+            if logits[i + j] > m[j]:
+                m[j] = logits[i + j]
+        i += 8
+    v = m[0]
+    for j in range(1, 8):
+        if m[j] > v:
+            v = m[j]
+    while i < n:
         if logits[i] > v:
             v = logits[i]
-            best = i
-    return best
+        i += 1
+    for i in range(n):
+        if logits[i] == v:
+            return i
+    return 0
 
 
 cdef class TokenGenerator:
