@@ -80,6 +80,23 @@ def test_info_json_reports_the_build_and_the_model(smol_path: str) -> None:
         == (smol_path, 49152, True)
 
 
+@pytest.mark.model
+def test_nothing_reaches_stderr_when_llama_cpp_warns(qwen_path: str) -> None:
+    """Loading the Qwen model makes llama.cpp log a warning (a control-looking token);
+    it goes to the "llamabind" logger, and a program that configured no logging
+    prints nothing (logging's last-resort handler must not take it)."""
+    proc = _cli("info", "-m", qwen_path, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    code = ("import logging, llamabind\n"
+            "logging.basicConfig(level=logging.WARNING)\n"
+            f"llamabind.Model({qwen_path!r}).close()\n")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert "WARNING:llamabind:" in shown.stderr, shown.stderr
+
+
 def test_info_text_names_backends_and_devices() -> None:
     proc = _cli("info", "--build-only")
     assert proc.returncode == 0, proc.stderr

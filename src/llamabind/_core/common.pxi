@@ -67,6 +67,9 @@ cdef extern from *:
     const char * LLAMABIND_LLAMA_VERSION
 
 cdef object _logger = logging.getLogger("llamabind")
+# A library's logger gets a NullHandler: without one, logging's "last resort" handler
+# would print llama.cpp's warnings to stderr in a program that configured no logging.
+_logger.addHandler(logging.NullHandler())
 
 # --- fork safety -------------------------------------------------------------------
 # Native objects made before os.fork() hold threads, mutexes and device handles that
