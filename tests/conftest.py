@@ -70,3 +70,32 @@ def loaded_qwen(qwen_path: str) -> Iterator[llamabind.LoadedModel]:
 def _collect_between_tests() -> Iterator[None]:
     yield
     gc.collect()
+
+
+def _vulkan_build() -> bool:
+    from llamabind.buildinfo import build_config
+
+    option = str(build_config().get("options", {}).get("GGML_VULKAN", "OFF"))
+    return option.upper() in ("ON", "1", "TRUE", "YES", "Y")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The Vulkan tests need a Vulkan build (scripts/test_vulkan.sh makes one and runs
+    them). In a CPU build they are deselected, not skipped: nothing in the suite a build
+    can run is skipped. LLAMABIND_VULKAN_TESTS=1 keeps them (they then fail loudly on a
+    build without Vulkan)."""
+    import os
+
+    if os.environ.get("LLAMABIND_VULKAN_TESTS") == "1" or _vulkan_build():
+        return
+    vulkan = [item for item in items if item.get_closest_marker("vulkan")]
+    if vulkan:
+        config.hook.pytest_deselected(items=vulkan)
+        items[:] = [item for item in items if not item.get_closest_marker("vulkan")]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if _vulkan_build():
+        return "llamabind build: Vulkan backend compiled in"
+    return ("llamabind build: CPU only; the Vulkan tests are deselected "
+            "(scripts/test_vulkan.sh builds with Vulkan and runs them)")
