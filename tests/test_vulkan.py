@@ -8,8 +8,9 @@ scripts/test_vulkan.sh builds and runs them:
     pytest -m vulkan tests/test_vulkan.py
 
 In a CPU-only build conftest deselects them, so the ordinary test run is unaffected
-(run directly on such a build, they skip). With LLAMABIND_VULKAN_TESTS=1 they fail instead: whoever sets it expects a Vulkan build, and a
-silent skip would hide one that came out CPU-only. A Vulkan build whose backend finds no
+(run directly on such a build, they skip). With LLAMABIND_VULKAN_TESTS=1 they fail
+instead: whoever sets it expects a Vulkan build, and a silent skip would hide one that
+came out CPU-only. A Vulkan build whose backend finds no
 device fails either way. The model is SmolLM2-135M (conftest's smol_path).
 """
 
