@@ -44,6 +44,8 @@ def _gguf_collect_strings(const unsigned char[::1] data not None, Py_ssize_t rel
     cdef uint64_t length
     if rel < 0 or rel > n or count < 0:
         raise InvalidArgumentError(f"rel = {rel} and count = {count} do not fit {n} bytes")
+    if count > (n - rel) // 8:
+        return None  # each string needs at least its 8-byte length
     out = [None] * count
     for i in range(count):
         if n - rel < 8:
@@ -80,6 +82,8 @@ def _gguf_strings_unique(const unsigned char[::1] data not None, Py_ssize_t rel,
     cdef int64_t * table   # open addressing: index of a string's length field + 1, 0 empty
     if rel < 0 or rel > n or count < 0:
         raise InvalidArgumentError(f"rel = {rel} and count = {count} do not fit {n} bytes")
+    if count > (n - rel) // 8:
+        return None  # each string needs at least its 8-byte length
     while cap < <size_t>count * 2:
         cap *= 2
     mask = cap - 1

@@ -412,11 +412,15 @@ cdef class Sampler:
             raise GrammarError(
                 f"the chain chose token {tok}, which the grammar does not allow here: "
                 "the grammar allows no token at this point")
-        try:
-            llama_sampler_accept(self._ptr, tok)
-        except RuntimeError as exc:
-            raise SamplingError(f"accepting token {tok} failed: {exc}") from None
+        self._accept(tok)
         return tok
+
+    cdef int _accept(self, llama_token token) except -1:
+        try:
+            llama_sampler_accept(self._ptr, token)
+        except RuntimeError as exc:
+            raise SamplingError(f"accepting token {token} failed: {exc}") from None
+        return 0
 
     cdef bint _grammar_allows(self, llama_token token) except -1:
         """Whether the chain's grammar sampler allows ``token`` next (one-token apply)."""
@@ -429,7 +433,10 @@ cdef class Sampler:
         arr.size = 1
         arr.selected = -1
         arr.sorted = False
-        llama_sampler_apply(llama_sampler_chain_get(self._ptr, self._grammar_index), &arr)
+        try:
+            llama_sampler_apply(llama_sampler_chain_get(self._ptr, self._grammar_index), &arr)
+        except RuntimeError as exc:
+            raise SamplingError(f"the grammar failed on token {token}: {exc}") from None
         return isfinite(data.logit)
 
     def accept(self, token):
@@ -446,10 +453,7 @@ cdef class Sampler:
         # ask the grammar about this one token first.
         if self._grammar_index >= 0 and not self._grammar_allows(token):
             raise GrammarError(f"token {token} is not allowed by the grammar at this point")
-        try:
-            llama_sampler_accept(self._ptr, token)
-        except RuntimeError as exc:
-            raise SamplingError(f"accepting token {token} failed: {exc}") from None
+        self._accept(token)
 
     def reset(self):
         """Forget accepted tokens (and reseed nothing: the RNG keeps its state)."""
