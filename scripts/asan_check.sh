@@ -19,6 +19,14 @@
 # bad input (the core tests), the thread/fork/signal/close-while-busy tests, and the
 # lifetime tests (unclosed objects, garbage-collected cycles, exit with busy threads).
 # The RSS tests are left out: ASan's quarantine and shadow memory make RSS meaningless.
+# So is test_fork's fork-while-another-thread-decodes case: GCC 12's ASan allocator
+# installs no fork handlers (LLVM's got them in 18), so when the busy thread holds one
+# of ASan's size-class locks at the fork, the child deadlocks in its first malloc. Seen
+# here in 2 of 34 such forks; gdb on the hung child: FutexWait <- Mutex::Lock <-
+# SizeClassAllocator64::GetFromAllocator <- asan_memalign <- operator new <-
+# std::string::reserve <- gguf_kv_to_str <- llama_model_loader, the only thread left.
+# glibc's malloc does lock itself around fork(): the same 200 forks on the normal build
+# all finished (the test runs there in CI).
 # A test marked xfail for a memory bug still fails this script: ASan's report of the
 # child process it ran is collected below.
 #
@@ -54,7 +62,8 @@ if ((${#pytest_args[@]} == 0)); then
     tests/test_core_context.py tests/test_core_model_vocab.py
     tests/test_concurrency.py tests/test_fork.py tests/test_signals.py
     tests/test_resources.py
-    -m "not slow" -k "not close_frees" -p no:cacheprovider
+    -m "not slow" -k "not close_frees and not fork_while_another_thread_decodes"
+    -p no:cacheprovider
   )
 fi
 
