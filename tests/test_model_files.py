@@ -827,3 +827,58 @@ def test_compiled_string_walkers_agree_with_the_format():
     assert _gguf_strings_unique(dup[:-1], 0, 3, len(dup)) is None
     with pytest.raises(llamabind.InvalidArgumentError):
         _gguf_skip_strings(data, len(data) + 1, 1, 1 << 30)
+
+
+def _outcome(path: str) -> object:
+    try:
+        return _gguf._read(path, False)
+    except ModelFileError as exc:
+        return str(exc)
+
+
+@needs_model
+def test_fast_tensor_info_pass_agrees_with_the_slow_one(tmp_path, monkeypatch):
+    """The tensor infos are read in one loop when they are all well-formed; on damaged
+    ones that loop must give up, so the entry-by-entry reader says what is wrong. 400
+    seeded changes to SmolLM2's tensor infos (a field of a random tensor set to a small
+    or extreme value, or a random byte changed) give the same header or the same error
+    either way."""
+    import random
+
+    hdr = read_header(str(MODEL))
+    head = read_prefix(MODEL, hdr.data_offset)
+    rng = random.Random(7)
+    fast = _gguf._tensor_infos_fast
+    values = [0, 1, 2, 3, 4, 5, 9, 13, 31, 32, 63, 64, 255, 1 << 31, (1 << 32) - 1,
+              (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
+    errors = 0
+    for i in range(400):
+        data = bytearray(head)
+        info = rng.choice(hdr.tensors)
+        name_len = len(info.name.encode())
+        dims_at = info.info_offset + 8 + name_len
+        fields = [(info.info_offset, "<Q"), (dims_at, "<I"), (info.offset_pos - 4, "<i"),
+                  (info.offset_pos, "<Q")]
+        fields += [(dims_at + 4 + 8 * d, "<q") for d in range(len(info.shape))]
+        at, fmt = rng.choice(fields)
+        if i % 4 == 3:
+            data[at + rng.randrange(struct.calcsize(fmt))] = rng.randrange(256)
+        else:
+            value = rng.choice(values)
+            bits = 8 * struct.calcsize(fmt)
+            if fmt.islower():    # signed: the same bits
+                value = value % (1 << bits)
+                value = value - (1 << bits) if value >= 1 << (bits - 1) else value
+            else:
+                value %= 1 << bits
+            struct.pack_into(fmt, data, at, value)
+        path = tmp_path / f"m{i}.gguf"
+        write_sparse(path, bytes(data), hdr.file_size)
+        got_fast = _outcome(str(path))
+        monkeypatch.setattr(_gguf, "_tensor_infos_fast", lambda *args: None)
+        got_slow = _outcome(str(path))
+        monkeypatch.setattr(_gguf, "_tensor_infos_fast", fast)
+        assert got_fast == got_slow, (i, info.name, at, fmt)
+        errors += isinstance(got_slow, str)
+        path.unlink()
+    assert errors > 200   # most changes are damage the check must name

@@ -471,13 +471,19 @@ def _parse(r: _Reader, vocab_only: bool, adapter: bool = False) -> GGUFHeader:
     hdr.tensor_info_offset = r.pos
     _check_metadata(r, hdr, adapter)
 
-    seen = set()
-    for i in range(n_tensors):
-        info = _read_tensor_info(r, i, hdr.alignment)
-        if info.name in seen:
-            r.fail(info.info_offset, f"tensor name {info.name!r} appears twice (tensor {i})")
-        seen.add(info.name)
-        hdr.tensors.append(info)
+    fast = _tensor_infos_fast(r, n_tensors, hdr.alignment)
+    if fast is not None and len({info.name for info in fast}) == n_tensors:
+        hdr.tensors = fast
+    else:
+        # what is wrong, and where, the slow way
+        seen = set()
+        for i in range(n_tensors):
+            info = _read_tensor_info(r, i, hdr.alignment)
+            if info.name in seen:
+                r.fail(info.info_offset,
+                       f"tensor name {info.name!r} appears twice (tensor {i})")
+            seen.add(info.name)
+            hdr.tensors.append(info)
     if adapter:
         if not hdr.tensors:
             r.fail(r.pos, "the adapter file holds no tensors")
@@ -747,6 +753,67 @@ def _read_tensor_info(r: _Reader, i: int, align: int) -> GGUFTensorInfo:
     offset = r.unpack(_U64, f"the data offset of {what}")
     return GGUFTensorInfo(name=name, shape=tuple(shape), ggml_type=gtype, offset=offset,
                           info_offset=start, nbytes=nbytes, offset_pos=off_pos)
+
+
+_TENSOR_INFO_GUESS = 96    # bytes per tensor info to read ahead (a name of ~30 bytes)
+
+
+def _tensor_infos_fast(r: _Reader, count: int, align: int) -> list[GGUFTensorInfo] | None:
+    """The tensor infos, if every one of them is well-formed (the same checks as
+    :func:`_read_tensor_info`, in one loop over one window of the file, with no error
+    text made); None if one is not, or if they do not lie in the window: the caller then
+    reads them one by one and says what is wrong. ``r.pos`` moves past them only on
+    success."""
+    start = r.pos
+    span = min(count * _TENSOR_INFO_GUESS + _READ_AHEAD, _MAX_READ_AHEAD, r.size - start)
+    base = r.window(start, span)
+    data = r.data
+    end = len(data)
+    u32, i32 = _U32.unpack_from, _I32.unpack_from
+    u64 = _U64.unpack_from
+    types = _GGML_TYPES
+    out: list[GGUFTensorInfo] = []
+    at = base
+    for _ in range(count):
+        if at + 12 > end:
+            return None
+        info_at = at
+        n = u64(data, at)[0]
+        if n >= _MAX_NAME or at + 8 + n + 4 > end:
+            return None
+        name = data[at + 8:at + 8 + n].decode("utf-8", "surrogateescape")
+        at += 8 + n
+        n_dims = u32(data, at)[0]
+        at += 4
+        if n_dims > _MAX_DIMS or at + 8 * n_dims + 12 > end:
+            return None
+        shape = struct.unpack_from(f"<{n_dims}q", data, at)
+        at += 8 * n_dims
+        nelements = 1
+        for ne in shape:
+            if ne <= 0:
+                return None
+            nelements *= ne
+        if nelements > _INT64_MAX:
+            return None
+        gtype = i32(data, at)[0]
+        traits = types.get(gtype)
+        if traits is None or (n_dims <= 1 and gtype != _GGML_F32):
+            return None
+        _, blck, tsize = traits
+        if (shape[0] if shape else 1) % blck:
+            return None
+        nbytes = nelements // blck * tsize
+        if nbytes > _SIZE_MAX - (align - 1):
+            return None
+        offset = u64(data, at + 4)[0]
+        off_pos = r.base + at + 4
+        at += 12
+        out.append(GGUFTensorInfo(name=name, shape=shape, ggml_type=gtype, offset=offset,
+                                  info_offset=r.base + info_at, nbytes=nbytes,
+                                  offset_pos=off_pos))
+    r.pos = r.base + at
+    return out
 
 
 def _pad(n: int, align: int) -> int:
