@@ -368,8 +368,8 @@ class Bench:
         the peak resident set size."""
         a = self.args
         impls = self.impls()
-        for rep in range(a.reps):
-            self.log(f"{name}: start-up in fresh processes, round {rep + 1}/{a.reps}")
+        for rep in range(a.startup_reps):
+            self.log(f"{name}: start-up in fresh processes, round {rep + 1}/{a.startup_reps}")
             for impl in self.shuffled(impls):
                 try:
                     with self.start(impl) as w:
@@ -508,6 +508,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--n-ctx", type=int, default=2048, help="context length (2048)")
     ap.add_argument("--ttft-reps", type=int, default=None, help="default 3 (--quick 2)")
     ap.add_argument("--scale-reps", type=int, default=None, help="default 2 (--quick 1)")
+    ap.add_argument("--startup-reps", type=int, default=None,
+                    help="fresh-process start-up rounds (default 8, --quick 2): a load "
+                         "takes a second, and its spread on a shared machine is wide")
     ap.add_argument("--import-reps", type=int, default=7)
     ap.add_argument("--sections", default="speed,ttft,ctx,startup,scaling,import",
                     help="comma list of: speed, ttft, ctx, startup, scaling, import")
@@ -539,6 +542,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.ttft_reps = 2 if args.quick else 3
     if args.scale_reps is None:
         args.scale_reps = 1 if args.quick else 2
+    if args.startup_reps is None:
+        args.startup_reps = 2 if args.quick else 8
     if args.quick:
         args.import_reps = min(args.import_reps, 5)
     if args.threads is None:

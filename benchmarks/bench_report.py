@@ -171,7 +171,8 @@ def format_table(results: dict[str, Any]) -> str:
         f"({mach.get('Core(s) per socket', '?')} cores/socket, "
         f"{mach.get('Thread(s) per core', '?')} thread/core), Python {mach.get('python')}",
         f"threads {args['threads']}, rounds {args['reps']} (ttft {args['ttft_reps']}, "
-        f"threads test {args['scale_reps']}), pp {args['n_prompt']}, tg/gen {args['n_gen']}, "
+        f"threads test {args['scale_reps']}, start-up {args.get('startup_reps', args['reps'])}), "
+        f"pp {args['n_prompt']}, tg/gen {args['n_gen']}, "
         f"n_ctx {args['n_ctx']}; llama-cpp-python: "
         f"{meta.get('llama_cpp_python') or 'not installed'}",
         "medians, ± half the min-max range; ratios are medians over the reference's median",

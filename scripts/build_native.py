@@ -38,6 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 NATIVE_SRC = ROOT / "native"
 VENDOR_DIR = ROOT / "vendor" / "llama.cpp"
 PIN_FILE = ROOT / "vendor" / "llama-cpp-pin.json"
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from fetch_llama_cpp import source_marker  # noqa: E402
+
 DEFAULT_BUILD_DIR = ROOT / "build" / "native"
 BINARIES = ("llamabind-ref", "llama-bench", "llama-simple")
 STAMP_NAME = "llamabind-native.stamp.json"
@@ -105,10 +109,10 @@ def check_pin(config: dict[str, Any]) -> dict[str, Any]:
     pin = load_json(PIN_FILE)
     marker = VENDOR_DIR / ".llamabind-pin"
     have = marker.read_text().strip() if marker.is_file() else ""
-    if have != pin["sha256"]:
+    if have != source_marker(pin):
         raise BuildError(
-            "vendor/llama.cpp is not the pinned tree (missing or another version); run "
-            "'python scripts/fetch_llama_cpp.py'")
+            "vendor/llama.cpp is not the pinned, patched tree (missing, another version or "
+            "an older patch list); run 'python scripts/fetch_llama_cpp.py'")
     built_from = config.get("llama_cpp_commit")
     if built_from and built_from != pin["llama_cpp_commit"]:
         raise BuildError(
@@ -191,7 +195,9 @@ class Plan:
             "cmakelists": file_digest([NATIVE_SRC / "CMakeLists.txt"]),
         }
         # what the binaries depend on beyond that (an edit means an incremental build)
-        self.sources_digest = file_digest(sorted(NATIVE_SRC.glob("*.cpp")))
+        # (the vendor marker changes when the tree is unpacked again, e.g. new patches)
+        self.sources_digest = file_digest([*sorted(NATIVE_SRC.glob("*.cpp")),
+                                           VENDOR_DIR / ".llamabind-pin"])
 
     def binaries(self) -> dict[str, Path]:
         return {name: self.bin_dir / name for name in BINARIES}

@@ -6,6 +6,11 @@ llama.cpp comes from the registry's sdist of llama-cpp-python (pinned in
 Only what the build and the native reference tools need is unpacked; the tokenizer
 test vocabularies can be unpacked to ``models/vocab`` with ``--vocab``.
 
+The source tree gets the small edits listed in ``vendor/llama-cpp-patches.json`` (each
+must match exactly once, or the fetch fails): places where llama.cpp prints to stderr
+instead of logging. The marker file records the archive's and the patch list's
+sha256, so a changed patch list unpacks the tree again.
+
 Extraction happens into a temporary directory that is renamed into place only when
 complete, so a failed or interrupted run never leaves a half tree for the next build.
 """
@@ -13,6 +18,7 @@ complete, so a failed or interrupted run never leaves a half tree for the next b
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -26,6 +32,7 @@ from registry import FetchError, replace_dir, verified_download
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN_FILE = ROOT / "vendor" / "llama-cpp-pin.json"
+PATCH_FILE = ROOT / "vendor" / "llama-cpp-patches.json"
 VENDOR_DIR = ROOT / "vendor" / "llama.cpp"
 CACHE_DIR = ROOT / "vendor" / ".fetch-cache"
 VOCAB_DIR = ROOT / "models" / "vocab"
@@ -63,8 +70,27 @@ def _members(tar: tarfile.TarFile, prefix: str,
     return chosen
 
 
+def source_marker(pin: dict[str, str]) -> str:
+    """What the source tree's marker says: the archive's sha256 and the patch list's."""
+    return f"{pin['sha256']} {hashlib.sha256(PATCH_FILE.read_bytes()).hexdigest()}"
+
+
+def apply_patches(tree: Path) -> int:
+    """Apply vendor/llama-cpp-patches.json to an unpacked tree; returns how many."""
+    patches = json.loads(PATCH_FILE.read_text())
+    for patch in patches:
+        path = tree / patch["file"]
+        text = path.read_text(encoding="utf-8")
+        found = text.count(patch["old"])
+        if found != 1:
+            raise FetchError(f"patch for {patch['file']} ({patch['why'][:60]}...) matches "
+                             f"{found} places, not 1: the patch list does not fit this source")
+        path.write_text(text.replace(patch["old"], patch["new"]), encoding="utf-8")
+    return len(patches)
+
+
 def _extract(archive: Path, pin: dict[str, str], wanted: Callable[[str], bool],
-             final: Path) -> int:
+             final: Path, marker: str, patch: bool = False) -> int:
     prefix = pin["tree"].rstrip("/") + "/"
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-tmp-", dir=final.parent))
@@ -74,7 +100,9 @@ def _extract(archive: Path, pin: dict[str, str], wanted: Callable[[str], bool],
             for member in members:
                 member.name = member.name[len(prefix):]
                 tar.extract(member, tmp, filter="data")
-        (tmp / MARKER).write_text(pin["sha256"] + "\n")
+        if patch:
+            apply_patches(tmp)
+        (tmp / MARKER).write_text(marker + "\n")
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -82,24 +110,27 @@ def _extract(archive: Path, pin: dict[str, str], wanted: Callable[[str], bool],
     return len(members)
 
 
-def is_current(directory: Path, pin: dict[str, str]) -> bool:
-    marker = directory / MARKER
-    return marker.exists() and marker.read_text().strip() == pin["sha256"]
+def is_current(directory: Path, marker: str) -> bool:
+    path = directory / MARKER
+    return path.exists() and path.read_text().strip() == marker
 
 
 def fetch_source(force: bool = False) -> Path:
     pin = load_pin()
-    if not force and is_current(VENDOR_DIR, pin):
+    marker = source_marker(pin)
+    if not force and is_current(VENDOR_DIR, marker):
         return VENDOR_DIR
     archive = archive_path(pin)
-    n = _extract(archive, pin, lambda rel: rel.startswith(KEEP) or rel in KEEP, VENDOR_DIR)
-    print(f"llama.cpp {pin['llama_cpp_commit']} unpacked to {VENDOR_DIR} ({n} entries)")
+    n = _extract(archive, pin, lambda rel: rel.startswith(KEEP) or rel in KEEP, VENDOR_DIR,
+                 marker, patch=True)
+    print(f"llama.cpp {pin['llama_cpp_commit']} unpacked to {VENDOR_DIR} ({n} entries, "
+          f"patched as {PATCH_FILE.name} says)")
     return VENDOR_DIR
 
 
 def fetch_vocab(force: bool = False) -> Path:
     pin = load_pin()
-    if not force and is_current(VOCAB_DIR, pin):
+    if not force and is_current(VOCAB_DIR, pin["sha256"]):
         return VOCAB_DIR
     archive = archive_path(pin)
 
@@ -108,7 +139,8 @@ def fetch_vocab(force: bool = False) -> Path:
 
     # The vocab files live under models/ in the tree; flatten them into VOCAB_DIR.
     prefix_pin = dict(pin, tree=pin["tree"].rstrip("/") + "/models")
-    n = _extract(archive, prefix_pin, lambda rel: wanted("models/" + rel), VOCAB_DIR)
+    n = _extract(archive, prefix_pin, lambda rel: wanted("models/" + rel), VOCAB_DIR,
+                 pin["sha256"])
     print(f"{n} tokenizer test files unpacked to {VOCAB_DIR}")
     return VOCAB_DIR
 

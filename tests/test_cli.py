@@ -97,6 +97,24 @@ def test_nothing_reaches_stderr_when_llama_cpp_warns(qwen_path: str) -> None:
     assert "WARNING:llamabind:" in shown.stderr, shown.stderr
 
 
+@pytest.mark.model
+def test_a_grammar_that_does_not_parse_prints_nothing(smol_path: str) -> None:
+    """llama.cpp prints a grammar parse error (and the whole grammar) to stderr itself;
+    llamabind's copy of the source logs it instead (vendor/llama-cpp-patches.json), and
+    the GrammarError says what the parser expected."""
+    code = ("import llamabind\n"
+            f"m = llamabind.LoadedModel.load({smol_path!r}, n_gpu_layers=0)\n"
+            "try:\n"
+            "    m.generate('x', grammar='root ::= (\\n  \"a\"', max_tokens=2)\n"
+            "except llamabind.GrammarError as exc:\n"
+            "    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "invalid grammar" in proc.stdout and "expecting ')'" in proc.stdout, proc.stdout
+
+
 def test_info_text_names_backends_and_devices() -> None:
     proc = _cli("info", "--build-only")
     assert proc.returncode == 0, proc.stderr

@@ -348,3 +348,44 @@ def test_context_argument_checks(smol: Model) -> None:
                          ({"type_k": "q9"}, "q9"), ({"pooling": "max"}, "max")]:
         with pytest.raises(InvalidArgumentError, match=word):
             Context(smol, **kwargs)
+
+
+def _greedy_reference(row: np.ndarray) -> int:
+    """llama.cpp's greedy sampler, as written there: a strict ">" over the row."""
+    values = row.tolist()
+    best = 0
+    for i in range(1, len(values)):
+        if values[i] > values[best]:
+            best = i
+    return best
+
+
+def test_argmax_is_llama_cpps_greedy_choice() -> None:
+    """The C argmax (blocks of packed maxima) picks what llama.cpp's greedy loop picks:
+    the first of equal maxima, across and inside block edges, never a NaN, index 0
+    when logit 0 is NaN, infinities, signed zeros, short and odd lengths."""
+    from llamabind._llama import _argmax_floats
+
+    rng = np.random.default_rng(11)
+    cases: list[np.ndarray] = []
+    for n in (1, 2, 7, 8, 9, 511, 512, 513, 1024, 1031, 49152, 151936):
+        row = rng.standard_normal(n).astype(np.float32)
+        cases.append(row)
+        for at in {0, n - 1, n // 2, min(n - 1, 512), min(n - 1, 520)}:
+            peak = row.copy()
+            peak[at] = 100.0
+            cases.append(peak)
+            tie = peak.copy()
+            tie[n - 1] = 100.0       # a later equal maximum loses
+            cases.append(tie)
+            nan = peak.copy()
+            nan[rng.integers(0, n, size=max(1, n // 50))] = np.nan
+            cases.append(nan)
+    special = [np.array(v, dtype=np.float32) for v in (
+        [np.nan, 5.0, 7.0], [1.0, np.nan, 7.0, np.nan], [-np.inf, -np.inf],
+        [-np.inf, np.inf, np.inf], [-0.0, 0.0, -0.0], [0.0, -0.0], [np.nan] * 9,
+        [3.0] * 1000, [-1e30] * 600 + [-1e29] + [-1e30] * 600)]
+    cases += special
+    for row in cases:
+        assert _argmax_floats(row) == _greedy_reference(row), row[:16]
+    assert _argmax_floats(np.zeros(0, dtype=np.float32)) == -1
