@@ -389,3 +389,35 @@ def test_argmax_is_llama_cpps_greedy_choice() -> None:
     for row in cases:
         assert _argmax_floats(row) == _greedy_reference(row), row[:16]
     assert _argmax_floats(np.zeros(0, dtype=np.float32)) == -1
+
+
+def _native_threads() -> int:
+    import os
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_context_keeps_a_thread_pool_of_its_own(smol: Model) -> None:
+    """A context with n threads keeps n - 1 ggml worker threads between decodes (not
+    started and joined on every decode); set_n_threads replaces the pools, and close()
+    joins them: no thread outlives its context. (At most 2 threads: more than the
+    machine's cores makes ggml's spinning barriers take seconds per token.)"""
+    tokens = smol.vocab.tokenize(PROMPT)
+    before = _native_threads()
+    ctx = Context(smol, n_ctx=256, n_batch=64, n_threads=2, n_threads_batch=1)
+    try:
+        assert _native_threads() == before + 1          # 1 worker; batch pool: none
+        first = greedy_tokens(ctx, tokens, 4)
+        assert _native_threads() == before + 1
+        ctx.set_n_threads(1)
+        assert ctx.n_threads == (1, 1)
+        assert _native_threads() == before
+        assert greedy_tokens(ctx, tokens, 4) == first
+        ctx.set_n_threads(1, 2)
+        assert ctx.n_threads == (1, 2)
+        assert _native_threads() == before + 1
+        assert greedy_tokens(ctx, tokens, 4) == first
+        ctx.set_n_threads(2)
+        assert _native_threads() == before + 1
+    finally:
+        ctx.close()
+    assert _native_threads() == before

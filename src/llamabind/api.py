@@ -350,8 +350,9 @@ class Session:
         n_ctx = self.n_ctx
         if n_prompt >= n_ctx:
             raise ContextLengthExceededError(
-                f"the prompt has {n_prompt} tokens; with at least one generated token it "
-                f"needs {n_prompt + 1}, but the context holds {n_ctx}", n_prompt, n_ctx)
+                f"the prompt has {n_prompt} token{'' if n_prompt == 1 else 's'}; with at "
+                f"least one generated token it needs {n_prompt + 1}, but the context holds "
+                f"{n_ctx}", n_prompt, n_ctx)
         if self._ctx.closed:
             raise ClosedError("session is closed")
         sampler = build_sampler(self.model.native, s)

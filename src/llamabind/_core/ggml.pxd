@@ -2,7 +2,7 @@
 # Declarations from ggml.h, ggml-cpu.h and ggml-backend.h that llamabind uses.
 # Enum values are extern names: the C headers stay the single source of truth.
 
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint32_t
 from libcpp cimport bool as cppbool
 
 cdef extern from "ggml.h" nogil:
@@ -39,6 +39,12 @@ cdef extern from "ggml.h" nogil:
     struct gguf_context
     ctypedef void * ggml_backend_sched_eval_callback
     ctypedef void * ggml_threadpool_t
+    ctypedef struct ggml_threadpool_params:
+        int n_threads
+        uint32_t poll
+        bint paused
+
+    ggml_threadpool_params ggml_threadpool_params_default(int n_threads)
 
 
 cdef extern from "ggml-cpu.h" nogil:
@@ -50,6 +56,8 @@ cdef extern from "ggml-cpu.h" nogil:
         GGML_NUMA_STRATEGY_MIRROR
 
     bint ggml_is_numa()
+    ggml_threadpool_t ggml_threadpool_new(ggml_threadpool_params * params)
+    void ggml_threadpool_free(ggml_threadpool_t threadpool)
     int ggml_cpu_has_sse3()
     int ggml_cpu_has_ssse3()
     int ggml_cpu_has_avx()
