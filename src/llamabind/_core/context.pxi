@@ -344,7 +344,7 @@ cdef class Context:
         """Give the context thread pools of its own (llama.cpp's tools do the same).
         Without them ggml starts and joins its worker threads on every decode, and a
         worker that starts late gets little of the work: with 2 threads, perf showed the
-        main thread doing ~98% of the compute. Any pools attached before are freed once
+        main thread doing ~97% of the compute. Any pools attached before are freed once
         the new ones are in place."""
         cdef ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads)
         tpp.poll = _POOL_POLL
