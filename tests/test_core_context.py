@@ -398,26 +398,38 @@ def _native_threads() -> int:
 
 def test_context_keeps_a_thread_pool_of_its_own(smol: Model) -> None:
     """A context with n threads keeps n - 1 ggml worker threads between decodes (not
-    started and joined on every decode); set_n_threads replaces the pools, and close()
-    joins them: no thread outlives its context. (At most 2 threads: more than the
-    machine's cores makes ggml's spinning barriers take seconds per token.)"""
+    started and joined on every decode); batches share the pool when it is big enough;
+    set_n_threads keeps a pool that is big enough and starts a bigger one when asked
+    for more; close() joins them all: no thread outlives its context. (At most 2
+    threads: more than the machine's cores makes ggml's spinning barriers take seconds
+    per token.)"""
     tokens = smol.vocab.tokenize(PROMPT)
     before = _native_threads()
     ctx = Context(smol, n_ctx=256, n_batch=64, n_threads=2, n_threads_batch=1)
     try:
-        assert _native_threads() == before + 1          # 1 worker; batch pool: none
+        assert _native_threads() == before + 1          # 1 worker, shared by batches
         first = greedy_tokens(ctx, tokens, 4)
         assert _native_threads() == before + 1
         ctx.set_n_threads(1)
         assert ctx.n_threads == (1, 1)
-        assert _native_threads() == before
+        assert _native_threads() == before + 1          # the pool of 2 serves 1 thread
         assert greedy_tokens(ctx, tokens, 4) == first
         ctx.set_n_threads(1, 2)
         assert ctx.n_threads == (1, 2)
+        assert greedy_tokens(ctx, tokens, 4) == first
+    finally:
+        ctx.close()
+    assert _native_threads() == before
+    ctx = Context(smol, n_ctx=256, n_batch=64, n_threads=1)
+    try:
+        assert _native_threads() == before
+        ctx.set_n_threads(1, 2)                         # batches need a pool of 2
         assert _native_threads() == before + 1
         assert greedy_tokens(ctx, tokens, 4) == first
-        ctx.set_n_threads(2)
-        assert _native_threads() == before + 1
+        ctx.set_n_threads(2)                            # a pool of 2 for decodes too
+        assert ctx.n_threads == (2, 2)
+        assert greedy_tokens(ctx, tokens, 4) == first
+        assert _native_threads() == before + 2          # the replaced pool waits for close
     finally:
         ctx.close()
     assert _native_threads() == before

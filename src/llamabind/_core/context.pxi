@@ -140,6 +140,23 @@ cdef tuple _pos_range(object p0, object p1):
 cdef uint32_t _POOL_POLL = 0
 
 
+cdef ggml_threadpool_t _new_pool(int n_threads) except NULL:
+    cdef ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads)
+    cdef ggml_threadpool_t pool
+    tpp.poll = _POOL_POLL
+    with nogil:
+        pool = ggml_threadpool_new(&tpp)
+    if pool == NULL:
+        raise ContextCreationError(f"ggml could not start a pool of {n_threads} threads")
+    return pool
+
+
+cdef void _free_pool(ggml_threadpool_t pool) noexcept:
+    if pool != NULL:
+        with nogil:
+            ggml_threadpool_free(pool)
+
+
 @cython.no_gc_clear  # __dealloc__ frees the llama_context, which needs self.model alive
 cdef class Context:
     """A llama.cpp context on a :class:`Model`: KV cache, decode, logits, state.
@@ -168,8 +185,10 @@ cdef class Context:
     cdef int32_t _last_n_tokens
     cdef uint64_t _decode_count
     cdef llama_batch _one          # a 1-token batch for the generation fast path
-    cdef ggml_threadpool_t _pool         # the CPU threads of single-token decodes
-    cdef ggml_threadpool_t _pool_batch   # of batches, if n_threads_batch differs (or NULL)
+    cdef ggml_threadpool_t _pool         # the CPU threads of decodes
+    cdef ggml_threadpool_t _pool_batch   # of batches, if they need more threads (or NULL)
+    cdef int _pool_size, _pool_batch_size
+    cdef list _retired_pools             # replaced pools (addresses), freed with the context
     cdef llama_seq_id _one_seq
 
     def __cinit__(self):
@@ -334,9 +353,10 @@ cdef class Context:
             if self._fork_gen == _fork_generation:
                 with nogil:
                     llama_free(ptr)
-                self._free_pools(self._pool, self._pool_batch)
+                self._free_pools()
             # (in a forked child the pools' threads do not exist: nothing to join)
             self._pool = self._pool_batch = NULL
+            self._retired_pools = None
             if self.model is not None:
                 self.model._unpin()
 
@@ -344,39 +364,59 @@ cdef class Context:
         """Give the context thread pools of its own (llama.cpp's tools do the same).
         Without them ggml starts and joins its worker threads on every decode, and a
         worker that starts late gets little of the work: with 2 threads, perf showed the
-        main thread doing ~97% of the compute. Any pools attached before are freed once
-        the new ones are in place."""
-        cdef ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads)
-        tpp.poll = _POOL_POLL
-        cdef ggml_threadpool_t pool = NULL
+        main thread doing ~97% of the compute.
+
+        A pool with at least the threads asked for is kept (ggml runs a graph on as many
+        of its threads as the context's thread count says); batches share it unless they
+        need more. A pool that is replaced cannot be freed yet: ggml's CPU backend keeps
+        a pointer to the pool it last ran on and pauses it when the next decode switches
+        pools (AddressSanitizer caught that use after free), so it is retired and freed
+        with the context."""
+        cdef ggml_threadpool_t pool = self._pool
         cdef ggml_threadpool_t pool_batch = NULL
-        cdef ggml_threadpool_t old = self._pool
-        cdef ggml_threadpool_t old_batch = self._pool_batch
-        with nogil:
-            pool = ggml_threadpool_new(&tpp)
-        if pool == NULL:
-            raise ContextCreationError(f"ggml could not start a pool of {n_threads} threads")
-        if n_threads_batch != n_threads:
-            tpp = ggml_threadpool_params_default(n_threads_batch)
-            tpp.poll = _POOL_POLL
-            with nogil:
-                pool_batch = ggml_threadpool_new(&tpp)
-            if pool_batch == NULL:
-                self._free_pools(pool, NULL)
-                raise ContextCreationError(
-                    f"ggml could not start a pool of {n_threads_batch} threads")
+        cdef int size = self._pool_size
+        cdef int batch_size = 0
+        if pool == NULL or n_threads > size:
+            pool = _new_pool(n_threads)
+            size = n_threads
+        if n_threads_batch > size:
+            if self._pool_batch != NULL and self._pool_batch_size >= n_threads_batch:
+                pool_batch = self._pool_batch
+                batch_size = self._pool_batch_size
+            else:
+                try:
+                    pool_batch = _new_pool(n_threads_batch)
+                except BaseException:
+                    if pool != self._pool:
+                        _free_pool(pool)
+                    raise
+                batch_size = n_threads_batch
         llama_attach_threadpool(self._ptr, pool, pool_batch)
+        self._retire(self._pool, pool, pool_batch)
+        self._retire(self._pool_batch, pool, pool_batch)
         self._pool = pool
+        self._pool_size = size
         self._pool_batch = pool_batch
-        self._free_pools(old, old_batch)
+        self._pool_batch_size = batch_size
         return 0
 
-    cdef void _free_pools(self, ggml_threadpool_t pool, ggml_threadpool_t pool_batch) noexcept:
-        with nogil:
-            if pool_batch != NULL and pool_batch != pool:
-                ggml_threadpool_free(pool_batch)
-            if pool != NULL:
-                ggml_threadpool_free(pool)
+    cdef int _retire(self, ggml_threadpool_t old, ggml_threadpool_t pool,
+                     ggml_threadpool_t pool_batch) except -1:
+        if old != NULL and old != pool and old != pool_batch:
+            if self._retired_pools is None:
+                self._retired_pools = []
+            self._retired_pools.append(<size_t>old)
+        return 0
+
+    cdef void _free_pools(self) noexcept:
+        """After llama_free: nothing refers to the pools any more."""
+        _free_pool(self._pool_batch)
+        _free_pool(self._pool)
+        self._pool = self._pool_batch = NULL
+        if self._retired_pools is not None:
+            for old in self._retired_pools:
+                _free_pool(<ggml_threadpool_t><size_t>old)
+            self._retired_pools = None
 
     def close(self):
         """Free the context. If another thread is inside it, that operation is
