@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -221,6 +223,71 @@ def test_generator_stops_at_eog_and_length(smol: Model, ctx: Context) -> None:
     ctx.eval(tokens)
     gen = TokenGenerator(ctx, len(tokens), max_tokens=3)
     assert len(list(gen)) == 3 and gen.finish_reason == "length"
+
+
+def test_generator_run_equals_iteration(smol: Model, ctx: Context) -> None:
+    tokens = smol.vocab.tokenize("Once upon a time")
+
+    def fresh(max_tokens: int, seed: int | None) -> TokenGenerator:
+        ctx.memory_clear()
+        ctx.eval(tokens)
+        chain = None if seed is None else (
+            Sampler().add_top_k(40).add_temperature(0.9).add_dist(seed))
+        return TokenGenerator(ctx, len(tokens), chain, max_tokens=max_tokens)
+
+    for seed in (None, 5):
+        gen = fresh(40, seed)
+        pairs = list(gen)
+        out: list[int] = []
+        data = bytearray()
+        run = fresh(40, seed)
+        assert run.run(out, data) == "length" == gen.finish_reason
+        assert out == [t for t, _ in pairs]
+        assert bytes(data) == b"".join(p for _, p in pairs)
+        assert (run.pos, run.n_generated, run.last_token) == (gen.pos, gen.n_generated,
+                                                              gen.last_token)
+        # a stop ends the run at the token whose bytes complete it, wherever it starts
+        whole = bytes(data)
+        ends = [len(b"".join(p for _, p in pairs[:i + 1])) for i in range(len(pairs))]
+        for stop in (whole[5:9], whole[-3:], whole[:1], b"\xff\xfe"):
+            out, data = [], bytearray()
+            reason = fresh(40, seed).run(out, data, [b"\x00\x01", stop])
+            at = whole.find(stop)
+            if at < 0:
+                assert reason == "length" and bytes(data) == whole
+                continue
+            n = next(i for i, e in enumerate(ends) if e >= at + len(stop)) + 1
+            assert reason == "stop" and len(out) == n and bytes(data) == whole[:ends[n - 1]]
+    # run() after the end returns at once; so does a generator of 0 tokens
+    assert run.run([], bytearray()) == "length"
+    empty = fresh(0, None)
+    out, data = [], bytearray()
+    assert empty.run(out, data) == "length" and out == [] and data == b""
+    for bad in ("x", [b""], [b"ok", "str"], b"ab", 5):
+        with pytest.raises(InvalidArgumentError, match="stops"):
+            fresh(4, None).run([], bytearray(), bad)
+    with pytest.raises(InvalidArgumentError, match="tokens must be a list, got tuple"):
+        fresh(4, None).run((), bytearray())
+    with pytest.raises(InvalidArgumentError, match="text must be a bytearray, got bytes"):
+        fresh(4, None).run([], b"")
+
+
+def test_generator_run_cancelled_keeps_what_it_made(smol: Model, ctx: Context) -> None:
+    tokens = smol.vocab.tokenize("Once upon a time")
+    ctx.eval(tokens)
+    gen = TokenGenerator(ctx, len(tokens), max_tokens=100_000)
+    out: list[int] = []
+    data = bytearray()
+    timer = threading.Timer(0.3, ctx.cancel)
+    timer.start()
+    with pytest.raises(llamabind.GenerationCancelled):
+        gen.run(out, data)
+    timer.join()
+    assert 0 < len(out) == gen.n_generated < 2000
+    assert bytes(data) == b"".join(smol.vocab.token_to_piece(t) for t in out)
+    ctx.memory_clear()
+    ctx.eval(tokens)  # the context is usable afterwards
+    assert ctx.seq_pos_max(0) == len(tokens) - 1
 
 
 def test_seeded_sampling_reproduces(smol: Model, ctx: Context) -> None:

@@ -26,6 +26,29 @@ def _argmax_floats(const float[::1] logits not None):
     return found
 
 
+cdef bint _any_stop_in(bytearray text, Py_ssize_t start, tuple stops) noexcept:
+    """Whether one of ``stops`` (non-empty bytes) occurs in ``text[start:]``."""
+    cdef const char * h = text
+    cdef Py_ssize_t n = len(text)
+    cdef const char * p
+    cdef const char * last
+    cdef const char * needle
+    cdef Py_ssize_t k
+    for s in stops:
+        needle = <bytes>s
+        k = len(<bytes>s)
+        p = h + start
+        last = h + n - k
+        while p <= last:
+            p = <const char *>memchr(p, needle[0], last - p + 1)
+            if p == NULL:
+                break
+            if memcmp(p, needle, k) == 0:
+                return True
+            p += 1
+    return False
+
+
 cdef class TokenGenerator:
     """Iterate ``(token, piece_bytes)`` for tokens generated on a context.
 
@@ -84,46 +107,102 @@ cdef class TokenGenerator:
             raise StopIteration
         cdef Context ctx = self._ctx
         cdef llama_token tok
-        cdef int32_t row
-        cdef const float * logits
         ctx._enter()
         try:
-            if self._pending:
-                self._pending = False
-                ctx._decode_one(self._pending_token, self.pos, self._seq)
-                self.pos += 1
-            if ctx._abort.cancel:
-                ctx._abort.cancel = False
-                raise GenerationCancelled("generation was cancelled")
-            if self.n_generated >= self.max_tokens:
-                self.finish_reason = "length"
+            tok = self._step(ctx)
+            if tok < 0:
                 raise StopIteration
-            if <uint32_t>self.pos >= ctx._n_ctx:
-                self.finish_reason = "length"
-                raise StopIteration
-            row = ctx._resolve_row(-1)
-            if self._sampler is None:
-                with nogil:
-                    logits = llama_get_logits_ith(ctx._ptr, row)
-                    tok = _argmax(logits, ctx._n_vocab) if logits != NULL else -1
-                if tok < 0:
-                    raise SamplingError("no logits to sample from")
-            else:
-                self._sampler._check()
-                tok = self._sampler._sample_row(ctx, row)
-            if llama_vocab_is_eog(self._vocab, tok):
-                self.last_token = tok
-                self.finish_reason = "stop"
-                raise StopIteration
-            self.n_generated += 1
-            self._pending = True
-            self._pending_token = tok
-            self.last_token = tok
             piece = _piece(self._vocab, tok, self._render_special, 0)
         finally:
             ctx._leave()
         PyErr_CheckSignals()
         return tok, piece
+
+    def run(self, tokens, text, stops=()):
+        """Generate to the end in one call, with no Python code between tokens: each
+        token is appended to ``tokens`` and its bytes to ``text`` as it comes (so both
+        hold what was generated when an exception ends the run). Ends like iteration
+        does, or, with ``finish_reason`` "stop", at the first token whose bytes complete
+        one of ``stops`` (non-empty ``bytes``) in ``text``. Returns ``finish_reason``."""
+        if type(tokens) is not list:
+            raise InvalidArgumentError(f"tokens must be a list, got {type(tokens).__name__}")
+        if type(text) is not bytearray:
+            raise InvalidArgumentError(f"text must be a bytearray, got {type(text).__name__}")
+        if isinstance(stops, (bytes, str)) or not isinstance(stops, (tuple, list)):
+            raise InvalidArgumentError(
+                f"stops must be a tuple or list of bytes, got {type(stops).__name__}")
+        cdef tuple stop_list = tuple(stops)
+        cdef Py_ssize_t longest = 0
+        for s in stop_list:
+            if not isinstance(s, bytes) or len(<bytes>s) == 0:
+                raise InvalidArgumentError(f"stops must be non-empty bytes, got {s!r}")
+            longest = max(longest, len(<bytes>s))
+        if self.finish_reason is not None:
+            return self.finish_reason
+        cdef Context ctx = self._ctx
+        cdef list out_tokens = tokens
+        cdef bytearray out_text = text
+        cdef llama_token tok
+        cdef Py_ssize_t old, start
+        ctx._enter()
+        try:
+            while True:
+                tok = self._step(ctx)
+                if tok < 0:
+                    break
+                out_tokens.append(tok)
+                old = len(out_text)
+                out_text.extend(_piece(self._vocab, tok, self._render_special, 0))
+                if longest:
+                    # a stop that ends in this token's bytes starts at most
+                    # len(stop) - 1 bytes before them
+                    start = old - longest + 1 if old >= longest else 0
+                    if _any_stop_in(out_text, start, stop_list):
+                        self.finish_reason = "stop"
+                        break
+                PyErr_CheckSignals()
+        finally:
+            ctx._leave()
+        return self.finish_reason
+
+    cdef llama_token _step(self, Context ctx) except -2:
+        """Decode the pending token, pick the next one: the token, or -1 when the
+        generation ends here (finish_reason set). Caller holds ctx._enter()."""
+        cdef llama_token tok
+        cdef int32_t row
+        cdef const float * logits
+        if self._pending:
+            self._pending = False
+            ctx._decode_one(self._pending_token, self.pos, self._seq)
+            self.pos += 1
+        if ctx._abort.cancel:
+            ctx._abort.cancel = False
+            raise GenerationCancelled("generation was cancelled")
+        if self.n_generated >= self.max_tokens:
+            self.finish_reason = "length"
+            return -1
+        if <uint32_t>self.pos >= ctx._n_ctx:
+            self.finish_reason = "length"
+            return -1
+        row = ctx._resolve_row(-1)
+        if self._sampler is None:
+            with nogil:
+                logits = llama_get_logits_ith(ctx._ptr, row)
+                tok = _argmax(logits, ctx._n_vocab) if logits != NULL else -1
+            if tok < 0:
+                raise SamplingError("no logits to sample from")
+        else:
+            self._sampler._check()
+            tok = self._sampler._sample_row(ctx, row)
+        if llama_vocab_is_eog(self._vocab, tok):
+            self.last_token = tok
+            self.finish_reason = "stop"
+            return -1
+        self.n_generated += 1
+        self._pending = True
+        self._pending_token = tok
+        self.last_token = tok
+        return tok
 
     def finish(self, reason="stop"):
         """End iteration early (e.g. a stop string matched) with ``reason``."""
