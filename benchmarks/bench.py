@@ -403,6 +403,9 @@ class Bench:
                 w = self.start(impl)
                 workers[impl] = w
                 w.call(self.load_line(path, 1))
+                # one unmeasured round first: the first two-thread round of a fresh
+                # process ran up to 15% slower here (llama-bench warms up too)
+                w.call(f"scale workers=2 n=16 prompt={prompts['short']}")
                 jobs += [(impl, 1), (impl, 2)]
             if self.native_bin is not None:
                 jobs += [("llama-bench", 1), ("llama-bench", 2)]
@@ -507,7 +510,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="tokens in the long time-to-first-token prompt (1000)")
     ap.add_argument("--n-ctx", type=int, default=2048, help="context length (2048)")
     ap.add_argument("--ttft-reps", type=int, default=None, help="default 3 (--quick 2)")
-    ap.add_argument("--scale-reps", type=int, default=None, help="default 2 (--quick 1)")
+    ap.add_argument("--scale-reps", type=int, default=None, help="default 3 (--quick 1)")
     ap.add_argument("--startup-reps", type=int, default=None,
                     help="fresh-process start-up rounds (default 8, --quick 2): a load "
                          "takes a second, and its spread on a shared machine is wide")
@@ -541,7 +544,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.ttft_reps is None:
         args.ttft_reps = 2 if args.quick else 3
     if args.scale_reps is None:
-        args.scale_reps = 1 if args.quick else 2
+        args.scale_reps = 1 if args.quick else 3
     if args.startup_reps is None:
         args.startup_reps = 2 if args.quick else 8
     if args.quick:
