@@ -14,7 +14,7 @@ from llamabind import (
     ModelConfig,
     SamplingConfig,
 )
-from llamabind.api import _StopMatcher
+from llamabind._llama import StopMatcher
 
 
 def test_defaults() -> None:
@@ -101,16 +101,30 @@ def test_immutable_and_with() -> None:
 
 
 def test_stop_matcher_holds_back_prefixes() -> None:
-    m = _StopMatcher(["</end>", "STOP"])
+    m = StopMatcher(["</end>", "STOP"])
     assert m.feed("hello <") == ("hello ", None)
     assert m.feed("/e") == ("", None)
     assert m.feed("nd> more") == ("", "</end>")
-    m = _StopMatcher(["STOP"])
+    m = StopMatcher(["STOP"])
     assert m.feed("abc ST") == ("abc ", None)
     assert m.feed("ART") == ("START", None)
     assert m.feed("xS") == ("x", None)
     assert m.flush() == "S"
-    m = _StopMatcher([])
+    m = StopMatcher([])
     assert m.feed("anything") == ("anything", None)
-    m = _StopMatcher(["ab", "b"])
+    m = StopMatcher(["ab", "b"])
     assert m.feed("xab") == ("x", "ab")
+    # the earliest match wins; at the same place, the first listed
+    assert StopMatcher(["abc", "ab"]).feed("xabcd") == ("x", "abc")
+    assert StopMatcher(["bc", "ab"]).feed("xabcd") == ("x", "ab")
+    m = StopMatcher(["\u00e9t\u00e9", "\u65e5"])
+    assert m.byte_stops == ("\u00e9t\u00e9".encode(), "\u65e5".encode())
+    assert m.feed("l'\u00e9") == ("l'", None)
+    assert m.feed("t") == ("", None)
+    assert m.flush() == "\u00e9t"
+    assert StopMatcher(["a\ufffd"]).byte_stops is None
+    for bad in ("x", [""], ["ok", b"bytes"], [None], 3):
+        with pytest.raises(InvalidArgumentError, match="stops"):
+            StopMatcher(bad)
+    with pytest.raises(InvalidArgumentError, match="lone surrogates"):
+        StopMatcher(["\ud800"])

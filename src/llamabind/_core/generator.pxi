@@ -207,3 +207,149 @@ cdef class TokenGenerator:
     def finish(self, reason="stop"):
         """End iteration early (e.g. a stop string matched) with ``reason``."""
         self.finish_reason = reason
+
+
+# --- text: UTF-8 assembly and stop strings ---------------------------------------------
+
+cdef extern from "Python.h":
+    str PyUnicode_DecodeUTF8Stateful(const char * s, Py_ssize_t size, const char * errors,
+                                     Py_ssize_t * consumed)
+
+
+cdef class StopMatcher:
+    """Holds back text that could be the start of a stop string, so a stop string is
+    never emitted, not even partly, even when it spans several tokens.
+
+    ``feed(text)`` returns (text safe to emit, the stop string that matched or None):
+    at a match, the text before the earliest match (the first listed stop wins a tie);
+    otherwise all but the longest suffix that begins some stop string. ``flush()``
+    returns what is held. ``byte_stops``: the stops as UTF-8, for matching on bytes
+    (TokenGenerator.run), or None when one contains U+FFFD, which invalid bytes decode to.
+    """
+
+    cdef tuple _stops
+    cdef Py_ssize_t _max
+    cdef str _held
+    cdef readonly object byte_stops
+
+    def __init__(self, stops=()):
+        if isinstance(stops, str) or not isinstance(stops, (tuple, list)):
+            raise InvalidArgumentError(
+                f"stops must be a tuple or list of str, got {type(stops).__name__}")
+        for s in stops:
+            if type(s) is not str or not s:
+                raise InvalidArgumentError(f"stops must be non-empty str, got {s!r}")
+        self._stops = tuple(stops)
+        self._max = max([len(<str>s) for s in self._stops], default=0)
+        self._held = ""
+        try:
+            self.byte_stops = (None if any(["\ufffd" in <str>s for s in self._stops])
+                               else tuple([(<str>s).encode("utf-8") for s in self._stops]))
+        except UnicodeEncodeError:
+            raise InvalidArgumentError(f"stops must be valid text (no lone surrogates), "
+                                       f"got {self._stops!r}") from None
+
+    cpdef tuple feed(self, str text):
+        if not self._stops:
+            return text, None
+        cdef str buf = self._held + text
+        cdef Py_ssize_t n = len(buf)
+        cdef Py_ssize_t first = -1
+        cdef Py_ssize_t i, k, keep = 0
+        cdef object hit = None
+        for s in self._stops:
+            i = buf.find(<str>s)
+            if i != -1 and (first == -1 or i < first):
+                first = i
+                hit = s
+        if hit is not None:
+            self._held = ""
+            return buf[:first], hit
+        for k in range(min(self._max - 1, n), 0, -1):
+            tail = buf[n - k:]
+            for s in self._stops:
+                if (<str>s).startswith(tail):
+                    keep = k
+                    break
+            if keep:
+                break
+        self._held = buf[n - keep:] if keep else ""
+        return buf[:n - keep], None
+
+    cpdef str flush(self):
+        cdef str held = self._held
+        self._held = ""
+        return held
+
+
+cdef class TextStream:
+    """Iterate the text of a TokenGenerator's tokens as they come: each piece valid
+    UTF-8 text (bytes of a character split across tokens wait for the rest; invalid
+    bytes become U+FFFD, as ``bytes.decode(errors="replace")`` does), stop strings held
+    back by ``matcher`` (a StopMatcher) and never emitted. Each token is appended to
+    ``tokens`` as it is generated. Ends at the generator's end or at a stop string
+    (``stop_hit`` names it)."""
+
+    cdef TokenGenerator _gen
+    cdef list _tokens
+    cdef StopMatcher _matcher
+    cdef bytes _pending
+    cdef bint _done
+    cdef readonly object stop_hit
+
+    def __init__(self, TokenGenerator gen not None, tokens, StopMatcher matcher not None):
+        if type(tokens) is not list:
+            raise InvalidArgumentError(f"tokens must be a list, got {type(tokens).__name__}")
+        self._gen = gen
+        self._tokens = tokens
+        self._matcher = matcher
+        self._pending = b""
+        self._done = False
+        self.stop_hit = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        cdef TokenGenerator gen = self._gen
+        cdef Context ctx = gen._ctx
+        cdef llama_token tok
+        cdef bytes data
+        cdef str text, out
+        cdef Py_ssize_t used
+        while not self._done:
+            if gen.finish_reason is not None:
+                tok = -1
+            else:
+                ctx._enter()
+                try:
+                    tok = gen._step(ctx)
+                    if tok >= 0:
+                        self._tokens.append(tok)
+                        data = self._pending + _piece(gen._vocab, tok, gen._render_special, 0)
+                finally:
+                    ctx._leave()
+                PyErr_CheckSignals()
+            if tok < 0:
+                # the end: what the decoder holds (replaced if incomplete), then all held
+                self._done = True
+                text = self._pending.decode("utf-8", "replace")
+                self._pending = b""
+                out = <str>self._matcher.feed(text)[0] + self._matcher.flush()
+                if out:
+                    return out
+                break
+            text = PyUnicode_DecodeUTF8Stateful(data, len(data), "replace", &used)
+            self._pending = data[used:] if used < len(data) else b""
+            if not text:
+                continue
+            out, hit = self._matcher.feed(text)
+            if hit is not None:
+                self._done = True
+                self.stop_hit = hit
+                if out:
+                    return out
+                break
+            if out:
+                return out
+        raise StopIteration
