@@ -8,7 +8,7 @@
 // It reads one command per line on stdin and answers each with one JSON line on
 // stdout (llama.cpp's log is silenced):
 //
-//   load model=PATH threads=T [n_ctx=2048] [threadpool=1]
+//   load model=PATH threads=T [n_ctx=2048] [threadpool=1] [poll=0]
 //   ctx [n_ctx=2048]                      create and free a context, timed
 //   pp n=512                              prompt processing of n random tokens
 //   tg n=128                              n single-token decodes, no sampling
@@ -24,7 +24,11 @@
 // mirrors a binding's generate(): tokenize, decode the prompt with logits for its last
 // token, then sample -> stop at end-of-generation -> render -> decode the token, for n
 // tokens (the last generated token is not decoded, as no one asks for what follows).
-// threadpool=1 attaches a ggml thread pool to each context, as llama-bench does.
+// threadpool=1 attaches a ggml thread pool to each context, as llama-bench does, with
+// polling off (poll=0) as llamabind's contexts have it: at ggml's default (50) the
+// pool's workers spin for tens of milliseconds after each decode, so whatever the
+// benchmark ran next, in another process, found a core taken (a short prompt's first
+// token measured right after the probe took 47 ms instead of 25).
 
 #include "ggml-cpu.h"
 #include "llama.h"
@@ -225,6 +229,7 @@ std::string run_command(probe & pr, const std::string & cmd, const std::map<std:
         pr.n_ctx = (int) get_int(a, "n_ctx", 2048);
         if (get_int(a, "threadpool", 1)) {
             ggml_threadpool_params tpp = ggml_threadpool_params_default(pr.threads);
+            tpp.poll = (uint32_t) get_int(a, "poll", 0);
             pr.pool = ggml_threadpool_new(&tpp);
         }
         llama_model_params mp = llama_model_default_params();
