@@ -128,3 +128,5 @@ def test_stop_matcher_holds_back_prefixes() -> None:
             StopMatcher(bad)
     with pytest.raises(InvalidArgumentError, match="lone surrogates"):
         StopMatcher(["\ud800"])
+    with pytest.raises(InvalidArgumentError, match="got None"):
+        StopMatcher([]).feed(None)  # type: ignore[arg-type]

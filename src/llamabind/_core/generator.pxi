@@ -250,6 +250,8 @@ cdef class StopMatcher:
                                        f"got {self._stops!r}") from None
 
     cpdef tuple feed(self, str text):
+        if text is None:
+            raise InvalidArgumentError("text must be a str, got None")
         if not self._stops:
             return text, None
         cdef str buf = self._held + text
