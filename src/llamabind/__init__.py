@@ -10,6 +10,7 @@ Two layers:
 from llamabind._llama import (
     Batch,
     Context,
+    Generation,
     LoraAdapter,
     Model,
     Sampler,
@@ -19,15 +20,24 @@ from llamabind._llama import (
     backend_init,
     backends,
     builtin_chat_templates,
+    cpu_budget,
     cpu_features,
     default_threads,
     devices,
+    set_cpu_budget,
     system_info,
 )
 from llamabind.api import GenerationResult, LoadedModel, Session, default_model_path
 from llamabind.buildinfo import build_info
 from llamabind.chat import ChatMessage, ChatTemplate
-from llamabind.config import ContextConfig, GenerationConfig, ModelConfig, SamplingConfig
+from llamabind.config import (
+    ContextConfig,
+    EngineConfig,
+    GenerationConfig,
+    ModelConfig,
+    SamplingConfig,
+)
+from llamabind.engine import Event, Request, TokenLogprob
 from llamabind.errors import (
     BackendError,
     ChatTemplateError,
@@ -66,7 +76,10 @@ __all__ = [
     "ContextCreationError",
     "ContextLengthExceededError",
     "DecodeError",
+    "EngineConfig",
+    "Event",
     "ForkError",
+    "Generation",
     "GenerationCancelled",
     "GenerationConfig",
     "GenerationResult",
@@ -81,6 +94,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "QueueFullError",
+    "Request",
     "Sampler",
     "SamplingConfig",
     "SamplingError",
@@ -88,6 +102,7 @@ __all__ = [
     "StateError",
     "StateFileNotFoundError",
     "TokenGenerator",
+    "TokenLogprob",
     "TokenizationError",
     "Vocab",
     "__version__",
@@ -96,9 +111,11 @@ __all__ = [
     "backends",
     "build_info",
     "builtin_chat_templates",
+    "cpu_budget",
     "cpu_features",
     "default_model_path",
     "default_threads",
     "devices",
+    "set_cpu_budget",
     "system_info",
 ]

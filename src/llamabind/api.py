@@ -1,29 +1,36 @@
-"""The high-level API: load a model once, generate and stream text, chat.
+"""The high-level API: load a model once, generate and stream text, chat, embed.
 
-    model = LoadedModel.load("model.gguf")
+    model = LoadedModel.load("model.gguf", n_ctx=4096)
     result = model.generate("The capital of France is", max_tokens=16, temperature=0)
     for piece in model.stream("Once upon a time", seed=1):
         print(piece, end="")
 
-A :class:`LoadedModel` is safe to share between threads. Each generation runs on a
-:class:`Session` (one llama.cpp context); ``LoadedModel.generate`` borrows one from a
-pool, so contexts are reused (KV cache cleared) instead of recreated per request.
+A :class:`LoadedModel` is safe to share between threads and asyncio tasks: its
+``generate``/``stream``/``chat`` (and their async forms) go through the model's batching
+engine (:mod:`llamabind.engine`), which decodes every running request together in one
+context. ``create_session()`` gives a context of your own instead.
 """
 
 from __future__ import annotations
 
-import codecs
 import os
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from llamabind import _llama
 from llamabind.chat import ChatTemplate, validate_messages
-from llamabind.config import ContextConfig, GenerationConfig, ModelConfig, SamplingConfig
+from llamabind.config import (
+    ContextConfig,
+    EngineConfig,
+    GenerationConfig,
+    ModelConfig,
+    SamplingConfig,
+)
+from llamabind.engine import Engine, Event, Request, TokenLogprob
 from llamabind.errors import (
     ChatTemplateError,
     ClosedError,
@@ -34,14 +41,16 @@ from llamabind.errors import (
 )
 
 if TYPE_CHECKING:
-    import asyncio
+    import numpy as np
+    import numpy.typing as npt
 
-__all__ = ["GenerationResult", "LoadedModel", "Session", "default_model_path"]
+__all__ = ["GenerationResult", "LoadedModel", "Session", "build_sampler",
+           "default_model_path"]
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
-_SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingConfig))
-_GENERATION_FIELDS = frozenset(f.name for f in fields(GenerationConfig))
+_SAMPLING = SamplingConfig.names()
+_GENERATION = GenerationConfig.names()
 
 
 def default_model_path() -> str:
@@ -69,7 +78,9 @@ class GenerationResult:
     ``completion_tokens`` the number of tokens generated into ``text`` (``tokens`` holds
     their ids; an end-of-generation token is not counted). ``finish_reason`` is "stop"
     (end-of-generation token or stop string), "length" (max_tokens or a full context)
-    or "cancelled".
+    or "cancelled". ``cached_prompt_tokens`` of the prompt's tokens reused KV cells of
+    an earlier request instead of being computed. ``logprobs``: when asked for, each
+    token's log-probability and the most likely alternatives.
     """
 
     text: str
@@ -81,6 +92,8 @@ class GenerationResult:
     generation_ms: float
     cached_prompt_tokens: int = 0
     stop_sequence: str | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    queue_ms: float = 0.0
 
     @property
     def total_tokens(self) -> int:
@@ -106,32 +119,24 @@ class GenerationResult:
         return {"role": "assistant", "content": self.text}
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+# --- options -------------------------------------------------------------------------
 
-
-def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    sampling = {k: v for k, v in overrides.items() if k in _SAMPLING_FIELDS}
-    generation = {k: v for k, v in overrides.items() if k in _GENERATION_FIELDS}
-    unknown = sorted(set(overrides) - _SAMPLING_FIELDS - _GENERATION_FIELDS)
-    if unknown:
-        raise InvalidArgumentError(
-            f"unknown generation option {unknown[0]!r}; options: "
-            f"{sorted(_SAMPLING_FIELDS | _GENERATION_FIELDS)}")
-    return sampling, generation
-
-
-def _configs(sampling: SamplingConfig | None, generation: GenerationConfig | None,
-             overrides: dict[str, Any]) -> tuple[SamplingConfig, GenerationConfig]:
+def _configs(options: dict[str, Any]) -> tuple[SamplingConfig, GenerationConfig]:
+    """SamplingConfig and GenerationConfig from keyword options: their fields by name,
+    and/or whole configs as ``sampling=``/``generation=``."""
+    sampling = options.pop("sampling", None)
+    generation = options.pop("generation", None)
     if sampling is not None and not isinstance(sampling, SamplingConfig):
         raise InvalidArgumentError(f"sampling must be a SamplingConfig, got {sampling!r}")
     if generation is not None and not isinstance(generation, GenerationConfig):
         raise InvalidArgumentError(f"generation must be a GenerationConfig, got {generation!r}")
-    s_over, g_over = _split_overrides(overrides)
+    unknown = sorted(set(options) - _SAMPLING - _GENERATION)
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown generation option {unknown[0]!r}; options: "
+            f"{sorted(_SAMPLING | _GENERATION)}")
+    s_over = {k: v for k, v in options.items() if k in _SAMPLING}
+    g_over = {k: v for k, v in options.items() if k in _GENERATION}
     s = sampling or SamplingConfig()
     g = generation or GenerationConfig()
     if s_over:
@@ -141,36 +146,58 @@ def _configs(sampling: SamplingConfig | None, generation: GenerationConfig | Non
     return s, g
 
 
-def _configs_from(options: dict[str, Any]) -> tuple[SamplingConfig, GenerationConfig]:
-    """Configs from keyword options that may include ``sampling=``/``generation=``."""
-    return _configs(options.pop("sampling", None), options.pop("generation", None), options)
-
-
-def build_sampler(model: _llama.Model, s: SamplingConfig) -> _llama.Sampler | None:
-    """The llama.cpp sampler chain for ``s``; None means plain greedy (argmax in C)."""
-    if s.greedy and not s.logit_bias and s.grammar is None and not s.has_penalties:
+def build_sampler(model: _llama.Model, s: SamplingConfig,
+                  n_ctx: int) -> _llama.Sampler | None:
+    """The llama.cpp sampler chain for ``s``, in llama.cpp's own order (its
+    common_sampler): logit bias, grammar, penalties, DRY, top-n-sigma, top-k,
+    typical-p, top-p, min-p, XTC, temperature, then the draw (or mirostat). None means
+    plain greedy decoding (argmax in C)."""
+    bias = dict(s.logit_bias)
+    if s.ignore_eos and not s.greedy:
+        for tok in _eog_tokens(model):
+            bias[tok] = float("-inf")
+    if (s.greedy and not bias and s.grammar is None and not s.has_penalties
+            and s.dry_multiplier == 0.0):
         return None
     chain = _llama.Sampler()
     try:
-        if s.logit_bias:
-            chain.add_logit_bias(model, dict(s.logit_bias))
+        if bias:
+            chain.add_logit_bias(model, bias)
         if s.grammar is not None:
             chain.add_grammar(model, s.grammar)
         if s.has_penalties:
             chain.add_penalties(model.n_vocab, s.penalty_last_n, s.repeat_penalty,
-                                s.frequency_penalty, s.presence_penalty)
+                                s.frequency_penalty, s.presence_penalty, n_ctx=n_ctx)
+        if s.dry_multiplier != 0.0:
+            chain.add_dry(model, s.dry_multiplier, s.dry_base, s.dry_allowed_length,
+                          s.dry_penalty_last_n, s.dry_sequence_breakers, n_ctx=n_ctx)
         if s.greedy:
             chain.add_greedy()
             return chain
+        if s.mirostat == 1:
+            chain.add_temperature(s.temperature)
+            chain.add_mirostat(model.n_vocab, s.mirostat_tau, s.mirostat_eta, seed=s.seed)
+            return chain
+        if s.mirostat == 2:
+            chain.add_temperature(s.temperature)
+            chain.add_mirostat_v2(s.mirostat_tau, s.mirostat_eta, seed=s.seed)
+            return chain
+        if s.top_n_sigma > 0:
+            chain.add_top_n_sigma(s.top_n_sigma)
         if s.top_k > 0:
             chain.add_top_k(s.top_k)
         if s.typical_p < 1.0:
-            chain.add_typical(s.typical_p)
+            chain.add_typical(s.typical_p, s.min_keep)
         if s.top_p < 1.0:
-            chain.add_top_p(s.top_p)
+            chain.add_top_p(s.top_p, s.min_keep)
         if s.min_p > 0.0:
-            chain.add_min_p(s.min_p)
-        chain.add_temperature(s.temperature)
+            chain.add_min_p(s.min_p, s.min_keep)
+        if s.xtc_probability > 0.0:
+            chain.add_xtc(s.xtc_probability, s.xtc_threshold, s.min_keep, seed=s.seed)
+        if s.dynatemp_range > 0.0:
+            chain.add_temperature_ext(s.temperature, s.dynatemp_range, s.dynatemp_exponent)
+        else:
+            chain.add_temperature(s.temperature)
         chain.add_dist(s.seed)
         return chain
     except BaseException:
@@ -178,21 +205,19 @@ def build_sampler(model: _llama.Model, s: SamplingConfig) -> _llama.Sampler | No
         raise
 
 
-class _Run:
-    """Filled in by a generation as it goes; ``result`` is set when it ends."""
+def _eog_tokens(model: _llama.Model) -> list[int]:
+    vocab = model.vocab
+    return [t for t in range(model.n_vocab) if vocab.is_eog(t)]
 
-    __slots__ = ("cancel_event", "result")
 
-    def __init__(self, cancel_event: threading.Event | None = None) -> None:
-        self.result: GenerationResult | None = None
-        self.cancel_event = cancel_event
-
+# --- a context of your own -------------------------------------------------------------
 
 class Session:
     """One llama.cpp context on a loaded model, for one thread at a time.
 
     It remembers which tokens its KV cache holds, so a prompt that starts like the
-    previous one (the next turn of a chat) evaluates only the new part.
+    previous one (the next turn of a chat) evaluates only the new part. Generation runs
+    the same token loop as the engine (:class:`llamabind.Generation`).
     """
 
     def __init__(self, model: LoadedModel, config: ContextConfig | None = None) -> None:
@@ -201,12 +226,7 @@ class Session:
             raise InvalidArgumentError(f"config must be a ContextConfig, got {config!r}")
         self.model = model
         self.config = config
-        self._ctx = _llama.Context(
-            model.native, n_ctx=config.context_length, n_batch=config.batch_size,
-            n_ubatch=config.ubatch_size, n_threads=config.threads,
-            n_threads_batch=config.threads_batch, flash_attn=config.flash_attention,
-            type_k=config.kv_cache_type, type_v=config.kv_cache_type,
-            embeddings=config.embeddings)
+        self._ctx = _llama.Context(model.native, config)
         self._cached: list[int] = []
         self._lock = threading.Lock()
 
@@ -220,7 +240,8 @@ class Session:
     @property
     def n_ctx(self) -> int:
         """The context length: as configured (llama.cpp may allocate a little more)."""
-        return min(self.config.context_length, int(self._ctx.n_ctx))
+        n = self.config.n_ctx or int(self.model.native.n_ctx_train)
+        return min(n, int(self._ctx.n_ctx))
 
     @property
     def cached_tokens(self) -> list[int]:
@@ -257,54 +278,41 @@ class Session:
 
     # --- generation --------------------------------------------------------------
 
-    def tokenize_prompt(self, prompt: str, generation: GenerationConfig) -> list[int]:
-        return list(self.model.vocab.tokenize(prompt, add_special=generation.add_bos,
-                                              parse_special=generation.parse_special))
-
-    def generate(self, prompt: str, *, sampling: SamplingConfig | None = None,
-                 generation: GenerationConfig | None = None, reuse_prefix: bool = False,
+    def generate(self, prompt: str, *, reuse_prefix: bool = False,
                  **options: Any) -> GenerationResult:
         """Generate a completion of ``prompt``; ``options`` are fields of
         SamplingConfig/GenerationConfig (``temperature=0``, ``max_tokens=16``...)."""
-        s, g = _configs(sampling, generation, options)
-        run = _Run()
-        return self._run_to_end(self.tokenize_prompt(prompt, g), s, g, reuse_prefix, run)
-
-    def stream(self, prompt: str, *, sampling: SamplingConfig | None = None,
-               generation: GenerationConfig | None = None, reuse_prefix: bool = False,
-               **options: Any) -> Iterator[str]:
-        """Yield the completion as text pieces (each valid UTF-8 text, stop strings
-        never included); joined they equal ``generate(...)``'s text for the same seed."""
-        s, g = _configs(sampling, generation, options)
-        tokens = self.tokenize_prompt(prompt, g)
-        return self._stream_tokens(tokens, s, g, reuse_prefix, _Run())
-
-    def chat(self, messages: Sequence[Any], *, sampling: SamplingConfig | None = None,
-             generation: GenerationConfig | None = None, **options: Any) -> GenerationResult:
-        """Answer a chat with the model's own template; the KV cache of the common
-        prefix with the previous call (the earlier turns) is reused."""
-        s, g = _configs(sampling, generation, options)
-        run = _Run()
-        return self._run_to_end(self.model.chat_prompt_tokens(messages), s, g, True, run)
-
-    def stream_chat(self, messages: Sequence[Any], *, sampling: SamplingConfig | None = None,
-                    generation: GenerationConfig | None = None,
-                    **options: Any) -> Iterator[str]:
-        s, g = _configs(sampling, generation, options)
-        tokens = self.model.chat_prompt_tokens(messages)
-        return self._stream_tokens(tokens, s, g, True, _Run())
-
-    def _run_to_end(self, prompt: list[int], s: SamplingConfig, g: GenerationConfig,
-                    reuse_prefix: bool, run: _Run) -> GenerationResult:
-        for _ in self._stream_tokens(prompt, s, g, reuse_prefix, run, streaming=False):
+        s, g = _configs(options)
+        tokens = self.model.tokenize_prompt(prompt, g)
+        run = self._start(tokens, s, g, reuse_prefix)
+        for _ in run:
             pass
-        assert run.result is not None
         return run.result
 
-    def _stream_tokens(self, prompt: list[int], s: SamplingConfig, g: GenerationConfig,
-                       reuse_prefix: bool, run: _Run, streaming: bool = True) -> Iterator[str]:
-        """Validate now, then return the generator that does the work (with
-        ``streaming=False`` it yields nothing and leaves the result in ``run``)."""
+    def stream(self, prompt: str, *, reuse_prefix: bool = False,
+               **options: Any) -> Iterator[str]:
+        """Yield the completion as text pieces (stop strings never included); joined
+        they equal ``generate(...)``'s text for the same seed."""
+        s, g = _configs(options)
+        tokens = self.model.tokenize_prompt(prompt, g)
+        return iter(self._start(tokens, s, g, reuse_prefix, streaming=True))
+
+    def chat(self, messages: Sequence[Any], **options: Any) -> GenerationResult:
+        """Answer a chat with the model's own template; the KV cache of the common
+        prefix with the previous call (the earlier turns) is reused."""
+        s, g = _configs(options)
+        run = self._start(self.model.chat_prompt_tokens(messages), s, g, True)
+        for _ in run:
+            pass
+        return run.result
+
+    def stream_chat(self, messages: Sequence[Any], **options: Any) -> Iterator[str]:
+        s, g = _configs(options)
+        tokens = self.model.chat_prompt_tokens(messages)
+        return iter(self._start(tokens, s, g, True, streaming=True))
+
+    def _start(self, prompt: list[int], s: SamplingConfig, g: GenerationConfig,
+               reuse_prefix: bool, streaming: bool = False) -> _SessionRun:
         n_prompt = len(prompt)
         if n_prompt == 0:
             raise InvalidArgumentError("the prompt is empty (it produced no tokens)")
@@ -316,90 +324,98 @@ class Session:
                 f"{n_ctx}", n_prompt, n_ctx)
         if self._ctx.closed:
             raise ClosedError("session is closed")
-        sampler = build_sampler(self.model.native, s)
-        return self._generate(prompt, sampler, g, reuse_prefix, run, streaming)
+        sampler = build_sampler(self.model.native, s, n_ctx)
+        try:
+            gen = _llama.Generation(self.model.native, n_prompt, sampler,
+                                    max_tokens=g.max_tokens, stop=list(g.stop),
+                                    ignore_eos=s.ignore_eos, logprobs=g.logprobs,
+                                    n_ctx=n_ctx)
+        except BaseException:
+            if sampler is not None:
+                sampler.close()
+            raise
+        return _SessionRun(self, prompt, gen, sampler, reuse_prefix, streaming)
 
-    def _generate(self, prompt: list[int], sampler: _llama.Sampler | None,
-                  g: GenerationConfig, reuse_prefix: bool, run: _Run,
-                  streaming: bool) -> Iterator[str]:
-        ctx = self._ctx
+
+class _SessionRun:
+    """One generation on a Session: iterating it runs it (yielding text pieces when
+    streaming); ``result`` is set at the end."""
+
+    def __init__(self, session: Session, prompt: list[int], gen: _llama.Generation,
+                 sampler: _llama.Sampler | None, reuse_prefix: bool, streaming: bool) -> None:
+        self.session = session
+        self.prompt = prompt
+        self.gen = gen
+        self.sampler = sampler
+        self.reuse_prefix = reuse_prefix
+        self.streaming = streaming
+        self.result: GenerationResult | None = None  # type: ignore[assignment]
+
+    def __iter__(self) -> Iterator[str]:
+        session = self.session
+        ctx = session._ctx
+        gen = self.gen
+        prompt = self.prompt
         n_prompt = len(prompt)
-        completion: list[int] = []
-        pieces: list[str] = []
-        finish: FinishReason = "length"
-        stop_hit: str | None = None
-        matcher = _llama.StopMatcher(g.stop)
-        t_gen = t_prompt = 0.0
         kept = 0
-        gen: _llama.TokenGenerator | None = None
-        with self._claim():
+        t0 = time.perf_counter()
+        t_prompt = t_gen = 0.0
+        with session._claim():
             try:
                 ctx.reset_cancel()
-                if run.cancel_event is not None and run.cancel_event.is_set():
-                    raise GenerationCancelled("cancelled before start")
-                t0 = time.perf_counter()
-                if reuse_prefix:
-                    kept = _common_prefix(self._cached, prompt)
+                if self.reuse_prefix:
+                    kept = _llama.common_prefix(session._cached, prompt)
                     if kept == n_prompt:
                         kept -= 1  # the last prompt token must run again for its logits
                 if kept == 0:
                     # Empty the cells, not the buffers (as llama.cpp's tools do): zeroing
-                    # the buffers costs milliseconds (47 MB for SmolLM2 at n_ctx 2048) and
-                    # changes nothing, as empty cells are masked out.
+                    # the buffers costs milliseconds and changes nothing.
                     ctx.memory_clear(False)
                 else:
                     ctx.seq_rm(0, kept, -1)
-                self._cached = prompt[:kept]
+                session._cached = prompt[:kept]
                 ctx.eval(prompt[kept:], pos0=kept)
-                self._cached = list(prompt)
+                session._cached = list(prompt)
                 t1 = time.perf_counter()
                 t_prompt = t1 - t0
-                room = self.n_ctx - n_prompt
-                gen = _llama.TokenGenerator(ctx, n_prompt, sampler,
-                                            max_tokens=min(g.max_tokens, room))
-                if not streaming and matcher.byte_stops is not None:
-                    # The whole loop in C; the text is decoded once at the end. The
-                    # same text, tokens and stop as TextStream's token-by-token text
-                    # below: a stop string (with no U+FFFD in it) occurs in the decoded
-                    # text exactly when its UTF-8 bytes occur in the generated bytes.
-                    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-                    data = bytearray()
-                    try:
-                        gen.run(completion, data, matcher.byte_stops)
-                    finally:
-                        out, stop_hit = matcher.feed(decoder.decode(bytes(data)))
-                        if out:
-                            pieces.append(out)
-                    if stop_hit is not None:
-                        finish = "stop"
-                    else:
-                        finish = "stop" if gen.finish_reason == "stop" else "length"
-                        out = matcher.feed(decoder.decode(b"", final=True))[0] + matcher.flush()
-                        if out:
-                            pieces.append(out)
+                gen.accept(ctx)
+                if not self.streaming:
+                    gen.run(ctx)
                 else:
-                    texts = _llama.TextStream(gen, completion, matcher)
-                    for out in texts:
-                        pieces.append(out)
-                        yield out
-                    stop_hit = texts.stop_hit
-                    finish = ("stop" if stop_hit is not None or gen.finish_reason == "stop"
-                              else "length")
+                    while True:
+                        text = gen.take_text()
+                        if text:
+                            yield text
+                        if gen.finished:
+                            break
+                        gen.step(ctx)
                 t_gen = time.perf_counter() - t1
             except GenerationCancelled:
-                finish = "cancelled"
+                gen.finish("cancelled")
                 t_gen = time.perf_counter() - t0 - t_prompt
             finally:
-                # What the KV cache holds now: the prompt, and every generated token
-                # except the last (decoded only when the next one is asked for).
-                in_cache = ctx.seq_pos_max(0) + 1 if not ctx.closed else 0
-                self._cached = (prompt + completion)[:in_cache]
-                if sampler is not None:
-                    sampler.close()
-        run.result = GenerationResult(
-            text="".join(pieces), prompt_tokens=n_prompt, completion_tokens=len(completion),
-            finish_reason=finish, tokens=tuple(completion), prompt_eval_ms=t_prompt * 1000,
-            generation_ms=t_gen * 1000, cached_prompt_tokens=kept, stop_sequence=stop_hit)
+                # what the KV cache holds now: the prompt and the decoded tokens
+                decoded = max(0, gen.pos - n_prompt)
+                if not ctx.closed and len(session._cached) == n_prompt:
+                    session._cached = prompt + list(gen.tokens[:decoded])
+                if self.sampler is not None:
+                    self.sampler.close()
+        self.result = GenerationResult(
+            text=gen.text, prompt_tokens=n_prompt, completion_tokens=gen.n_generated,
+            finish_reason=gen.finish_reason, tokens=tuple(gen.tokens),
+            prompt_eval_ms=t_prompt * 1000, generation_ms=t_gen * 1000,
+            cached_prompt_tokens=kept, stop_sequence=gen.stop_sequence,
+            logprobs=_session_logprobs(session.model, gen.logprobs))
+
+
+def _session_logprobs(model: LoadedModel,
+                      records: list[Any] | None) -> tuple[TokenLogprob, ...] | None:
+    if records is None:
+        return None
+    vocab = model.vocab
+    return tuple(TokenLogprob(t, vocab.detokenize([t]), float(lp),
+                              tuple((u, vocab.detokenize([u]), float(v)) for u, v in top))
+                 for t, lp, top in records)
 
 
 class _Claim:
@@ -416,10 +432,6 @@ class _Claim:
 
     def __exit__(self, *exc_info: object) -> None:
         self._lock.release()
-
-
-def _has_gpu() -> bool:
-    return any(d["type"] in ("gpu", "igpu") for d in _llama.devices())
 
 
 class _ProgressBar:
@@ -441,52 +453,63 @@ class _ProgressBar:
         return True
 
 
-class LoadedModel:
-    """A GGUF model loaded once and shared: by threads, sessions and requests.
+# --- the shared model ---------------------------------------------------------------------
 
-    ``LoadedModel.load(path, n_gpu_layers=..., n_ctx=2048)`` loads it (the GIL is
-    released while llama.cpp reads the file). ``generate``/``stream``/``chat`` borrow
-    a pooled :class:`Session` (context) per call, so any number of threads can call
-    them at once; ``create_session()`` gives a session of your own.
+class LoadedModel:
+    """A GGUF model loaded once and shared by threads, tasks and requests.
+
+    ``LoadedModel.load(path, n_ctx=4096, n_parallel=8, n_threads=4, ...)`` loads it (the
+    GIL is released while llama.cpp reads the file); every option of ModelConfig,
+    ContextConfig and EngineConfig can be passed by name. ``generate``/``stream``/
+    ``chat`` and their async forms go through the model's batching engine: any number
+    of threads and tasks may call them at once, and they are decoded together.
+    ``create_session()`` gives a context of your own.
     """
 
     def __init__(self, native: _llama.Model, config: ModelConfig,
-                 context_config: ContextConfig) -> None:
+                 context_config: ContextConfig,
+                 engine_config: EngineConfig | None = None) -> None:
         self.native = native
         self.config = config
         self.context_config = context_config
+        self.engine_config = engine_config or EngineConfig()
         self.vocab = native.vocab
-        self._pool: list[Session] = []
-        self._pool_lock = threading.Lock()
-        self._max_idle = max(2, os.cpu_count() or 2)
+        self._engine = Engine(native, context_config, self.engine_config)
+        self._embedders: dict[Any, Any] = {}   # pooling -> embed._Embedder
+        self._embed_lock = threading.Lock()
         self._template: ChatTemplate | None = None
         self._closed = False
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *,
-             n_gpu_layers: int | None = None, n_ctx: int = 2048,
              config: ModelConfig | None = None, context: ContextConfig | None = None,
+             engine: EngineConfig | None = None,
              progress: bool | Callable[[float], bool | None] | None = None,
-             **model_options: Any) -> LoadedModel:
-        """Load a model. ``path=None`` is the default small model. ``n_ctx`` is the
-        default context length of sessions (``context`` gives every context setting);
-        ``model_options`` are other ModelConfig fields (use_mmap, main_gpu, ...).
-        ``progress=True`` draws a progress bar on a terminal's stderr."""
+             **options: Any) -> LoadedModel:
+        """Load a model. ``path=None`` is the default small model. ``options``: any
+        field of ModelConfig (n_gpu_layers, use_mmap...), ContextConfig (n_ctx,
+        n_threads, n_batch...) or EngineConfig (n_parallel, max_queue...) by name; or
+        whole configs as ``config=``/``context=``/``engine=``. ``progress=True`` draws a
+        progress bar on a terminal's stderr."""
+        groups: dict[type, dict[str, Any]] = {ModelConfig: {}, ContextConfig: {},
+                                              EngineConfig: {}}
+        for name, value in options.items():
+            for owner in groups:
+                if name in owner.names():  # type: ignore[attr-defined]
+                    groups[owner][name] = value
+                    break
+            else:
+                raise InvalidArgumentError(
+                    f"unknown option {name!r}; options: "
+                    f"{sorted(ModelConfig.names() | ContextConfig.names() | EngineConfig.names())}")
+        m_opts = groups[ModelConfig]
         if config is None:
             config = ModelConfig(path=os.fspath(path) if path is not None
-                                 else default_model_path(),
-                                 n_gpu_layers=n_gpu_layers, **model_options)
-        elif path is not None or n_gpu_layers is not None or model_options:
-            raise InvalidArgumentError("pass either config= or path/n_gpu_layers/options")
-        if context is None:
-            context = ContextConfig(context_length=n_ctx)
-        elif n_ctx != 2048 and n_ctx != context.context_length:
-            raise InvalidArgumentError("pass either context= or n_ctx")
-        if not isinstance(context, ContextConfig):
-            raise InvalidArgumentError(f"context must be a ContextConfig, got {context!r}")
-        layers = config.n_gpu_layers
-        if layers is None:
-            layers = -1 if _has_gpu() else 0
+                                 else default_model_path(), **m_opts)
+        elif path is not None or m_opts:
+            raise InvalidArgumentError("pass either config= or a path and model options")
+        context = _merge(ContextConfig, context, groups[ContextConfig], "context")
+        engine = _merge(EngineConfig, engine, groups[EngineConfig], "engine")
         callback: Callable[[float], bool | None] | None
         if progress is True:
             callback = _ProgressBar(os.path.basename(config.path)) if sys.stderr.isatty() \
@@ -495,24 +518,20 @@ class LoadedModel:
             callback = None
         else:
             callback = progress
-        native = _llama.Model(
-            config.path, n_gpu_layers=layers, main_gpu=config.main_gpu,
-            split_mode=config.split_mode, tensor_split=config.tensor_split,
-            use_mmap=config.use_mmap, use_mlock=config.use_mlock,
-            vocab_only=config.vocab_only, progress=callback)
-        return cls(native, config, context)
+        native = _llama.Model(config, progress=callback)
+        return cls(native, config, context, engine)
 
     # --- lifetime ----------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the model: idle sessions are freed now; sessions in use finish their
-        work and free the model when they are done."""
-        with self._pool_lock:
-            # set under the lock: _release() checks it under the same lock
-            self._closed = True
-            idle, self._pool = self._pool, []
-        for session in idle:
-            session.close()
+        """Close the model: queued and running requests end with ClosedError; sessions
+        still open keep the native model alive until they close."""
+        self._closed = True
+        self._engine.close()
+        with self._embed_lock:
+            embedders, self._embedders = self._embedders, {}
+        for emb in embedders.values():
+            emb.ctx.close()
         self.native.close()
 
     @property
@@ -528,61 +547,41 @@ class LoadedModel:
     def __repr__(self) -> str:
         return f"<LoadedModel {self.config.path!r}{' closed' if self._closed else ''}>"
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"model {self.config.path!r} is closed")
+
     # --- sessions ----------------------------------------------------------------
 
     def create_session(self, config: ContextConfig | None = None, **options: Any) -> Session:
         """A new context of your own (``options``: ContextConfig fields)."""
-        if self._closed:
-            raise ClosedError(f"model {self.config.path!r} is closed")
+        self._check_open()
         if options:
             config = (config or self.context_config).with_(**options)
         return Session(self, config)
-
-    create_context = create_session
-
-    def _acquire(self, prefer: Sequence[int] | None = None) -> Session:
-        if self._closed:
-            raise ClosedError(f"model {self.config.path!r} is closed")
-        with self._pool_lock:
-            if self._pool:
-                index = len(self._pool) - 1
-                if prefer:
-                    best = -1
-                    for i, sess in enumerate(self._pool):
-                        n = _common_prefix(sess._cached, prefer)
-                        if n > best:
-                            best, index = n, i
-                return self._pool.pop(index)
-        return Session(self)
-
-    def _acquire_for(self, prompt: str, g: GenerationConfig) -> tuple[Session, list[int]]:
-        """A pooled session and the prompt's tokens (the session goes back on failure)."""
-        session = self._acquire()
-        try:
-            return session, session.tokenize_prompt(prompt, g)
-        except BaseException:
-            self._release(session)
-            raise
-
-    def _release(self, session: Session) -> None:
-        if not session.closed:
-            with self._pool_lock:
-                # _closed is checked under the lock: a close() running at the same time
-                # must not miss a session put back after it emptied the pool
-                if not self._closed and len(self._pool) < self._max_idle:
-                    self._pool.append(session)
-                    return
-        session.close()
 
     # --- text --------------------------------------------------------------------
 
     @property
     def n_ctx(self) -> int:
-        return self.context_config.context_length
+        """The context length of one request."""
+        return self._engine.n_ctx
 
-    def tokenize(self, text: str, *, add_bos: bool = True,
+    @property
+    def n_parallel(self) -> int:
+        return self._engine.n_parallel
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's counters: requests queued/running/total, tokens, KV cells."""
+        return self._engine.stats()
+
+    def tokenize(self, text: str, *, add_special: bool = True,
                  parse_special: bool = False) -> list[int]:
-        return list(self.vocab.tokenize(text, add_special=add_bos,
+        return list(self.vocab.tokenize(text, add_special=add_special,
                                         parse_special=parse_special))
 
     def detokenize(self, tokens: Sequence[int], *, remove_special: bool = False,
@@ -590,34 +589,150 @@ class LoadedModel:
         return str(self.vocab.detokenize(tokens, remove_special=remove_special,
                                          unparse_special=unparse_special))
 
-    def generate(self, prompt: str, *, sampling: SamplingConfig | None = None,
-                 generation: GenerationConfig | None = None,
-                 **options: Any) -> GenerationResult:
-        """Generate a completion (see :meth:`Session.generate`) on a pooled context."""
-        session = self._acquire()
-        try:
-            return session.generate(prompt, sampling=sampling, generation=generation,
-                                    **options)
-        finally:
-            self._release(session)
+    def tokenize_prompt(self, prompt: str | Sequence[int], g: GenerationConfig) -> list[int]:
+        """A prompt's tokens: a str is tokenized with ``g``'s add_special and
+        parse_special; a sequence of token ids is checked and taken as it is."""
+        if isinstance(prompt, str):
+            return self.tokenize(prompt, add_special=g.add_special,
+                                 parse_special=g.parse_special)
+        if isinstance(prompt, (bytes, bytearray)):
+            raise InvalidArgumentError(
+                f"the prompt must be a str or a list of token ids, not {type(prompt).__name__}")
+        n_vocab = self.native.n_vocab
+        tokens = []
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab:
+                raise InvalidArgumentError(
+                    f"prompt[{i}] = {t!r} is not a valid token id (the vocabulary has "
+                    f"{n_vocab} tokens)")
+            tokens.append(t)
+        return tokens
 
-    def stream(self, prompt: str, *, sampling: SamplingConfig | None = None,
-               generation: GenerationConfig | None = None, **options: Any) -> Iterator[str]:
-        """Stream a completion as text pieces (see :meth:`Session.stream`)."""
-        session = self._acquire()
+    # --- requests ----------------------------------------------------------------
+
+    def submit(self, prompt: str | Sequence[int], *, n: int = 1,
+               queue_timeout: float | None = None, stream: bool = True,
+               **options: Any) -> Request:
+        """Queue a generation; returns a :class:`~llamabind.engine.Request` to iterate
+        for events or wait on (see the engine's docs). ``n`` completions share the
+        prompt's KV cells. Refused at once: bad options, a prompt that does not fit
+        (ContextLengthExceededError), a full queue (QueueFullError, when the queue
+        stays full for ``queue_timeout`` seconds; None waits)."""
+        self._check_open()
+        s, g = _configs(options)
+        tokens = self.tokenize_prompt(prompt, g)
+        return self._engine.submit(tokens, s, g, n=n, queue_timeout=queue_timeout,
+                                   stream=stream)
+
+    def submit_chat(self, messages: Sequence[Any], *, n: int = 1,
+                    queue_timeout: float | None = None, stream: bool = True,
+                    **options: Any) -> Request:
+        """``submit`` for a chat rendered with the model's own template."""
+        self._check_open()
+        s, g = _configs(options)
+        return self._engine.submit(self.chat_prompt_tokens(messages), s, g, n=n,
+                                   queue_timeout=queue_timeout, stream=stream)
+
+    def generate(self, prompt: str | Sequence[int], **options: Any) -> GenerationResult:
+        """Generate a completion; ``options`` are SamplingConfig/GenerationConfig
+        fields (``temperature=0``, ``max_tokens=16``, ``stop=[...]``...)."""
+        return self.submit(prompt, stream=False, **options).result()[0]
+
+    def stream(self, prompt: str | Sequence[int], **options: Any) -> Iterator[str]:
+        """Stream a completion as text pieces (stop strings never included). Leaving
+        the loop early cancels the generation."""
+        return _texts(self.submit(prompt, **options))
+
+    def chat(self, messages: Sequence[Any], **options: Any) -> GenerationResult:
+        """Answer a chat; ``result.message`` is the assistant message. The KV cells of
+        the earlier turns are reused when a slot or the prompt cache still has them."""
+        return self.submit_chat(messages, stream=False, **options).result()[0]
+
+    def stream_chat(self, messages: Sequence[Any], **options: Any) -> Iterator[str]:
+        return _texts(self.submit_chat(messages, **options))
+
+    def generate_many(self, prompts: Sequence[str | Sequence[int]],
+                      **options: Any) -> list[GenerationResult]:
+        """Generate a completion of each prompt (decoded together); results in order.
+        Bad options or a prompt that does not fit are refused before anything runs."""
+        if isinstance(prompts, (str, bytes)):
+            raise InvalidArgumentError("prompts must be a list of prompts, not a str")
+        self._check_open()
+        s, g = _configs(options)
+        token_lists = [self.tokenize_prompt(p, g) for p in prompts]
+        for i, tokens in enumerate(token_lists):
+            if len(tokens) >= self.n_ctx:
+                raise ContextLengthExceededError(
+                    f"prompts[{i}] has {len(tokens)} tokens; the context holds {self.n_ctx}",
+                    len(tokens), self.n_ctx)
+        requests: list[Request] = []
         try:
-            inner = session.stream(prompt, sampling=sampling, generation=generation,
-                                   **options)
+            for tokens in token_lists:
+                requests.append(self._engine.submit(tokens, s, g, stream=False))
+            return [r.result()[0] for r in requests]
         except BaseException:
-            self._release(session)
+            for r in requests:
+                r.cancel()
             raise
-        return self._pooled(session, inner)
 
-    def _pooled(self, session: Session, inner: Iterator[str]) -> Iterator[str]:
+    # --- asyncio -----------------------------------------------------------------
+
+    async def agenerate(self, prompt: str | Sequence[int], **options: Any) -> GenerationResult:
+        """``generate`` without blocking the event loop; cancelling the task cancels
+        the generation."""
+        return (await self.submit(prompt, stream=False, **options).aresult())[0]
+
+    async def achat(self, messages: Sequence[Any], **options: Any) -> GenerationResult:
+        return (await self.submit_chat(messages, stream=False, **options).aresult())[0]
+
+    def astream(self, prompt: str | Sequence[int], **options: Any) -> AsyncIterator[str]:
+        """``stream`` for asyncio: pieces arrive as they are generated."""
+        return _atexts(self.submit(prompt, **options))
+
+    def astream_chat(self, messages: Sequence[Any], **options: Any) -> AsyncIterator[str]:
+        return _atexts(self.submit_chat(messages, **options))
+
+    async def agenerate_many(self, prompts: Sequence[str | Sequence[int]],
+                             **options: Any) -> list[GenerationResult]:
+        import asyncio
+
+        if isinstance(prompts, (str, bytes)):
+            raise InvalidArgumentError("prompts must be a list of prompts, not a str")
+        s, g = _configs(options)
+        token_lists = [self.tokenize_prompt(p, g) for p in prompts]
+        loop = asyncio.get_running_loop()
+        requests: list[Request] = []
         try:
-            yield from inner
-        finally:
-            self._release(session)
+            for tokens in token_lists:
+                # a full queue makes submit wait: not on the event loop
+                requests.append(await loop.run_in_executor(
+                    None, lambda t=tokens: self._engine.submit(t, s, g, stream=False)))
+            results = [(await r.aresult())[0] for r in requests]
+        except BaseException:
+            for r in requests:
+                r.cancel()
+            raise
+        return results
+
+    # --- embeddings ----------------------------------------------------------------
+
+    def embed(self, texts: str | Sequence[str], *, pooling: str | None = None,
+              normalize: bool = True, truncate: bool = False) -> npt.NDArray[np.float32]:
+        """Embeddings of ``texts`` as a NumPy (n, d) float32 array, many texts per
+        decode. ``pooling``: "mean", "cls", "last" (None: the model's own, else
+        "mean"); ``normalize`` scales each row to unit length; a text longer than the
+        context is refused, or cut to fit with ``truncate=True``."""
+        from llamabind.embed import embed_texts
+
+        self._check_open()
+        return embed_texts(self, texts, pooling=pooling, normalize=normalize,
+                           truncate=truncate)
+
+    async def aembed(self, texts: str | Sequence[str], **options: Any) -> Any:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.embed(texts, **options))
 
     # --- chat --------------------------------------------------------------------
 
@@ -651,117 +766,33 @@ class LoadedModel:
             template.bos_token and text.startswith(template.bos_token))
         return list(self.vocab.tokenize(text, add_special=add_bos, parse_special=True))
 
-    def chat(self, messages: Sequence[Any], *, sampling: SamplingConfig | None = None,
-             generation: GenerationConfig | None = None, **options: Any) -> GenerationResult:
-        """Answer a chat; ``result.message`` is the assistant message. A pooled session
-        holding the earlier turns is preferred, so their KV cache is reused."""
-        tokens = self.chat_prompt_tokens(messages)
-        session = self._acquire(prefer=tokens)
-        try:
-            s, g = _configs(sampling, generation, options)
-            return session._run_to_end(tokens, s, g, True, _Run())
-        finally:
-            self._release(session)
 
-    def stream_chat(self, messages: Sequence[Any], *, sampling: SamplingConfig | None = None,
-                    generation: GenerationConfig | None = None,
-                    **options: Any) -> Iterator[str]:
-        tokens = self.chat_prompt_tokens(messages)
-        session = self._acquire(prefer=tokens)
-        try:
-            s, g = _configs(sampling, generation, options)
-            inner = session._stream_tokens(tokens, s, g, True, _Run())
-        except BaseException:
-            self._release(session)
-            raise
-        return self._pooled(session, inner)
+def _merge(cls: Any, given: Any, options: dict[str, Any], name: str) -> Any:
+    if given is None:
+        return cls(**options)
+    if not isinstance(given, cls):
+        raise InvalidArgumentError(f"{name} must be a {cls.__name__}, got {given!r}")
+    return given.with_(**options) if options else given
 
-    # --- asyncio -----------------------------------------------------------------
 
-    async def agenerate(self, prompt: str, **options: Any) -> GenerationResult:
-        """``generate`` in a worker thread; the event loop keeps running, and
-        cancelling the task stops the generation."""
-        s, g = _configs_from(options)
-        session, tokens = self._acquire_for(prompt, g)
-        return await self._arun(session, tokens, s, g, False)
+def _texts(request: Request) -> Iterator[str]:
+    try:
+        for event in request:
+            if event.text:
+                yield event.text
+    finally:
+        if not request.done:
+            request.cancel()
 
-    async def achat(self, messages: Sequence[Any], **options: Any) -> GenerationResult:
-        s, g = _configs_from(options)
-        tokens = self.chat_prompt_tokens(messages)
-        session = self._acquire(prefer=tokens)
-        return await self._arun(session, tokens, s, g, True)
 
-    async def _arun(self, session: Session, tokens: list[int], s: SamplingConfig,
-                    g: GenerationConfig, reuse: bool) -> GenerationResult:
-        import asyncio
+async def _atexts(request: Request) -> AsyncIterator[str]:
+    try:
+        async for event in request:
+            if event.text:
+                yield event.text
+    finally:
+        if not request.done:
+            request.cancel()
 
-        run = _Run(threading.Event())
 
-        def work() -> GenerationResult:
-            try:
-                return session._run_to_end(tokens, s, g, reuse, run)
-            finally:
-                self._release(session)
-
-        future = asyncio.get_running_loop().run_in_executor(None, work)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            assert run.cancel_event is not None
-            run.cancel_event.set()
-            session.cancel()
-            raise
-
-    async def astream(self, prompt: str, **options: Any) -> AsyncIterator[str]:
-        """``stream`` without blocking the event loop; pieces arrive as generated."""
-        s, g = _configs_from(options)
-        session, tokens = self._acquire_for(prompt, g)
-        async for piece in self._astream_run(session, tokens, s, g, False):
-            yield piece
-
-    async def astream_chat(self, messages: Sequence[Any], **options: Any) -> AsyncIterator[str]:
-        s, g = _configs_from(options)
-        tokens = self.chat_prompt_tokens(messages)
-        session = self._acquire(prefer=tokens)
-        async for piece in self._astream_run(session, tokens, s, g, True):
-            yield piece
-
-    async def _astream_run(self, session: Session, tokens: list[int], s: SamplingConfig,
-                           g: GenerationConfig, reuse: bool) -> AsyncIterator[str]:
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        run = _Run(threading.Event())
-
-        def put(kind: str, value: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-
-        def work() -> None:
-            try:
-                for piece in session._stream_tokens(tokens, s, g, reuse, run):
-                    put("piece", piece)
-                put("done", None)
-            except BaseException as exc:
-                put("error", exc)
-            finally:
-                self._release(session)
-
-        future = loop.run_in_executor(None, work)
-        try:
-            while True:
-                kind, value = await queue.get()
-                if kind == "piece":
-                    yield value
-                elif kind == "done":
-                    break
-                else:
-                    raise value
-        finally:
-            if not future.done():
-                assert run.cancel_event is not None
-                run.cancel_event.set()
-                session.cancel()
+__all__ += ["Event", "Request", "TokenLogprob"]

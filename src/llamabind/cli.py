@@ -12,40 +12,95 @@ from typing import Any
 __all__ = ["main"]
 
 
+# The flags come from the parameter table (llamabind.config): each option with
+# command-line flags there (llama.cpp's own: -c/--ctx-size, -t/--threads, --temp...)
+# becomes a flag here, with its rule and default stated once, in the table.
+
+def _add_options(p: argparse.ArgumentParser, cls: type, title: str,
+                 skip: frozenset[str] = frozenset()) -> None:
+    from dataclasses import fields
+
+    from llamabind.config import default_option
+
+    group = p.add_argument_group(title)
+    for f in fields(cls):
+        spec = f.metadata["spec"]
+        if not spec.cli or f.name in skip:
+            continue
+        default = default_option(cls, f.name)
+        help_text = spec.doc or spec.expected()
+        if f.name == "path":
+            help_text += " (default: $LLAMABIND_MODEL or the fetched SmolLM2-135M)"
+        elif default is not None and default != () and spec.kind != "bool":
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if spec.kind == "bool":
+            kwargs.update(action="store_true")
+        elif spec.kind == "int":
+            kwargs.update(type=int, metavar="N")
+        elif spec.kind == "float":
+            kwargs.update(type=float, metavar="X")
+        elif spec.kind == "choice":
+            kwargs.update(choices=spec.choices)
+        elif f.name == "stop":
+            kwargs.update(action="append", metavar="TEXT")
+        elif f.name in ("tensor_split", "devices"):
+            kwargs.update(type=_comma_list(float if f.name == "tensor_split" else str),
+                          metavar="A,B,...")
+        else:
+            kwargs.update(metavar="PATH" if f.name == "path" else "TEXT")
+        group.add_argument(*spec.cli, **kwargs)
+
+
+def _comma_list(kind: type) -> Any:
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from None
+    return parse
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", default=None,
-                   help="GGUF file (default: $LLAMABIND_MODEL or the fetched SmolLM2-135M)")
-    p.add_argument("-c", "--n-ctx", type=int, default=2048, help="context length (2048)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=None,
-                   help="layers to offload (default: all with a GPU backend, else 0)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (physical cores)")
+    from llamabind.config import ContextConfig, EngineConfig, ModelConfig
+
+    _add_options(p, ModelConfig, "model")
+    _add_options(p, ContextConfig, "context")
+    _add_options(p, EngineConfig, "engine")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", "--temp", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    from llamabind.config import GenerationConfig, SamplingConfig
+
+    _add_options(p, SamplingConfig, "sampling")
+    _add_options(p, GenerationConfig, "generation")
+
+
+def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The options of ``cls`` given on the command line (the rest keep their
+    defaults from the table)."""
+    out = {}
+    for name in cls.names():  # type: ignore[attr-defined]
+        value = getattr(args, name, None)
+        if value is not None:
+            out[name] = tuple(value) if name == "stop" else value
+    return out
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from llamabind import ContextConfig, LoadedModel
+    from llamabind import LoadedModel
+    from llamabind.config import ContextConfig, EngineConfig, ModelConfig
 
-    return LoadedModel.load(args.model, n_gpu_layers=args.n_gpu_layers,
-                            context=ContextConfig(context_length=args.n_ctx,
-                                                  threads=args.threads),
-                            progress=True)
+    options = {**_given(args, ModelConfig), **_given(args, ContextConfig),
+               **_given(args, EngineConfig)}
+    path = options.pop("path", None)
+    return LoadedModel.load(path, progress=True, **options)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_tokens": args.max_tokens, "temperature": args.temperature,
-            "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
-            "repeat_penalty": args.repeat_penalty, "seed": args.seed,
-            "stop": tuple(args.stop)}
+    from llamabind.config import GenerationConfig, SamplingConfig
+
+    return {**_given(args, SamplingConfig), **_given(args, GenerationConfig)}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -182,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="build, device and model information")
-    p.add_argument("-m", "--model", default=None)
+    p.add_argument("-m", "--model", default=None, dest="model")
     p.add_argument("--build-only", action="store_true", help="no model information")
     p.add_argument("--metadata", action="store_true", help="include all GGUF metadata")
     p.add_argument("--json", action="store_true")

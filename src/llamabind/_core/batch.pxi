@@ -108,6 +108,29 @@ cdef class Batch:
         _fill_batch(&self._b, &view[0] if n else NULL, n, pos0, seq_id,
                     2 if logits == "all" else (1 if logits == "last" else 0))
 
+    def add_sequence(self, tokens, seq_id=0, pos0=0, logits=True):
+        """Append ``tokens`` at positions ``pos0, pos0 + 1, ...`` of sequence ``seq_id``
+        (one C loop); ``logits`` marks every appended row as an output."""
+        logits = _bool_arg(logits, "logits")
+        self._check()
+        arr = _token_array(tokens, 2147483647, "tokens")
+        cdef const int32_t[::1] view = arr
+        cdef int32_t n = <int32_t>view.shape[0]
+        cdef int32_t i, at = self._b.n_tokens
+        if at + n > self.capacity:
+            raise InvalidArgumentError(
+                f"{n} more tokens do not fit in a batch of capacity {self.capacity} "
+                f"holding {at}")
+        cdef llama_pos p0 = _int_arg(pos0, "pos0", 0, 2147483647 - n)
+        cdef llama_seq_id seq = _int_arg(seq_id, "seq_id", 0, (1 << 30) - 1)
+        for i in range(n):
+            self._b.token[at + i] = view[i]
+            self._b.pos[at + i] = p0 + i
+            self._b.n_seq_id[at + i] = 1
+            self._b.seq_id[at + i][0] = seq
+            self._b.logits[at + i] = logits
+        self._b.n_tokens = at + n
+
     def set_logits(self, i, value=True):
         """Choose whether row ``i`` outputs logits."""
         value = _bool_arg(value, "value")

@@ -34,6 +34,17 @@ cdef object _np():
         _numpy = numpy
     return _numpy
 
+from llamabind.config import (
+    ContextConfig as _ContextConfig,
+    ModelConfig as _ModelConfig,
+    SamplingConfig as _SamplingConfig,
+    Spec as _Spec,
+    _check_bool as _config_check_bool,
+    _check_float as _config_check_float,
+    _check_int as _config_check_int,
+    check_option as _config_check_option,
+    default_option as _config_default,
+)
 from llamabind.errors import (
     BackendError,
     ChatTemplateError,
@@ -129,32 +140,19 @@ cdef object _path_bytes(object path, str name):
     return fspath, os.fsencode(fspath)
 
 
+# The rules themselves live in llamabind.config (one place for the core, the configs,
+# the high-level API and the command line); these are the core's shorthands for them.
+
 cdef int64_t _int_arg(object value, str name, int64_t lo, int64_t hi) except? -1:
-    """An integer argument within [lo, hi]; bools and floats are refused."""
-    if isinstance(value, bool):
-        raise InvalidArgumentError(f"{name} must be an int, got bool {value!r}")
-    if not isinstance(value, int):
-        try:
-            import operator
-            value = operator.index(value)
-        except TypeError:
-            raise InvalidArgumentError(
-                f"{name} must be an int, got {type(value).__name__} {value!r}") from None
-    if value < lo or value > hi:
-        raise InvalidArgumentError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return value
+    """An integer argument within [lo, hi]: ints and integer-like objects (NumPy's),
+    never bools or floats."""
+    return _config_check_int(name, value, _Spec("int", lo=lo, hi=hi))
 
 
 cdef bint _bool_arg(object value, str name) except -1:
-    """A flag: a bool (NumPy's too), or the ints 0 and 1. Anything else (a string such
-    as "no", None, 2) is refused rather than taken for its truth value."""
-    if value is True or value is False:
-        return value
-    if isinstance(value, int) and (value == 0 or value == 1):
-        return value == 1
-    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
-        return bool(value)
-    raise InvalidArgumentError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    """A flag: True/False (NumPy's bools too). Anything else (a string such as "no",
+    None, 0/1) is refused rather than taken for its truth value."""
+    return _config_check_bool(name, value)
 
 
 cdef int64_t _any_int_arg(object value, str name) except? -1:
@@ -164,19 +162,30 @@ cdef int64_t _any_int_arg(object value, str name) except? -1:
 
 cdef double _float_arg(object value, str name, double lo, double hi,
                        bint lo_open=False, bint hi_open=False) except? -1:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
+    return _config_check_float(name, value, _Spec("float", lo=lo, hi=hi, lo_open=lo_open,
+                                                  hi_open=hi_open))
+
+
+cdef object _option(object cls, str name, object value):
+    """An option checked by its rule in ``cls`` (a config class); ``None`` is the
+    option's default there."""
+    if value is None:
+        return _config_default(cls, name)
+    return _config_check_option(cls, name, value)
+
+
+cdef object _options_config(object cls, object config, dict options):
+    """A config of class ``cls`` from ``config`` (one, or None) and keyword options."""
+    if config is not None:
+        if not isinstance(config, cls):
             raise InvalidArgumentError(
-                f"{name} must be a number, got {type(value).__name__} {value!r}") from None
-    cdef double v = value
-    if not isfinite(v) or v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        raise InvalidArgumentError(f"{name} must be a finite number in {lb}{lo:g}, {hi:g}{rb}, "
-                                   f"got {value!r}")
-    return v
+                f"config must be a {cls.__name__}, got {type(config).__name__}")
+        return config.with_(**options) if options else config
+    unknown = sorted(set(options) - cls.names())
+    if unknown:
+        raise InvalidArgumentError(
+            f"unknown option {unknown[0]!r}; options: {sorted(cls.names())}")
+    return cls(**options)
 
 
 cdef object _token_array(object tokens, int32_t n_vocab, str name):

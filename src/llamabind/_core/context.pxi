@@ -14,10 +14,10 @@ from libc.signal cimport SIGINT
 
 import signal as _signal
 
+# llama.cpp's enum values of the names ContextConfig allows (config.py lists the names)
 cdef dict _FLASH_ATTN = {
-    "auto": LLAMA_FLASH_ATTN_TYPE_AUTO,
-    "on": LLAMA_FLASH_ATTN_TYPE_ENABLED, True: LLAMA_FLASH_ATTN_TYPE_ENABLED,
-    "off": LLAMA_FLASH_ATTN_TYPE_DISABLED, False: LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    "auto": LLAMA_FLASH_ATTN_TYPE_AUTO, "on": LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": LLAMA_FLASH_ATTN_TYPE_DISABLED,
 }
 cdef dict _KV_TYPES = {
     "f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16, "bf16": GGML_TYPE_BF16,
@@ -25,14 +25,38 @@ cdef dict _KV_TYPES = {
     "q5_0": GGML_TYPE_Q5_0, "q5_1": GGML_TYPE_Q5_1, "iq4_nl": GGML_TYPE_IQ4_NL,
 }
 cdef dict _POOLING = {
-    None: LLAMA_POOLING_TYPE_UNSPECIFIED, "unspecified": LLAMA_POOLING_TYPE_UNSPECIFIED,
+    None: LLAMA_POOLING_TYPE_UNSPECIFIED,
     "none": LLAMA_POOLING_TYPE_NONE, "mean": LLAMA_POOLING_TYPE_MEAN,
     "cls": LLAMA_POOLING_TYPE_CLS, "last": LLAMA_POOLING_TYPE_LAST,
     "rank": LLAMA_POOLING_TYPE_RANK,
 }
-cdef dict _POOLING_NAMES = {v: k for k, v in _POOLING.items() if k not in (None, "unspecified")}
+cdef dict _POOLING_NAMES = {v: k for k, v in _POOLING.items() if k is not None}
 
 DEF _SIGNAL_POLL_NS = 20000000  # 20 ms
+
+
+cdef extern from "cpu_gate.h" nogil:
+    void llamabind_gate_init(int capacity)
+    int llamabind_gate_enter(int want)
+    void llamabind_gate_leave(int taken)
+    int llamabind_gate_capacity()
+    int llamabind_gate_available()
+    uint64_t llamabind_gate_waits()
+
+
+def cpu_budget():
+    """The CPU budget every decode in this process shares: ``(capacity, available,
+    waits)``: threads in all (the physical cores by default; 0 when the gate is off),
+    threads free now, and how many decodes had to wait for their turn."""
+    return (llamabind_gate_capacity(), llamabind_gate_available(), llamabind_gate_waits())
+
+
+def set_cpu_budget(threads):
+    """Set the threads all decodes of this process may use at once (0 turns the gate
+    off: contexts decode at the same time whatever their threads add up to, which on
+    a machine with fewer cores than that is many times slower)."""
+    threads = _int_arg(threads, "threads", 0, 1 << 16)
+    llamabind_gate_init(threads)
 
 
 # --- Ctrl+C during a long decode --------------------------------------------------
@@ -190,6 +214,7 @@ cdef class Context:
     cdef int _pool_size, _pool_batch_size
     cdef list _retired_pools             # replaced pools (addresses), freed with the context
     cdef llama_seq_id _one_seq
+    cdef int _threads, _threads_batch    # CPU gate units a decode takes
 
     def __cinit__(self):
         self._ptr = NULL
@@ -204,49 +229,34 @@ cdef class Context:
         memset(&self._abort, 0, sizeof(_AbortState))
         self._fork_gen = _fork_generation
 
-    def __init__(self, Model model not None, *, n_ctx=2048, n_batch=512,
-                 n_ubatch=None, n_seq_max=1, n_threads=None, n_threads_batch=None,
-                 flash_attn="auto", type_k="f16", type_v="f16", embeddings=False,
-                 pooling=None, offload_kqv=True, no_perf=False,
-                 kv_unified=False, swa_full=False):
-        embeddings = _bool_arg(embeddings, "embeddings")
-        offload_kqv = _bool_arg(offload_kqv, "offload_kqv")
-        no_perf = _bool_arg(no_perf, "no_perf")
-        kv_unified = _bool_arg(kv_unified, "kv_unified")
-        swa_full = _bool_arg(swa_full, "swa_full")
+    def __init__(self, Model model not None, config=None, **options):
+        """``Context(model, n_ctx=..., n_batch=..., ...)``: the options are the fields
+        of :class:`llamabind.ContextConfig` (or pass one as ``config``), checked by
+        their rules there."""
         if self._ptr != NULL:
             raise InvalidArgumentError("Context is already initialised")
-        cdef int cpu = os.cpu_count() or 1
-        n_ctx = _any_int_arg(n_ctx, "n_ctx")
-        if n_ctx < 0 or n_ctx > (1 << 24):
-            raise InvalidArgumentError(f"n_ctx must be 0 (model's) or in [1, {1 << 24}], got {n_ctx}")
-        n_batch = _int_arg(n_batch, "n_batch", 1, 1 << 24)
-        if n_ubatch is None:
-            n_ubatch = min(n_batch, 512)
-        n_ubatch = _any_int_arg(n_ubatch, "n_ubatch")
-        if not 1 <= n_ubatch <= n_batch:
-            raise InvalidArgumentError(f"n_ubatch must be in [1, n_batch={n_batch}], got {n_ubatch}")
-        n_seq_max = _int_arg(n_seq_max, "n_seq_max", 1, llama_max_parallel_sequences())
+        cfg = _options_config(_ContextConfig, config, options)
+        n_ctx = cfg.n_ctx
+        n_batch = cfg.n_batch
+        n_ubatch = min(n_batch, 512) if cfg.n_ubatch is None else cfg.n_ubatch
+        n_seq_max = cfg.n_seq_max
+        flash_attn = cfg.flash_attn
+        type_k = cfg.type_k
+        type_v = cfg.type_v
+        embeddings = cfg.embeddings
+        pooling = cfg.pooling
+        offload_kqv = cfg.offload_kqv
+        no_perf = cfg.no_perf
+        kv_unified = cfg.kv_unified
+        swa_full = cfg.swa_full
         model._check_open()
         # llama.cpp aborts (output_reserve) when more sequences than batch rows exist
         effective = min(n_batch, n_ctx if n_ctx > 0 else model.n_ctx_train)
         if n_seq_max > effective:
             raise InvalidArgumentError(
                 f"n_seq_max = {n_seq_max} must not exceed min(n_batch, n_ctx) = {effective}")
-        threads = _default_threads() if n_threads is None else n_threads
-        _int_arg(threads, "n_threads", 1, 1024)
-        threads_batch = threads if n_threads_batch is None else n_threads_batch
-        _int_arg(threads_batch, "n_threads_batch", 1, 1024)
-        if flash_attn not in _FLASH_ATTN:
-            raise InvalidArgumentError(
-                f"flash_attn must be 'auto', 'on' or 'off', got {flash_attn!r}")
-        for name, value in (("type_k", type_k), ("type_v", type_v)):
-            if value not in _KV_TYPES:
-                raise InvalidArgumentError(
-                    f"{name} must be one of {sorted(_KV_TYPES)}, got {value!r}")
-        if pooling not in _POOLING:
-            raise InvalidArgumentError(
-                f"pooling must be one of {sorted(k for k in _POOLING if k)}, got {pooling!r}")
+        threads = _default_threads() if cfg.n_threads is None else cfg.n_threads
+        threads_batch = threads if cfg.n_threads_batch is None else cfg.n_threads_batch
         model._check_open()
         if model.vocab_only:
             raise InvalidArgumentError(
@@ -287,6 +297,8 @@ cdef class Context:
                 raise MemoryError()
             self._ptr = ptr
             self._attach_pools(threads, threads_batch)
+            self._threads = threads
+            self._threads_batch = max(threads, threads_batch)
         except BaseException:
             self._ptr = NULL
             if ptr != NULL:
@@ -516,6 +528,8 @@ cdef class Context:
         try:
             self._attach_pools(n_threads, nb)
             llama_set_n_threads(self._ptr, n_threads, nb)
+            self._threads = n_threads
+            self._threads_batch = max(n_threads, nb)
         finally:
             self._leave()
 
@@ -581,13 +595,18 @@ cdef class Context:
                 "a batch with more outputs than before (the output buffer will be reallocated)")
         return n_out
 
-    cdef int _run(self, llama_batch * b, bint encode, bint long_running) except -1:
+    cdef int _run(self, llama_batch * b, bint encode, bint long_running,
+                  bint kv_full_ok=False) except -1:
         """Decode or encode a validated batch with the GIL released; owns the
-        cancel/Ctrl+C protocol and the error mapping. Caller holds _enter()."""
+        cancel/Ctrl+C protocol, the CPU gate and the error mapping. Caller holds
+        _enter(). Returns 0; with ``kv_full_ok``, 1 when the KV cache had no room for
+        the batch (nothing was decoded) instead of raising."""
         global _sigint_seen, _decodes_running
         cdef int32_t rc
         cdef int32_t n_out = self._validate_batch(b)
         cdef bint relay = False
+        cdef int want = self._threads if b.n_tokens == 1 else self._threads_batch
+        cdef int taken = 0
         cdef sigaction_t ours
         if self._abort.cancel:
             self._abort.cancel = False
@@ -609,10 +628,12 @@ cdef class Context:
         _decodes_running += 1
         try:
             with nogil:
+                taken = llamabind_gate_enter(want)
                 if encode:
                     rc = llama_encode(self._ptr, b[0])
                 else:
                     rc = llama_decode(self._ptr, b[0])
+                llamabind_gate_leave(taken)
         finally:
             _decodes_running -= 1
             if relay:
@@ -627,6 +648,9 @@ cdef class Context:
                 raise GenerationCancelled("the interpreter is exiting")
             PyErr_CheckSignals()
             raise KeyboardInterrupt()
+        if rc == 1 and kv_full_ok and not encode:
+            self._last_n_tokens = 0
+            return 1
         if rc != 0:
             self._last_n_tokens = 0
             _raise_for_decode(rc, "llama_encode" if encode else "llama_decode")
@@ -1102,6 +1126,9 @@ cdef int _default_threads():
 def default_threads():
     """The default number of threads: the physical cores this process may run on."""
     return _default_threads()
+
+
+llamabind_gate_init(_default_threads())
 
 
 @cython.final

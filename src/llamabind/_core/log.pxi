@@ -54,7 +54,7 @@ cdef void _log_text(int level, const char * text) noexcept:
         for line in lines[:-1]:
             if line:
                 _log_line(level, line)
-        state.pending = lines[-1]
+        state.pending = lines[len(lines) - 1]
     except BaseException:
         pass
 

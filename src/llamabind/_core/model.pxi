@@ -79,26 +79,31 @@ cdef class Model:
         self._closed = True
         self._fork_gen = _fork_generation
 
-    def __init__(self, path, *, n_gpu_layers=0, main_gpu=0, split_mode="layer",
-                 tensor_split=None, use_mmap=True, use_mlock=False,
-                 vocab_only=False, check_tensors=False, kv_overrides=None,
-                 devices=None, progress=None):
-        use_mmap = _bool_arg(use_mmap, "use_mmap")
-        use_mlock = _bool_arg(use_mlock, "use_mlock")
-        vocab_only = _bool_arg(vocab_only, "vocab_only")
-        check_tensors = _bool_arg(check_tensors, "check_tensors")
+    def __init__(self, path, *, progress=None, **options):
+        """``Model(path, n_gpu_layers=..., ...)``: the options are the fields of
+        :class:`llamabind.ModelConfig` (``path`` may also be one), checked by their
+        rules there. ``n_gpu_layers=None`` (the default) offloads every layer when a GPU
+        device is present, and none otherwise."""
         if self._ptr != NULL:
             raise InvalidArgumentError("Model is already loaded")
-        fspath, cpath = _path_bytes(path, "path")
+        if isinstance(path, _ModelConfig):
+            cfg = path.with_(**options) if options else path
+        else:
+            cfg = _options_config(_ModelConfig, None, dict(options, path=path))
+        fspath, cpath = _path_bytes(cfg.path, "path")
         self.path = fspath
-        if split_mode not in _SPLIT_MODES:
-            raise InvalidArgumentError(
-                f"split_mode must be one of {sorted(_SPLIT_MODES)}, got {split_mode!r}")
-        n_gpu_layers = _any_int_arg(n_gpu_layers, "n_gpu_layers")
-        if n_gpu_layers < -1 or n_gpu_layers > 2147483647:
-            raise InvalidArgumentError(
-                f"n_gpu_layers must be -1 (all) or >= 0, got {n_gpu_layers}")
-        main_gpu = _int_arg(main_gpu, "main_gpu", 0, 1 << 16)
+        n_gpu_layers = cfg.n_gpu_layers
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if _has_gpu_device() else 0
+        main_gpu = cfg.main_gpu
+        split_mode = cfg.split_mode
+        tensor_split = cfg.tensor_split
+        use_mmap = cfg.use_mmap
+        use_mlock = cfg.use_mlock
+        vocab_only = cfg.vocab_only
+        check_tensors = cfg.check_tensors
+        kv_overrides = cfg.kv_overrides
+        devices = cfg.devices
         if progress is not None and not callable(progress):
             raise InvalidArgumentError(f"progress must be callable or None, got {progress!r}")
         _ensure_backend()
@@ -138,7 +143,7 @@ cdef class Model:
                     split[i] = v
                 params.tensor_split = split
             if kv_overrides:
-                overrides = _make_kv_overrides(kv_overrides)  # validates them too
+                overrides = _make_kv_overrides(dict(kv_overrides))
                 params.kv_overrides = overrides
             # what llama.cpp would abort on, with the overrides applied
             _check_model_file(fspath, vocab_only, dict(kv_overrides) if kv_overrides else None)
@@ -443,6 +448,11 @@ cdef llama_model_kv_override * _make_kv_overrides(object overrides) except NULL:
         free(arr)
         raise
     return arr
+
+
+cdef bint _has_gpu_device() except -1:
+    _ensure_backend()
+    return any(d["type"] in ("gpu", "igpu") for d in devices())
 
 
 cdef ggml_backend_dev_t * _device_list(object names) except NULL:

@@ -6,7 +6,17 @@
 cdef uint32_t _resolve_seed(object seed) except? 0xFFFFFFFF:
     if seed is None:
         return LLAMA_DEFAULT_SEED  # llama.cpp draws a random seed
-    return <uint32_t>_int_arg(seed, "seed", 0, 0xFFFFFFFE)
+    return <uint32_t>_option(_SamplingConfig, "seed", seed)
+
+
+cdef int32_t _last_n(object last_n, str name, object n_ctx) except? -2:
+    """A look-back length: -1 means the context (llama.cpp's tools resolve it so too;
+    its samplers take -1 as 0, "off")."""
+    if last_n != -1:
+        return last_n
+    if n_ctx is None:
+        raise InvalidArgumentError(f"{name}=-1 (the whole context) needs n_ctx")
+    return _int_arg(n_ctx, "n_ctx", 1, 1 << 24)
 
 
 @cython.no_gc_clear  # __dealloc__ frees samplers that read the models in self._models
@@ -127,6 +137,9 @@ cdef class Sampler:
 
     # --- the samplers --------------------------------------------------------------
 
+    # Every value is checked by the rule of the SamplingConfig option of the same
+    # meaning (llamabind.config); an argument left as None takes that option's default.
+
     def add_greedy(self):
         """Pick the most likely token."""
         self._check()
@@ -138,102 +151,106 @@ cdef class Sampler:
         return self._add(llama_sampler_init_dist(_resolve_seed(seed)), "dist", True)
 
     def add_top_k(self, k):
-        """Keep the ``k`` most likely tokens (``k`` >= 1)."""
+        """Keep the ``k`` most likely tokens (0: all)."""
         self._check()
-        cdef int32_t kk = _int_arg(k, "top_k", 1, 2147483647)
+        cdef int32_t kk = _option(_SamplingConfig, "top_k", k)
         return self._add(llama_sampler_init_top_k(kk), "top_k", False)
 
-    def add_top_p(self, p, min_keep=1):
+    def add_top_p(self, p, min_keep=None):
         """Nucleus sampling: keep the smallest set with cumulative probability >= p."""
         self._check()
-        cdef float pp = _float_arg(p, "top_p", 0.0, 1.0, True, False)
-        cdef size_t mk = _int_arg(min_keep, "min_keep", 1, 2147483647)
+        cdef float pp = _option(_SamplingConfig, "top_p", p)
+        cdef size_t mk = _option(_SamplingConfig, "min_keep", min_keep)
         return self._add(llama_sampler_init_top_p(pp, mk), "top_p", False)
 
-    def add_min_p(self, p, min_keep=1):
+    def add_min_p(self, p, min_keep=None):
         """Drop tokens less likely than ``p`` times the most likely one."""
         self._check()
-        cdef float pp = _float_arg(p, "min_p", 0.0, 1.0)
-        cdef size_t mk = _int_arg(min_keep, "min_keep", 1, 2147483647)
+        cdef float pp = _option(_SamplingConfig, "min_p", p)
+        cdef size_t mk = _option(_SamplingConfig, "min_keep", min_keep)
         return self._add(llama_sampler_init_min_p(pp, mk), "min_p", False)
 
-    def add_typical(self, p, min_keep=1):
+    def add_typical(self, p, min_keep=None):
         """Locally typical sampling with mass ``p`` (1.0 disables)."""
         self._check()
-        cdef float pp = _float_arg(p, "typical_p", 0.0, 1.0, True, False)
-        cdef size_t mk = _int_arg(min_keep, "min_keep", 1, 2147483647)
+        cdef float pp = _option(_SamplingConfig, "typical_p", p)
+        cdef size_t mk = _option(_SamplingConfig, "min_keep", min_keep)
         return self._add(llama_sampler_init_typical(pp, mk), "typical", False)
 
     def add_temperature(self, t):
-        """Divide logits by ``t`` (> 0; use add_greedy for temperature 0)."""
+        """Divide logits by ``t`` (0 keeps only the most likely token)."""
         self._check()
-        cdef float tt = _float_arg(t, "temperature", 0.0, 1e6, True, False)
+        cdef float tt = _option(_SamplingConfig, "temperature", t)
         return self._add(llama_sampler_init_temp(tt), "temperature", False)
 
-    def add_temperature_ext(self, t, delta, exponent):
+    def add_temperature_ext(self, t, delta=None, exponent=None):
         """Dynamic temperature in [t - delta, t + delta] by entropy, with ``exponent``."""
         self._check()
-        cdef float tt = _float_arg(t, "temperature", 0.0, 1e6, True, False)
-        cdef float dd = _float_arg(delta, "delta", 0.0, 1e6)
-        cdef float ee = _float_arg(exponent, "exponent", 0.0, 1e6)
+        cdef float tt = _option(_SamplingConfig, "temperature", t)
+        cdef float dd = _option(_SamplingConfig, "dynatemp_range", delta)
+        cdef float ee = _option(_SamplingConfig, "dynatemp_exponent", exponent)
         return self._add(llama_sampler_init_temp_ext(tt, dd, ee), "temperature_ext", False)
 
-    def add_xtc(self, probability, threshold, min_keep=1, seed=None):
+    def add_xtc(self, probability, threshold=None, min_keep=None, seed=None):
         """Exclude Top Choices: with ``probability``, drop all but the least likely of
         the tokens above ``threshold``."""
         self._check()
-        cdef float pp = _float_arg(probability, "xtc_probability", 0.0, 1.0)
-        cdef float tt = _float_arg(threshold, "xtc_threshold", 0.0, 1.0)
-        cdef size_t mk = _int_arg(min_keep, "min_keep", 1, 2147483647)
+        cdef float pp = _option(_SamplingConfig, "xtc_probability", probability)
+        cdef float tt = _option(_SamplingConfig, "xtc_threshold", threshold)
+        cdef size_t mk = _option(_SamplingConfig, "min_keep", min_keep)
         return self._add(llama_sampler_init_xtc(pp, tt, mk, _resolve_seed(seed)), "xtc", False)
 
     def add_top_n_sigma(self, n):
-        """Keep tokens within ``n`` standard deviations of the top logit."""
+        """Keep tokens within ``n`` standard deviations of the top logit (<= 0: all)."""
         self._check()
-        cdef float nn = _float_arg(n, "top_n_sigma", 0.0, 1e6, True, False)
+        cdef float nn = _option(_SamplingConfig, "top_n_sigma", n)
         return self._add(llama_sampler_init_top_n_sigma(nn), "top_n_sigma", False)
 
-    def add_mirostat(self, n_vocab, tau=5.0, eta=0.1, m=100, seed=None):
+    def add_mirostat(self, n_vocab, tau=None, eta=None, m=100, seed=None):
         """Mirostat v1 (selects the token): target surprise ``tau``, rate ``eta``."""
         self._check()
         n_vocab = _int_arg(n_vocab, "n_vocab", 1, 2147483647)
         m = _int_arg(m, "m", 1, 2147483647)
-        cdef float t = _float_arg(tau, "mirostat_tau", 0.0, 1e6)
-        cdef float e = _float_arg(eta, "mirostat_eta", 0.0, 1.0, True, False)
+        cdef float t = _option(_SamplingConfig, "mirostat_tau", tau)
+        cdef float e = _option(_SamplingConfig, "mirostat_eta", eta)
         return self._add(llama_sampler_init_mirostat(n_vocab, _resolve_seed(seed), t, e, m),
                          "mirostat", True)
 
-    def add_mirostat_v2(self, tau=5.0, eta=0.1, seed=None):
+    def add_mirostat_v2(self, tau=None, eta=None, seed=None):
         """Mirostat v2 (selects the token)."""
         self._check()
-        cdef float t = _float_arg(tau, "mirostat_tau", 0.0, 1e6)
-        cdef float e = _float_arg(eta, "mirostat_eta", 0.0, 1.0, True, False)
+        cdef float t = _option(_SamplingConfig, "mirostat_tau", tau)
+        cdef float e = _option(_SamplingConfig, "mirostat_eta", eta)
         return self._add(llama_sampler_init_mirostat_v2(_resolve_seed(seed), t, e),
                          "mirostat_v2", True)
 
-    def add_penalties(self, n_vocab, last_n=64, repeat=1.0, frequency=0.0, presence=0.0):
-        """Repetition penalties over the last ``last_n`` accepted tokens (0 disables);
-        ``n_vocab`` is the model's vocabulary size (``model.n_vocab``)."""
+    def add_penalties(self, n_vocab, last_n=None, repeat=None, frequency=None,
+                      presence=None, n_ctx=None):
+        """Repetition penalties over the last ``last_n`` accepted tokens (0 disables,
+        -1: the context, which then needs ``n_ctx``); ``n_vocab`` is the model's
+        vocabulary size (``model.n_vocab``)."""
         self._check()
         n_vocab = _int_arg(n_vocab, "n_vocab", 1, 2147483647)
-        cdef int32_t ln = _int_arg(last_n, "penalty_last_n", 0, 1 << 24)
-        cdef float r = _float_arg(repeat, "repeat_penalty", 0.0, 1e6, True, False)
-        cdef float f = _float_arg(frequency, "frequency_penalty", -1e6, 1e6)
-        cdef float p = _float_arg(presence, "presence_penalty", -1e6, 1e6)
+        cdef int32_t ln = _last_n(_option(_SamplingConfig, "penalty_last_n", last_n),
+                                  "penalty_last_n", n_ctx)
+        cdef float r = _option(_SamplingConfig, "repeat_penalty", repeat)
+        cdef float f = _option(_SamplingConfig, "frequency_penalty", frequency)
+        cdef float p = _option(_SamplingConfig, "presence_penalty", presence)
         return self._add(llama_sampler_init_penalties(n_vocab, ln, r, f, p), "penalties", False)
 
-    def add_dry(self, Model model not None, multiplier=0.8, base=1.75, allowed_length=2,
-                last_n=-1, seq_breakers=("\n", ":", "\"", "*")):
-        """DRY ("don't repeat yourself") penalty; ``last_n=-1`` covers the context."""
+    def add_dry(self, Model model not None, multiplier, base=None, allowed_length=None,
+                last_n=None, seq_breakers=None, n_ctx=None):
+        """DRY ("don't repeat yourself") penalty; ``last_n=-1`` covers the context
+        (then ``n_ctx`` is needed)."""
         self._check()
         model._check_open()
-        cdef float mult = _float_arg(multiplier, "dry_multiplier", 0.0, 1e6)
-        cdef float b = _float_arg(base, "dry_base", 1.0, 1e6)
-        cdef int32_t al = _int_arg(allowed_length, "dry_allowed_length", 0, 1 << 24)
-        cdef int32_t ln = _int_arg(last_n, "dry_penalty_last_n", -1, 1 << 24)
-        if isinstance(seq_breakers, str):
-            raise InvalidArgumentError("seq_breakers must be a sequence of str, not a str")
-        encoded = [_utf8(s, f"seq_breakers[{i}]") for i, s in enumerate(seq_breakers)]
+        cdef float mult = _option(_SamplingConfig, "dry_multiplier", multiplier)
+        cdef float b = _option(_SamplingConfig, "dry_base", base)
+        cdef int32_t al = _option(_SamplingConfig, "dry_allowed_length", allowed_length)
+        cdef int32_t ln = _last_n(_option(_SamplingConfig, "dry_penalty_last_n", last_n),
+                                  "dry_penalty_last_n", n_ctx)
+        breakers = _option(_SamplingConfig, "dry_sequence_breakers", seq_breakers)
+        encoded = [_utf8(s, f"seq_breakers[{i}]") for i, s in enumerate(breakers)]
         cdef const char ** arr = <const char **>malloc(max(len(encoded), 1) * sizeof(char *))
         if arr == NULL:
             raise MemoryError()
@@ -251,23 +268,19 @@ cdef class Sampler:
         ``float('-inf')`` bans a token)."""
         self._check()
         model._check_open()
-        if not isinstance(bias, dict):
-            raise InvalidArgumentError(f"logit bias must be a dict token -> float, got {bias!r}")
-        cdef Py_ssize_t n = len(bias)
+        checked = _option(_SamplingConfig, "logit_bias", bias)
+        cdef Py_ssize_t n = len(checked)
         cdef llama_logit_bias * arr = <llama_logit_bias *>malloc(max(n, 1) * sizeof(llama_logit_bias))
         if arr == NULL:
             raise MemoryError()
-        cdef double v
         try:
-            for i, (tok, value) in enumerate(bias.items()):
-                arr[i].token = _int_arg(tok, "logit_bias token", 0, model._n_vocab - 1)
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
+            for i, (tok, value) in enumerate(checked.items()):
+                if tok >= model._n_vocab:
                     raise InvalidArgumentError(
-                        f"logit_bias[{tok}] must be a number, got {value!r}")
-                v = value
-                if v != v or v == float("inf"):
-                    raise InvalidArgumentError(f"logit_bias[{tok}] must not be NaN or +inf, got {value!r}")
-                arr[i].bias = v
+                        f"logit_bias token {tok} is not in the vocabulary ({model._n_vocab} "
+                        f"tokens: 0..{model._n_vocab - 1})")
+                arr[i].token = tok
+                arr[i].bias = value
             return self._add(llama_sampler_init_logit_bias(model._n_vocab, n, arr),
                              "logit_bias", False, model)
         finally:

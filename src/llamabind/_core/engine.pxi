@@ -1,0 +1,142 @@
+# EngineCore: one step of the batching engine, in C. The generated token of every
+# running sequence and prompt chunks of newly admitted ones go into one llama_batch,
+# decoded by one llama_decode (one pass over the weights for all of them); then each
+# sequence picks its next token from its own output row through the one token loop
+# (Generation.accept). Which sequences and chunks make a step is the scheduler's
+# choice (llamabind.engine, in Python).
+
+
+cdef class EngineCore:
+    """The decoding step of the batching engine, on a context with several sequences.
+
+    ``step(gens, chunks)``: ``gens`` are Generations whose pending token is decoded now
+    (one row each, at their ``pos``, in their ``seq_id``); ``chunks`` are prompt pieces
+    ``(outputs, tokens, start, count, pos0, seq_ids)``: ``tokens[start:start + count]``
+    (an int32 array) at positions ``pos0, pos0 + 1, ...`` in each sequence of
+    ``seq_ids``; when ``outputs`` is a list of Generations, the chunk's last row outputs
+    logits and each of them picks its first token from it (several choices of one
+    prompt). Returns 0, or 1 when the KV cache had no room for the batch (then nothing
+    was decoded or changed: free room and call again). An error while one Generation
+    picks its token (a grammar that allows none...) is stored in its ``error`` and it is
+    finished with "error"; the others go on. A failed decode raises (DecodeError,
+    GenerationCancelled after ``ctx.cancel()``).
+
+    ``record``: None, or a list to which each step appends what was decoded (for
+    replaying the schedule natively): ``{"rows": [[seq_ids, pos, token, kind], ...],
+    "picks": [[row, seq_id], ...]}``, kind "g" for a generated token, "p" for a prompt
+    token.
+    """
+
+    cdef Context _ctx
+    cdef llama_batch _b
+    cdef int32_t _cap
+    cdef int32_t _max_seq
+    cdef public object record
+
+    def __cinit__(self):
+        memset(&self._b, 0, sizeof(llama_batch))
+
+    def __init__(self, Context ctx not None):
+        ctx._check()
+        self._ctx = ctx
+        self._cap = ctx._n_batch
+        self._max_seq = ctx._n_seq_max
+        self._b = llama_batch_init(self._cap, 0, self._max_seq)
+        if self._b.token == NULL:
+            raise MemoryError()
+        self.record = None
+
+    def __dealloc__(self):
+        if self._b.token != NULL:
+            llama_batch_free(self._b)
+            memset(&self._b, 0, sizeof(llama_batch))
+
+    @property
+    def context(self):
+        return self._ctx
+
+    @property
+    def capacity(self):
+        """Tokens one step can hold (the context's n_batch)."""
+        return self._cap
+
+    def step(self, list gens not None, list chunks not None):
+        cdef Context ctx = self._ctx
+        cdef llama_batch * b = &self._b
+        cdef int32_t n = 0, i, k, count, row
+        cdef Generation g
+        cdef const int32_t[::1] view
+        cdef int64_t start, pos0
+        cdef int rc
+        cdef list rows = [] if self.record is not None else None
+        for g in gens:
+            if not g._has_next:
+                raise InvalidArgumentError("a Generation in gens has no token to decode")
+            if n >= self._cap:
+                raise InvalidArgumentError(f"the step holds more than n_batch={self._cap} tokens")
+            b.token[n] = g._next
+            b.pos[n] = g.pos
+            b.n_seq_id[n] = 1
+            b.seq_id[n][0] = g.seq_id
+            b.logits[n] = 1
+            if rows is not None:
+                rows.append([[g.seq_id], g.pos, g._next, "g"])
+            n += 1
+        for outputs, tokens, start, count, pos0, seq_ids in chunks:
+            view = tokens
+            if count < 1 or start < 0 or start + count > view.shape[0]:
+                raise InvalidArgumentError(
+                    f"chunk [{start}, {start + count}) is outside its {view.shape[0]} tokens")
+            if n + count > self._cap:
+                raise InvalidArgumentError(f"the step holds more than n_batch={self._cap} tokens")
+            if not 1 <= len(seq_ids) <= self._max_seq:
+                raise InvalidArgumentError(f"a chunk belongs to 1..{self._max_seq} sequences")
+            for i in range(count):
+                b.token[n] = view[start + i]
+                b.pos[n] = pos0 + i
+                b.n_seq_id[n] = len(seq_ids)
+                for k, s in enumerate(seq_ids):
+                    b.seq_id[n][k] = s
+                b.logits[n] = outputs is not None and i == count - 1
+                if rows is not None:
+                    rows.append([list(seq_ids), pos0 + i, view[start + i], "p"])
+                n += 1
+        if n == 0:
+            return 0
+        b.n_tokens = n
+        ctx._enter()
+        try:
+            rc = ctx._run(b, False, False, True)
+        finally:
+            ctx._leave()
+        if rc == 1:
+            return 1
+        cdef list picks = [] if rows is not None else None
+        row = 0
+        for g in gens:
+            g._has_next = False
+            g.pos += 1
+            if picks is not None:
+                picks.append([row, g.seq_id])
+            _accept_or_fail(g, ctx, row)
+            row += 1
+        for outputs, tokens, start, count, pos0, seq_ids in chunks:
+            row += count
+            if outputs is not None:
+                for g in outputs:
+                    if picks is not None:
+                        picks.append([row - 1, g.seq_id])
+                    _accept_or_fail(g, ctx, row - 1)
+        if rows is not None:
+            self.record.append({"rows": rows, "picks": picks})
+        return 0
+
+
+cdef int _accept_or_fail(Generation g, Context ctx, int32_t row) except -1:
+    try:
+        g._accept(ctx, row)
+    except Exception as exc:
+        g.error = exc
+        g.finish_reason = "error"
+        g._has_next = False
+    return 0

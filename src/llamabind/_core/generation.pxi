@@ -1,0 +1,470 @@
+# Generation: one sequence being generated, and the one token loop every way of
+# generating goes through (TokenGenerator, Session.generate/stream, the batching engine).
+#
+# A decode leaves logits for the sequence; accept() picks the next token from them
+# (greedy argmax in C, or a Sampler chain), ends the sequence at an end-of-generation
+# token, a stop string, max_tokens or the end of its context, appends the token's bytes
+# and holds back what could still become a stop string. take_text() turns the bytes
+# that are safe into text as they come. Who decodes (one sequence on its own context,
+# or many in one batch) is the caller's business.
+#
+# Stop strings are matched on the generated UTF-8 bytes: a stop matches where its UTF-8
+# encoding occurs in what the model produced (as llama-server matches them), and the
+# text before it is the output. For valid UTF-8 output this is the same as matching the
+# text; where the model emits invalid bytes, they decode to U+FFFD in the text but are
+# never matched by a U+FFFD in a stop string.
+
+from cpython.bytearray cimport PyByteArray_AS_STRING
+from libc.math cimport INFINITY, exp, log
+
+
+cdef extern from "argmax.h" nogil:
+    int32_t llamabind_argmax(const float * x, int32_t n)
+
+
+cdef extern from "string.h" nogil:
+    void * memmem(const void * haystack, size_t haystacklen, const void * needle,
+                  size_t needlelen)
+
+
+cdef extern from "Python.h":
+    str PyUnicode_DecodeUTF8Stateful(const char * s, Py_ssize_t size, const char * errors,
+                                     Py_ssize_t * consumed)
+
+
+def _argmax_floats(const float[::1] logits not None):
+    """Test hook: the greedy argmax of a float32 array (-1 when it is empty): the first
+    index of the largest value, NaNs never chosen (llama.cpp's greedy rule)."""
+    cdef int32_t found = -1
+    if logits.shape[0] > 2147483647:
+        raise InvalidArgumentError(f"at most 2^31-1 logits, got {logits.shape[0]}")
+    if logits.shape[0]:
+        with nogil:
+            found = llamabind_argmax(&logits[0], <int32_t>logits.shape[0])
+    return found
+
+
+cdef tuple _top_logprobs(const float * logits, int32_t n, llama_token chosen, int k):
+    """(log-probability of ``chosen``, ((token, logprob), ...) of the k most likely
+    tokens, most likely first) under the softmax of the raw logits."""
+    cdef double mx = -1e300, total = 0.0, log_z
+    cdef int32_t i, j
+    cdef float v
+    cdef int32_t best_tok[20]
+    cdef float best_val[20]
+    cdef int filled = 0
+    k = min(k, 20)
+    for i in range(n):
+        v = logits[i]
+        if v > mx:
+            mx = v
+    for i in range(n):
+        total += exp(logits[i] - mx)
+    log_z = mx + log(total)
+    for i in range(n if k > 0 else 0):
+        v = logits[i]
+        if filled < k or v > best_val[filled - 1]:
+            j = filled if filled < k else k - 1
+            while j > 0 and best_val[j - 1] < v:
+                best_val[j] = best_val[j - 1]
+                best_tok[j] = best_tok[j - 1]
+                j -= 1
+            best_val[j] = v
+            best_tok[j] = i
+            if filled < k:
+                filled += 1
+    top = tuple([(best_tok[j], best_val[j] - log_z) for j in range(filled)])
+    return logits[chosen] - log_z, top
+
+
+@cython.final
+cdef class Generation:
+    """One sequence being generated (the state of the one token loop).
+
+    ``Generation(model, pos, sampler=None, *, max_tokens=256, stop=(), ignore_eos=False,
+    logprobs=None, seq_id=0, n_ctx=..., render_special=False)``: ``pos`` is where the
+    first generated token will be decoded (the prompt's length), ``n_ctx`` the
+    positions the sequence may use. ``sampler=None`` is greedy decoding.
+
+    After a decode that produced logits for this sequence, ``accept(ctx, row)`` picks
+    the next token; ``step(ctx)`` decodes the pending token on ``ctx`` and accepts the
+    next (one sequence on a context of its own); ``run(ctx)`` steps to the end. The
+    generation ends with ``finish_reason`` "stop" (end-of-generation token or a stop
+    string, named by ``stop_sequence``) or "length" (max_tokens or the context's end).
+    ``take_text()`` returns the text that is safe to show since the last call: never
+    any part of a stop string, never half a UTF-8 character; at the end, all the rest.
+    """
+
+    cdef Model _model
+    cdef const llama_vocab * _vocab
+    cdef int32_t _n_vocab
+    cdef Sampler _sampler
+    cdef readonly int max_tokens
+    cdef readonly int n_generated
+    cdef public int pos
+    cdef public int seq_id
+    cdef readonly int n_ctx
+    cdef bint _ignore_eos
+    cdef bint _render_special
+    cdef tuple _stops
+    cdef tuple _bstops
+    cdef Py_ssize_t _longest
+    cdef readonly list tokens
+    cdef bytearray _out
+    cdef Py_ssize_t _safe
+    cdef Py_ssize_t _emitted
+    cdef readonly object finish_reason
+    cdef readonly object stop_sequence
+    cdef readonly object last_piece
+    cdef public object error
+    cdef llama_token _next
+    cdef bint _has_next
+    cdef int _logprobs
+    cdef readonly list logprobs
+
+    def __init__(self, Model model not None, pos, Sampler sampler=None, *, max_tokens=256,
+                 stop=(), ignore_eos=False, logprobs=None, seq_id=0, n_ctx=None,
+                 render_special=False):
+        model._check_open()
+        self._ignore_eos = _bool_arg(ignore_eos, "ignore_eos")
+        self._render_special = _bool_arg(render_special, "render_special")
+        self.pos = _int_arg(pos, "pos", 0, 2147483646)
+        self.max_tokens = _int_arg(max_tokens, "max_tokens", 0, 2147483647)
+        self.seq_id = _int_arg(seq_id, "seq_id", 0, 2147483647)
+        self.n_ctx = 2147483647 if n_ctx is None else _int_arg(n_ctx, "n_ctx", 1, 2147483647)
+        self._logprobs = -1 if logprobs is None else _int_arg(logprobs, "logprobs", 0, 20)
+        if sampler is not None:
+            sampler._check()
+            if not sampler._selects:
+                raise SamplingError(
+                    "the sampler chain does not end with a token-selecting sampler "
+                    "(add_dist, add_greedy or add_mirostat)")
+        if isinstance(stop, str) or not isinstance(stop, (tuple, list)):
+            raise InvalidArgumentError(
+                f"stop must be a tuple or list of str, got {type(stop).__name__}")
+        stops = []
+        for s in stop:
+            if type(s) is not str or not s:
+                raise InvalidArgumentError(f"stop strings must be non-empty str, got {s!r}")
+            stops.append(_utf8(s, "stop string"))
+        self._stops = tuple(stop)
+        self._bstops = tuple(stops)
+        self._longest = max([len(b) for b in stops], default=0)
+        self._model = model
+        self._vocab = model._vocab
+        self._n_vocab = model._n_vocab
+        self._sampler = sampler
+        self.n_generated = 0
+        self.tokens = []
+        self._out = bytearray()
+        self._safe = 0
+        self._emitted = 0
+        self.finish_reason = None
+        self.stop_sequence = None
+        self.last_piece = None
+        self.error = None
+        self._has_next = False
+        self.logprobs = [] if self._logprobs >= 0 else None
+
+    # --- state ---------------------------------------------------------------------
+
+    @property
+    def finished(self):
+        return self.finish_reason is not None
+
+    @property
+    def has_next(self):
+        """Whether a generated token waits to be decoded (at ``pos``)."""
+        return self._has_next
+
+    @property
+    def next_token(self):
+        return self._next if self._has_next else None
+
+    @property
+    def sampler(self):
+        return self._sampler
+
+    @property
+    def last_token(self):
+        """The newest generated token (None before the first)."""
+        # (the module is compiled with wraparound=False: no negative indexes)
+        cdef Py_ssize_t n = len(self.tokens)
+        return self.tokens[n - 1] if n else None
+
+    def finish(self, reason):
+        """End the generation now with ``reason`` (e.g. "cancelled")."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self._has_next = False
+
+    @property
+    def text(self):
+        """All the text generated (up to a stop string)."""
+        end = len(self._out) if self.stop_sequence is None else self._safe
+        return self._out[:end].decode("utf-8", "replace")
+
+    @property
+    def output_bytes(self):
+        end = len(self._out) if self.stop_sequence is None else self._safe
+        return bytes(self._out[:end])
+
+    cpdef str take_text(self):
+        """The text that became safe to show since the last call ("" if none)."""
+        cdef Py_ssize_t end
+        cdef Py_ssize_t used = 0
+        cdef str text
+        cdef const char * data = PyByteArray_AS_STRING(self._out)
+        if self.finish_reason is not None:
+            end = self._safe if self.stop_sequence is not None else len(self._out)
+            if end <= self._emitted:
+                return ""
+            text = data[self._emitted:end].decode("utf-8", "replace")
+            self._emitted = end
+            return text
+        end = self._safe
+        if end <= self._emitted:
+            return ""
+        text = PyUnicode_DecodeUTF8Stateful(data + self._emitted, end - self._emitted,
+                                            "replace", &used)
+        self._emitted += used
+        return text
+
+    # --- the token loop --------------------------------------------------------------
+
+    cdef int _accept(self, Context ctx, int32_t row) except -1:
+        """Pick the next token from ``row`` of the context's last batch. Caller holds
+        ctx._enter() (or owns the context, as the engine's thread does)."""
+        cdef llama_token tok
+        cdef const float * logits
+        cdef Py_ssize_t old, start, hit, k
+        cdef int i
+        cdef bytes piece
+        if self.finish_reason is not None:
+            return 0
+        if self.n_generated >= self.max_tokens or self.pos >= self.n_ctx:
+            self.finish_reason = "length"
+            return 0
+        logits = llama_get_logits_ith(ctx._ptr, row)
+        if logits == NULL:
+            raise SamplingError(f"the context has no logits for row {row}")
+        if self._sampler is None:
+            with nogil:
+                tok = llamabind_argmax(logits, self._n_vocab)
+            if self._ignore_eos and llama_vocab_is_eog(self._vocab, tok):
+                tok = self._argmax_not_eog(<float *>logits)
+        else:
+            self._sampler._check()
+            tok = self._sampler._sample_row(ctx, row)
+        if self._logprobs >= 0:
+            lp, top = _top_logprobs(logits, self._n_vocab, tok, self._logprobs)
+            self.logprobs.append((tok, lp, top))
+        if not self._ignore_eos and llama_vocab_is_eog(self._vocab, tok):
+            self.finish_reason = "stop"
+            self.last_piece = None
+            if self._logprobs >= 0:
+                self.logprobs.pop()  # the end token is not part of the output
+            return 0
+        self.tokens.append(tok)
+        self.n_generated += 1
+        piece = _piece(self._vocab, tok, self._render_special, 0)
+        self.last_piece = piece
+        old = len(self._out)
+        self._out.extend(piece)
+        if self._longest:
+            hit = self._find_stop(old)
+            if hit >= 0:
+                self._safe = hit
+                self.finish_reason = "stop"
+                return 0
+            self._safe = len(self._out) - self._held_back()
+        else:
+            self._safe = len(self._out)
+        if self.n_generated >= self.max_tokens or self.pos >= self.n_ctx:
+            self.finish_reason = "length"
+            return 0
+        self._next = tok
+        self._has_next = True
+        return 0
+
+    cdef llama_token _argmax_not_eog(self, float * logits) except -1:
+        """The greedy choice among the tokens that do not end generation (ignore_eos):
+        end tokens are masked in llama.cpp's buffer while looking, then restored."""
+        cdef list masked = []
+        cdef llama_token tok = llamabind_argmax(logits, self._n_vocab)
+        try:
+            while llama_vocab_is_eog(self._vocab, tok) and len(masked) < self._n_vocab - 1:
+                masked.append((tok, logits[tok]))
+                logits[tok] = -INFINITY
+                tok = llamabind_argmax(logits, self._n_vocab)
+        finally:
+            for t, v in masked:
+                logits[<llama_token>t] = v
+        return tok
+
+    cdef Py_ssize_t _find_stop(self, Py_ssize_t old) except -2:
+        """Where the earliest stop string that ends in the newest bytes starts, or -1
+        (the first listed wins a tie); sets stop_sequence."""
+        cdef const char * data = PyByteArray_AS_STRING(self._out)
+        cdef Py_ssize_t n = len(self._out)
+        cdef Py_ssize_t start = old - self._longest + 1 if old >= self._longest else 0
+        cdef Py_ssize_t best = -1
+        cdef const char * found
+        cdef bytes s
+        for i, s in enumerate(self._bstops):
+            found = <const char *>memmem(data + start, n - start, <const char *>s, len(s))
+            if found != NULL and (best < 0 or found - data < best):
+                best = found - data
+                self.stop_sequence = self._stops[i]
+        return best
+
+    cdef Py_ssize_t _held_back(self) except -1:
+        """How many bytes at the end could begin a stop string."""
+        cdef const char * data = PyByteArray_AS_STRING(self._out)
+        cdef Py_ssize_t n = len(self._out)
+        cdef Py_ssize_t k
+        cdef bytes s
+        for k in range(min(self._longest - 1, n), 0, -1):
+            for s in self._bstops:
+                if len(s) > k and memcmp(<const char *>s, data + n - k, k) == 0:
+                    return k
+        return 0
+
+    cdef int _step(self, Context ctx) except -1:
+        """Decode the pending token on ``ctx`` (sequence ``seq_id``), then accept the
+        next one. Caller holds ctx._enter()."""
+        if self._has_next:
+            self._has_next = False
+            ctx._decode_one(self._next, self.pos, self.seq_id)
+            self.pos += 1
+        if ctx._abort.cancel:
+            ctx._abort.cancel = False
+            raise GenerationCancelled("generation was cancelled")
+        self._accept(ctx, ctx._resolve_row(-1))
+        return 0
+
+    def accept(self, Context ctx not None, row=-1):
+        """Pick the next token from ``row`` of ``ctx``'s last batch (after the prompt:
+        its last row). Returns the token, or None when the generation ended without
+        one (an end-of-generation token, or no room)."""
+        ctx._enter()
+        try:
+            n = self.n_generated
+            self._accept(ctx, ctx._resolve_row(_row_arg(row, "row")))
+        finally:
+            ctx._leave()
+        return self.last_token if self.n_generated > n else None
+
+    def step(self, Context ctx not None):
+        """Decode the pending token and pick the next. Returns the new token or None."""
+        ctx._enter()
+        try:
+            n = self.n_generated
+            self._step(ctx)
+        finally:
+            ctx._leave()
+        PyErr_CheckSignals()
+        return self.last_token if self.n_generated > n else None
+
+    def run(self, Context ctx not None):
+        """Step to the end, with no Python code between tokens. Returns finish_reason.
+        Cancelled (ctx.cancel()): GenerationCancelled, with the tokens made so far kept."""
+        ctx._enter()
+        try:
+            while self.finish_reason is None:
+                self._step(ctx)
+                PyErr_CheckSignals()
+        finally:
+            ctx._leave()
+        return self.finish_reason
+
+
+cdef class TokenGenerator:
+    """Iterate ``(token, piece_bytes)`` for tokens generated on a context.
+
+    ``TokenGenerator(ctx, pos, sampler=None, max_tokens=..., seq_id=0)``: the context
+    must hold the prompt's KV cache up to ``pos - 1`` with logits for the last prompt
+    token. ``sampler=None`` is greedy decoding. Iteration ends at an end-of-generation
+    token (``finish_reason == "stop"``), at ``max_tokens`` or a full context
+    (``"length"``). ``cancel()`` on the context raises GenerationCancelled from the
+    next step; Ctrl+C raises KeyboardInterrupt. A thin iterator over :class:`Generation`.
+    """
+
+    cdef Context _ctx
+    cdef Generation _gen
+    cdef bint _started
+
+    def __init__(self, Context ctx not None, pos, Sampler sampler=None, *,
+                 max_tokens=256, seq_id=0, render_special=False):
+        ctx._check()
+        pos = _int_arg(pos, "pos", 1, 2147483647)
+        seq_id = ctx._check_seq(seq_id, False)
+        self._gen = Generation(ctx.model, pos, sampler, max_tokens=max_tokens,
+                               seq_id=seq_id, n_ctx=ctx._n_ctx,
+                               render_special=render_special)
+        self._ctx = ctx
+        self._started = False
+
+    @property
+    def generation(self):
+        return self._gen
+
+    @property
+    def pos(self):
+        return self._gen.pos
+
+    @property
+    def max_tokens(self):
+        return self._gen.max_tokens
+
+    @property
+    def n_generated(self):
+        return self._gen.n_generated
+
+    @property
+    def finish_reason(self):
+        return self._gen.finish_reason
+
+    @property
+    def last_token(self):
+        return self._gen.last_token
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        cdef Generation gen = self._gen
+        cdef Context ctx = self._ctx
+        if gen.finish_reason is not None:
+            raise StopIteration
+        cdef int n = gen.n_generated
+        ctx._enter()
+        try:
+            if not self._started:
+                self._started = True
+                gen._accept(ctx, ctx._resolve_row(-1))
+            else:
+                gen._step(ctx)
+        finally:
+            ctx._leave()
+        PyErr_CheckSignals()
+        if gen.n_generated == n:
+            raise StopIteration
+        return gen.last_token, gen.last_piece
+
+    def finish(self, reason="stop"):
+        """End iteration early (e.g. a stop string matched) with ``reason``."""
+        self._gen.finish(reason)
+
+
+def common_prefix(a, b):
+    """How many leading token ids two lists of ints share."""
+    if type(a) is not list or type(b) is not list:
+        raise InvalidArgumentError("common_prefix takes two lists of token ids")
+    cdef list x = a
+    cdef list y = b
+    cdef Py_ssize_t i = 0
+    cdef Py_ssize_t n = min(len(x), len(y))
+    while i < n and x[i] == y[i]:
+        i += 1
+    return i

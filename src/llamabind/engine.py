@@ -1,0 +1,845 @@
+"""The batching engine: one llama.cpp context, many sequences, continuous batching.
+
+Every :class:`~llamabind.LoadedModel` has one engine (started on first use). Requests
+from any number of threads and asyncio tasks wait in one queue; a scheduler thread
+admits them into free sequence slots and runs steps: each step is one ``llama_decode``
+of one batch holding the next token of every generating sequence plus chunks of the
+prompts of newly admitted ones (at most ``n_batch`` tokens in all, generating
+sequences first, so running streams keep their pace while a long prompt enters). The
+weights are read once per step for all of them, which is where the throughput of
+many requests at once comes from (llama.cpp's own server works the same way).
+
+Each request has its own sampler chain, stop strings, max_tokens, seed and logit
+bias; ``n`` completions of one prompt decode the prompt once and copy its KV cells.
+A slot keeps the KV cells of its last request, so a request that starts like it
+(the next turn of a chat, a shared system prompt) reuses them; cells a slot gives up
+go to a prompt cache in RAM (LRU, limited in bytes) that later requests draw on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from llamabind import _llama
+from llamabind.config import ContextConfig, EngineConfig, GenerationConfig, SamplingConfig
+from llamabind.errors import (
+    ClosedError,
+    ContextLengthExceededError,
+    GenerationCancelled,
+    InvalidArgumentError,
+    LlamaError,
+    QueueFullError,
+)
+
+if TYPE_CHECKING:
+    from llamabind.api import GenerationResult
+
+__all__ = ["Engine", "Event", "Request", "TokenLogprob"]
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+# A slot's cells are saved to the prompt cache when it gives up at least this many.
+_MIN_CACHED_TOKENS = 32
+_request_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before sampling), and the
+    ``top`` most likely tokens at that place as (token, text, logprob)."""
+
+    token: int
+    text: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """What one choice of a request produced since the last event: new text (stop
+    strings never included, UTF-8 held back until complete), the new token ids, their
+    log-probabilities when asked for, and on the choice's last event its
+    finish_reason."""
+
+    index: int
+    text: str
+    tokens: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None
+    finish_reason: FinishReason | None
+
+
+class _Slot:
+    """One sequence of the engine's context and the tokens whose KV cells it holds."""
+
+    __slots__ = ("busy", "last_used", "seq_id", "tokens")
+
+    def __init__(self, seq_id: int) -> None:
+        self.seq_id = seq_id
+        self.tokens: list[int] = []
+        self.busy = False
+        self.last_used = 0.0
+
+
+class _PrefillJob:
+    """Prompt tokens still to decode into one sequence (and the choices that pick their
+    first token from its last row; None when resuming a preempted choice)."""
+
+    __slots__ = ("done", "outputs", "seq_id", "start_pos", "tokens")
+
+    def __init__(self, tokens: np.ndarray, start_pos: int, seq_id: int,
+                 outputs: list[_llama.Generation] | None) -> None:
+        self.tokens = tokens
+        self.start_pos = start_pos
+        self.seq_id = seq_id
+        self.outputs = outputs
+        self.done = 0
+
+
+class Request:
+    """A submitted generation: iterate it for :class:`Event` objects (``for`` or
+    ``async for``), or wait for ``result()`` / ``await aresult()``; ``cancel()`` from
+    any thread. Made by :meth:`LoadedModel.submit`."""
+
+    def __init__(self, engine: Engine, prompt: list[int], sampling: SamplingConfig,
+                 generation: GenerationConfig, n: int, stream: bool) -> None:
+        self.id = f"req-{next(_request_ids)}"
+        self.prompt = prompt
+        self.prompt_tokens = len(prompt)
+        self.n = n
+        self.sampling = sampling
+        self.generation = generation
+        self._engine = engine
+        self._stream = stream
+        self._cond = threading.Condition(threading.Lock())
+        self._events: collections.deque[Event] = collections.deque()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._done = False
+        self._error: BaseException | None = None
+        self._results: list[GenerationResult] | None = None
+        self._cancelled = False
+        # engine-side state (touched by the scheduler thread only)
+        self.gens: list[_llama.Generation] = []
+        self.samplers: list[_llama.Sampler | None] = []
+        self.slots: list[_Slot | None] = []   # each choice's slot (None: finished, preempted)
+        self.jobs: list[_PrefillJob] = []
+        self.resume: list[tuple[np.ndarray, int]] | None = None  # (tokens, choice) to redo
+        self.cached_tokens = 0
+        self.reported: list[int] = []     # tokens of each choice already sent as events
+        self.t_submit = time.perf_counter()
+        self.t_admit = 0.0
+        self.t_first = 0.0
+        self.t_done = 0.0
+        self.admitted_at = 0
+
+    # --- the caller's side ---------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Stop the request: its choices end within one engine step with
+        finish_reason "cancelled", and their KV cells are freed."""
+        if not self._cancelled and not self._done:
+            self._cancelled = True
+            self._engine._cancel(self)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            with self._cond:
+                while not self._events and not self._done:
+                    self._cond.wait()
+                if self._events:
+                    event = self._events.popleft()
+                elif self._error is not None:
+                    raise self._error
+                else:
+                    return
+            yield event
+
+    async def _wait_async(self) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._cond:
+            if self._events or self._done:
+                return
+            self._async_waiters.append((loop, future))
+        await future
+
+    async def _aiter(self) -> AsyncIterator[Event]:
+        while True:
+            with self._cond:
+                if self._events:
+                    event: Event | None = self._events.popleft()
+                elif self._done:
+                    if self._error is not None:
+                        raise self._error
+                    return
+                else:
+                    event = None
+            if event is None:
+                await self._wait_async()
+                continue
+            yield event
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._aiter()
+
+    def result(self, timeout: float | None = None) -> list[GenerationResult]:
+        """The results, one per choice (by index), when the request is done. A
+        KeyboardInterrupt while waiting cancels the request."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            with self._cond:
+                while not self._done:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
+                    self._cond.wait(remaining)
+        except BaseException:
+            if not self._done:
+                self.cancel()
+            raise
+        if self._error is not None:
+            raise self._error
+        assert self._results is not None
+        return self._results
+
+    async def aresult(self) -> list[GenerationResult]:
+        """``result()`` for asyncio: cancelling the awaiting task cancels the request."""
+        try:
+            while not self._done:
+                await self._wait_async()
+        except BaseException:
+            if not self._done:
+                self.cancel()
+            raise
+        if self._error is not None:
+            raise self._error
+        assert self._results is not None
+        return self._results
+
+    # --- the engine's side -----------------------------------------------------------
+
+    def _push(self, events: list[Event], done: bool = False,
+              results: list[GenerationResult] | None = None,
+              error: BaseException | None = None) -> None:
+        with self._cond:
+            if self._stream:
+                self._events.extend(events)
+            if done:
+                self._done = True
+                self._results = results
+                self._error = error
+            self._cond.notify_all()
+            waiters, self._async_waiters = self._async_waiters, []
+        for loop, future in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+    def __repr__(self) -> str:
+        state = "done" if self._done else ("cancelled" if self._cancelled else "pending")
+        return f"<llamabind.Request {self.id} {state} prompt_tokens={self.prompt_tokens} n={self.n}>"
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _PromptCache:
+    """KV cells of token prefixes, kept in RAM (sequence states) up to a byte budget,
+    the least recently used dropped first."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.size = 0
+        self.entries: collections.OrderedDict[tuple[int, ...], bytes] = \
+            collections.OrderedDict()
+        self.hits = 0
+
+    def best(self, prompt: list[int]) -> tuple[tuple[int, ...] | None, int]:
+        best_key, best_n = None, 0
+        for key in self.entries:
+            n = _llama.common_prefix(list(key), prompt)
+            if n > best_n:
+                best_key, best_n = key, n
+        return best_key, best_n
+
+    def put(self, tokens: list[int], state: bytes) -> None:
+        if self.limit <= 0 or len(state) > self.limit:
+            return
+        key = tuple(tokens)
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.size -= len(old)
+        # a stored prefix of these tokens is now redundant
+        for other in [k for k in self.entries if len(k) < len(key) and key[:len(k)] == k]:
+            self.size -= len(self.entries.pop(other))
+        self.entries[key] = state
+        self.size += len(state)
+        while self.size > self.limit and self.entries:
+            _, dropped = self.entries.popitem(last=False)
+            self.size -= len(dropped)
+
+    def take(self, key: tuple[int, ...]) -> bytes:
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return self.entries[key]
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.size = 0
+
+
+class Engine:
+    """The batching engine of one loaded model (see the module's docstring)."""
+
+    def __init__(self, native: _llama.Model, context: ContextConfig,
+                 config: EngineConfig) -> None:
+        self.native = native
+        self.context_config = context
+        self.config = config
+        self.n_parallel = config.n_parallel
+        self.n_ctx = context.n_ctx if context.n_ctx > 0 else int(native.n_ctx_train)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._room = threading.Condition(self._lock)
+        self._queue: collections.deque[Request] = collections.deque()
+        self._running: list[Request] = []
+        self._cancelled: list[Request] = []
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._ctx: _llama.Context | None = None
+        self._core: _llama.EngineCore | None = None
+        self._slots: list[_Slot] = []
+        self._cache = _PromptCache(config.cache_ram_mib * 1024 * 1024)
+        self._in_flight: set[Request] = set()
+        self._admissions = 0
+        self._record: list[Any] | None = None
+        self._stats = {"requests_total": 0, "requests_cancelled": 0, "requests_failed": 0,
+                       "prompt_tokens_total": 0, "prompt_tokens_cached": 0,
+                       "completion_tokens_total": 0, "steps": 0, "preemptions": 0}
+
+    # --- submitting --------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], sampling: SamplingConfig,
+               generation: GenerationConfig, *, n: int = 1,
+               queue_timeout: float | None = None, stream: bool = True) -> Request:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.n_parallel:
+            raise InvalidArgumentError(
+                f"n must be an int in [1, n_parallel={self.n_parallel}], got {n!r}")
+        if queue_timeout is not None and (
+                isinstance(queue_timeout, bool) or not isinstance(queue_timeout, (int, float))
+                or not queue_timeout >= 0):
+            raise InvalidArgumentError(
+                f"queue_timeout must be None or a number >= 0, got {queue_timeout!r}")
+        n_prompt = len(prompt)
+        if n_prompt == 0:
+            raise InvalidArgumentError("the prompt is empty (it produced no tokens)")
+        if n_prompt >= self.n_ctx:
+            raise ContextLengthExceededError(
+                f"the prompt has {n_prompt} token{'' if n_prompt == 1 else 's'}; with at "
+                f"least one generated token it needs {n_prompt + 1}, but the context holds "
+                f"{self.n_ctx}", n_prompt, self.n_ctx)
+        request = Request(self, prompt, sampling, generation, n, stream)
+        # the sampler chains are built here, in the caller's thread: a bad grammar or
+        # option fails the submit, not the engine
+        from llamabind.api import build_sampler
+        samplers: list[_llama.Sampler | None] = []
+        try:
+            for i in range(n):
+                s = sampling
+                if i and sampling.seed is not None:
+                    s = sampling.with_(seed=(sampling.seed + i) % 0xFFFFFFFF)
+                samplers.append(build_sampler(self.native, s, self.n_ctx))
+        except BaseException:
+            for smp in samplers:
+                if smp is not None:
+                    smp.close()
+            raise
+        request.samplers = samplers
+        deadline = None if queue_timeout is None else time.monotonic() + queue_timeout
+        with self._lock:
+            while True:
+                if self._closed:
+                    _close_samplers(request)
+                    raise ClosedError("the model is closed")
+                free = self.n_parallel - sum(len(r.gens) for r in self._running)
+                if len(self._queue) < self.config.max_queue + max(0, free):
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    _close_samplers(request)
+                    raise QueueFullError(
+                        f"the request queue is full ({len(self._queue)} waiting, limit "
+                        f"{self.config.max_queue})", len(self._queue), self.config.max_queue)
+                self._room.wait(remaining)
+            self._queue.append(request)
+            self._stats["requests_total"] += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="llamabind-engine",
+                                                 daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        return request
+
+    def _cancel(self, request: Request) -> None:
+        with self._lock:
+            if request in self._queue:
+                self._queue.remove(request)
+                self._room.notify()
+                self._finish_unstarted(request, None)
+                return
+            self._cancelled.append(request)
+            # a decode whose every row belongs to cancelled requests is stopped now
+            if self._in_flight and all(r._cancelled for r in self._in_flight) \
+                    and self._ctx is not None:
+                self._ctx.cancel()
+            self._wake.notify()
+
+    # --- state ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            used = sum(len(s.tokens) for s in self._slots if s.busy)
+            cached = sum(len(s.tokens) for s in self._slots if not s.busy)
+            out = dict(self._stats)
+            out.update({
+                "requests_queued": len(self._queue),
+                "requests_running": len(self._running),
+                "n_parallel": self.n_parallel,
+                "n_ctx": self.n_ctx,
+                "max_queue": self.config.max_queue,
+                "kv_cells_used": used,
+                "kv_cells_cached": cached,
+                "kv_cells_total": self.n_ctx * self.n_parallel,
+                "prompt_cache_entries": len(self._cache.entries),
+                "prompt_cache_bytes": self._cache.size,
+                "prompt_cache_hits": self._cache.hits,
+            })
+        return out
+
+    def record_schedule(self, on: bool = True) -> list[Any] | None:
+        """Start (or stop) recording every step's batch (for replaying it natively);
+        returns the record list."""
+        with self._lock:
+            self._record = [] if on else None
+            if self._core is not None:
+                self._core.record = self._record
+        return self._record
+
+    def clear_cache(self) -> None:
+        """Free the KV cells idle slots keep and empty the prompt cache."""
+        with self._lock:
+            self._cache.clear()
+            if self._ctx is not None and not self._running:
+                for slot in self._slots:
+                    if not slot.busy and slot.tokens:
+                        self._ctx.seq_rm(slot.seq_id, -1, -1)
+                        slot.tokens = []
+
+    def close(self) -> None:
+        """Cancel queued and running requests (ClosedError) and free the context."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            queued = list(self._queue)
+            self._queue.clear()
+            if self._ctx is not None and self._in_flight:
+                self._ctx.cancel()
+            self._wake.notify_all()
+            self._room.notify_all()
+            thread = self._thread
+        for request in queued:
+            self._finish_unstarted(request, ClosedError("the model was closed"))
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+        self._cache.clear()
+
+    # --- the scheduler thread --------------------------------------------------------------
+
+    def _ensure_context(self) -> None:
+        if self._ctx is not None:
+            return
+        cfg = self.context_config.with_(
+            n_ctx=self.n_ctx * self.n_parallel, n_seq_max=self.n_parallel,
+            n_batch=max(self.context_config.n_batch, self.n_parallel))
+        self._ctx = _llama.Context(self.native, cfg)
+        self._core = _llama.EngineCore(self._ctx)
+        self._core.record = self._record
+        self._slots = [_Slot(i) for i in range(self.n_parallel)]
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the engine itself failed: fail everything
+            with self._lock:
+                self._closed = True
+                pending = list(self._queue) + list(self._running)
+                self._queue.clear()
+                self._running.clear()
+            for request in pending:
+                self._finish_unstarted(request, exc if isinstance(exc, LlamaError) else
+                                       LlamaError(f"the engine failed: {exc!r}"))
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._queue and not self._running \
+                        and not self._cancelled:
+                    self._wake.wait()
+                if self._closed:
+                    running = list(self._running)
+                    self._running.clear()
+                    break
+                cancelled, self._cancelled = self._cancelled, []
+            for request in cancelled:
+                if request in self._running:
+                    self._end_request(request, cancelled=True)
+            self._admit()
+            if not self._running:
+                continue
+            self._step()
+        for request in running:
+            self._end_request(request, error=ClosedError("the model was closed"))
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                request = self._queue[0]
+                free = [s for s in self._slots if not s.busy] if self._slots else None
+                need = request.n if request.resume is None else len(request.resume)
+                if free is not None and len(free) < need:
+                    return
+                self._queue.popleft()
+                self._room.notify()
+            try:
+                self._ensure_context()
+                free = [s for s in self._slots if not s.busy]
+                if request.resume is not None:
+                    self._resume(request, free)
+                else:
+                    self._start(request, free)
+            except BaseException as exc:
+                self._finish_unstarted(request, exc)
+
+    def _start(self, request: Request, free: list[_Slot]) -> None:
+        ctx = self._ctx
+        assert ctx is not None
+        prompt = request.prompt
+        n_prompt = len(prompt)
+        g = request.generation
+        # the slot whose cells share the longest prefix with the prompt
+        best, best_n = free[0], -1
+        for slot in free:
+            k = _llama.common_prefix(slot.tokens, prompt)
+            if k > best_n or (k == best_n and slot.last_used < best.last_used):
+                best, best_n = slot, k
+        key, cached_n = self._cache.best(prompt)
+        if key is not None and cached_n > best_n + _MIN_CACHED_TOKENS // 2:
+            # restoring from RAM beats recomputing: free the slot least worth keeping
+            target = min(free, key=lambda s: (len(s.tokens), s.last_used))
+            self._give_up(target, 0)
+            ctx.load_state(self._cache.take(key), target.seq_id)
+            target.tokens = list(key)
+            best, best_n = target, cached_n
+        kept = min(best_n, n_prompt - 1)
+        self._give_up(best, kept)
+        slots = [best] + [s for s in free if s is not best][:request.n - 1]
+        for slot in slots[1:]:
+            self._give_up(slot, 0)
+        gens = []
+        for i, slot in enumerate(slots):
+            slot.busy = True
+            gens.append(_llama.Generation(
+                self.native, n_prompt, request.samplers[i], max_tokens=g.max_tokens,
+                stop=list(g.stop), ignore_eos=request.sampling.ignore_eos,
+                logprobs=g.logprobs, seq_id=slot.seq_id, n_ctx=self.n_ctx))
+        request.gens = gens
+        request.slots = list(slots)
+        request.reported = [0] * request.n
+        request.cached_tokens = kept
+        request.t_admit = time.perf_counter()
+        self._admissions += 1
+        request.admitted_at = self._admissions
+        tokens = np.asarray(prompt[kept:], dtype=np.int32)
+        request.jobs = [_PrefillJob(tokens, kept, best.seq_id, gens)]
+        self._stats["prompt_tokens_total"] += n_prompt
+        self._stats["prompt_tokens_cached"] += kept
+        with self._lock:
+            self._running.append(request)
+
+    def _resume(self, request: Request, free: list[_Slot]) -> None:
+        """Admit a preempted request again: each unfinished choice gets a slot and its
+        prompt and tokens decoded anew, then goes on with its pending token."""
+        assert request.resume is not None
+        free = sorted(free, key=lambda s: (len(s.tokens), s.last_used))
+        for (tokens, i), slot in zip(request.resume, free, strict=False):
+            self._give_up(slot, 0)
+            slot.busy = True
+            request.gens[i].seq_id = slot.seq_id
+            request.slots[i] = slot
+            request.jobs.append(_PrefillJob(tokens, 0, slot.seq_id, None))
+        request.resume = None
+        self._admissions += 1
+        request.admitted_at = self._admissions
+        with self._lock:
+            self._running.append(request)
+
+    def _give_up(self, slot: _Slot, keep: int) -> None:
+        """Cut a free slot's cells down to its first ``keep`` tokens, saving what it
+        held to the prompt cache first when that is worth it."""
+        ctx = self._ctx
+        assert ctx is not None
+        if len(slot.tokens) <= keep:
+            return
+        if (self._cache.limit > 0 and len(slot.tokens) - keep >= _MIN_CACHED_TOKENS
+                and len(slot.tokens) >= _MIN_CACHED_TOKENS):
+            self._cache.put(slot.tokens, ctx.save_state(slot.seq_id))
+        if keep == 0:
+            ctx.seq_rm(slot.seq_id, -1, -1)
+        else:
+            ctx.seq_rm(slot.seq_id, keep, -1)
+        slot.tokens = slot.tokens[:keep]
+
+    def _step(self) -> None:
+        core = self._core
+        ctx = self._ctx
+        assert core is not None and ctx is not None
+        budget = core.capacity
+        gens: list[_llama.Generation] = []
+        chunks: list[tuple[Any, ...]] = []
+        in_flight: set[Request] = set()
+        for request in self._running:
+            if request.jobs:
+                continue
+            for gen in request.gens:
+                if gen.has_next and len(gens) < budget:
+                    gens.append(gen)
+                    in_flight.add(request)
+        budget -= len(gens)
+        taken: list[tuple[_PrefillJob, int]] = []
+        for request in self._running:
+            for job in request.jobs:
+                if budget <= 0:
+                    break
+                count = min(budget, len(job.tokens) - job.done)
+                last = job.done + count == len(job.tokens)
+                chunks.append((job.outputs if last else None, job.tokens, job.done, count,
+                               job.start_pos + job.done, (job.seq_id,)))
+                taken.append((job, count))
+                in_flight.add(request)
+                budget -= count
+        if not gens and not chunks:
+            return
+        with self._lock:
+            # a cancel() meant for an earlier step must not stop this one
+            ctx.reset_cancel()
+            self._in_flight = in_flight
+        try:
+            rc = core.step(gens, chunks)
+        except GenerationCancelled:
+            # every request in the step was cancelled (or the model is closing)
+            rc = -1
+        except LlamaError as exc:
+            for request in in_flight:
+                self._end_request(request, error=exc)
+            return
+        finally:
+            with self._lock:
+                self._in_flight = set()
+        if rc == 1:
+            self._preempt()
+            return
+        if rc == -1:
+            for request in in_flight:
+                if not request._cancelled:
+                    self._end_request(request, error=ClosedError("the model was closed"))
+            return
+        self._stats["steps"] += 1
+        now = time.perf_counter()
+        for job, count in taken:
+            job.done += count
+        for request in list(self._running):
+            self._after_step(request, now)
+
+    def _after_step(self, request: Request, now: float) -> None:
+        ctx = self._ctx
+        assert ctx is not None
+        if request.jobs:
+            request.jobs = [job for job in request.jobs if job.done < len(job.tokens)]
+            if request.jobs:
+                return
+            if not request.t_first:
+                # the other choices share the prompt's cells (a fresh admission only:
+                # resumed choices decoded their own)
+                primary = request.slots[0]
+                assert primary is not None
+                for slot in request.slots[1:]:
+                    if slot is not None:
+                        ctx.seq_cp(primary.seq_id, slot.seq_id, -1, -1)
+                request.t_first = now
+        events: list[Event] = []
+        finished = True
+        for i, gen in enumerate(request.gens):
+            if gen.error is not None:
+                self._end_request(request, error=gen.error)
+                return
+            if request._stream and request.reported[i] >= 0:
+                new_tokens = gen.tokens[request.reported[i]:]
+                text = gen.take_text()
+                fin = gen.finish_reason
+                if text or new_tokens or fin is not None:
+                    logprobs = None
+                    if gen.logprobs is not None:
+                        logprobs = self._logprobs(gen.logprobs[request.reported[i]:])
+                    events.append(Event(i, text, tuple(new_tokens), logprobs, fin))
+                    request.reported[i] = len(gen.tokens) if fin is None else -1
+            if gen.finish_reason is None:
+                finished = False
+        if finished:
+            self._end_request(request, events=events)
+        elif events:
+            request._push(events)
+
+    def _logprobs(self, records: list[Any]) -> tuple[TokenLogprob, ...]:
+        vocab = self.native.vocab
+        out = []
+        for tok, lp, top in records:
+            out.append(TokenLogprob(
+                tok, vocab.detokenize([tok]), float(lp),
+                tuple((t, vocab.detokenize([t]), float(v)) for t, v in top)))
+        return tuple(out)
+
+    def _preempt(self) -> None:
+        """The KV cache had no room for the step: the newest request gives its cells
+        back and waits at the head of the queue; its choices continue where they were
+        when it is admitted again (their prompt and tokens are decoded anew)."""
+        with self._lock:
+            running = sorted(self._running, key=lambda r: r.admitted_at)
+        if len(running) <= 1:
+            for request in running:
+                for gen in request.gens:
+                    gen.finish("length")
+                self._after_step(request, time.perf_counter())
+            return
+        victim = running[-1]
+        self._stats["preemptions"] += 1
+        ctx = self._ctx
+        assert ctx is not None
+        resume = []
+        for i, (gen, slot) in enumerate(zip(victim.gens, victim.slots, strict=True)):
+            if slot is not None:
+                ctx.seq_rm(slot.seq_id, -1, -1)
+                slot.tokens = []
+                slot.busy = False
+                victim.slots[i] = None
+            if gen.finish_reason is None:
+                if victim.jobs or not gen.has_next:
+                    # preempted before its first token: admitted again from the start
+                    resume = []
+                    break
+                decoded = gen.pos - victim.prompt_tokens
+                tokens = np.asarray(victim.prompt + list(gen.tokens[:decoded]), dtype=np.int32)
+                resume.append((tokens, i))
+        with self._lock:
+            self._running.remove(victim)
+            if resume or not any(g.finish_reason is None for g in victim.gens):
+                victim.resume = resume
+            else:
+                victim.resume = None
+                victim.jobs = []
+                victim.gens = []
+            self._queue.appendleft(victim)
+
+    def _end_request(self, request: Request, *, cancelled: bool = False,
+                     error: BaseException | None = None,
+                     events: list[Event] | None = None) -> None:
+        ctx = self._ctx
+        now = time.perf_counter()
+        request.t_done = now
+        results = None
+        if error is None:
+            results = []
+            for i, gen in enumerate(request.gens):
+                if gen.finish_reason is None or cancelled:
+                    gen.finish("cancelled")
+                results.append(self._result(request, gen))
+                self._stats["completion_tokens_total"] += gen.n_generated
+            if cancelled and request._stream:
+                events = [Event(i, gen.take_text(), tuple(gen.tokens[request.reported[i]:]),
+                                None, "cancelled")
+                          for i, gen in enumerate(request.gens) if request.reported[i] >= 0]
+        else:
+            self._stats["requests_failed"] += 1
+        if cancelled:
+            self._stats["requests_cancelled"] += 1
+        # the slots keep what their sequences hold, for the next request to reuse
+        for gen, slot in zip(request.gens, request.slots, strict=False):
+            if slot is None:
+                continue
+            if ctx is not None and (cancelled or error is not None):
+                ctx.seq_rm(slot.seq_id, -1, -1)
+                slot.tokens = []
+            else:
+                decoded = max(0, gen.pos - request.prompt_tokens)
+                slot.tokens = request.prompt + list(gen.tokens[:decoded])
+            slot.busy = False
+            slot.last_used = now
+        _close_samplers(request)
+        with self._lock:
+            if request in self._running:
+                self._running.remove(request)
+        request._push(events or [], done=True, results=results, error=error)
+
+    def _result(self, request: Request, gen: _llama.Generation) -> GenerationResult:
+        from llamabind.api import GenerationResult
+        t_first = request.t_first or request.t_done
+        return GenerationResult(
+            text=gen.text, prompt_tokens=request.prompt_tokens,
+            completion_tokens=gen.n_generated, finish_reason=gen.finish_reason,
+            tokens=tuple(gen.tokens), prompt_eval_ms=(t_first - request.t_admit) * 1000
+            if request.t_admit else 0.0,
+            generation_ms=(request.t_done - t_first) * 1000,
+            cached_prompt_tokens=request.cached_tokens, stop_sequence=gen.stop_sequence,
+            logprobs=self._logprobs(gen.logprobs) if gen.logprobs is not None else None,
+            queue_ms=((request.t_admit or request.t_done) - request.t_submit) * 1000)
+
+    def _finish_unstarted(self, request: Request, error: BaseException | None) -> None:
+        """End a request that never got a slot (cancelled or refused in the queue)."""
+        _close_samplers(request)
+        results = None
+        if error is None:
+            from llamabind.api import GenerationResult
+            results = [GenerationResult(
+                text="", prompt_tokens=request.prompt_tokens, completion_tokens=0,
+                finish_reason="cancelled", tokens=(), prompt_eval_ms=0.0,
+                generation_ms=0.0) for _ in range(request.n)]
+            self._stats["requests_cancelled"] += 1
+        events = [Event(i, "", (), None, "cancelled") for i in range(request.n)] \
+            if error is None else []
+        request._push(events, done=True, results=results, error=error)
+
+
+def _close_samplers(request: Request) -> None:
+    for sampler in request.samplers:
+        if sampler is not None and not sampler.closed:
+            sampler.close()
