@@ -9,6 +9,7 @@
 //   llamabind-ref embed    --model M --prompt-file F [--n-ctx ...] [--n-batch ...] ...
 //   llamabind-ref tokenize --model M --prompt-file F [--add-special 1] [--parse-special 0]
 //                 [--vocab-only 1]
+//   llamabind-ref replay   --model M --prompt-file SCHEDULE
 //
 // generate: tokenizes the prompt, decodes it in n_batch chunks with logits on the last
 // prompt token only, then loops: sample (llama_sampler_sample, which also accepts the
@@ -17,6 +18,15 @@
 // (min_keep 1) -> temperature -> dist(seed); "greedy" is llama.cpp's greedy sampler.
 // embed: a context with embeddings on and mean pooling, the prompt in one batch with
 // every token marked as an output; prints the pooled embedding of sequence 0.
+// replay: does what a recorded schedule of llamabind's batching engine says, one line
+// per operation (written by tests/_native.py):
+//   context N_CTX N_SEQ_MAX N_BATCH N_UBATCH KV_UNIFIED THREADS
+//   admit RID SEQ greedy | greedy-no-eog | chain TOP_K TOP_P MIN_P TEMP SEED
+//   bind RID SEQ        rm SEQ P0 P1        cp SRC DST
+//   step N, then N lines "row POS TOKEN KIND NSEQ SEQ..." (KIND g: the token the
+//   sequence's choice picked last, p: TOKEN), then "picks K" and K lines "pick ROW SEQ"
+// Every choice (RID) has its own sampler chain; at a pick it samples from the row's
+// logits. Prints each choice's picked tokens.
 
 #include "llama.h"
 
@@ -101,8 +111,9 @@ options parse_args(int argc, char ** argv) {
     }
     options o;
     o.mode = argv[1];
-    if (o.mode != "generate" && o.mode != "embed" && o.mode != "tokenize") {
-        fail("unknown mode '" + o.mode + "' (generate, embed or tokenize)");
+    if (o.mode != "generate" && o.mode != "embed" && o.mode != "tokenize" &&
+        o.mode != "replay") {
+        fail("unknown mode '" + o.mode + "' (generate, embed, tokenize or replay)");
     }
     for (int i = 2; i < argc; ++i) {
         std::string arg = argv[i];
@@ -384,6 +395,162 @@ int run_embed(llama_model * model, const options & o) {
     return 0;
 }
 
+// --- replay --------------------------------------------------------------------------
+
+struct replay_choice {
+    llama_sampler * chain = nullptr;
+    std::vector<llama_token> picked;
+};
+
+int run_replay(llama_model * model, const options & o) {
+    std::ifstream in(o.prompt_file);
+    if (!in) {
+        fail("cannot read '" + o.prompt_file + "'");
+    }
+    std::string op;
+    in >> op;
+    if (op != "context") {
+        fail("a schedule starts with its context line");
+    }
+    int n_ctx = 0, n_seq_max = 0, n_batch = 0, n_ubatch = 0, unified = 0, threads = 0;
+    in >> n_ctx >> n_seq_max >> n_batch >> n_ubatch >> unified >> threads;
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = (uint32_t) n_ctx;
+    cp.n_seq_max = (uint32_t) n_seq_max;
+    cp.n_batch = (uint32_t) n_batch;
+    cp.n_ubatch = (uint32_t) n_ubatch;
+    cp.kv_unified = unified != 0;
+    cp.n_threads = threads;
+    cp.n_threads_batch = threads;
+    llama_context * ctx = llama_init_from_model(model, cp);
+    if (ctx == nullptr) {
+        fail("llama_init_from_model failed");
+    }
+    llama_memory_t mem = llama_get_memory(ctx);
+    std::vector<replay_choice> choices;        // by RID (1-based; [0] unused)
+    std::vector<int> bound(n_seq_max, 0);       // sequence -> RID
+    llama_batch b = llama_batch_init(n_batch, 0, n_seq_max);
+    while (in >> op) {
+        if (op == "admit" || op == "bind") {
+            int rid = 0, seq = 0;
+            in >> rid >> seq;
+            if (rid < 1 || seq < 0 || seq >= n_seq_max) {
+                fail("bad " + op + " line");
+            }
+            if ((int) choices.size() <= rid) {
+                choices.resize(rid + 1);
+            }
+            bound[seq] = rid;
+            if (op == "admit") {
+                std::string kind;
+                in >> kind;
+                llama_sampler * chain =
+                    llama_sampler_chain_init(llama_sampler_chain_default_params());
+                if (kind == "greedy" || kind == "greedy-no-eog") {
+                    if (kind == "greedy-no-eog") {
+                        // ignore_eos: end-of-generation tokens are never picked
+                        const llama_vocab * vocab = llama_model_get_vocab(model);
+                        std::vector<llama_logit_bias> bias;
+                        for (llama_token t = 0; t < llama_vocab_n_tokens(vocab); ++t) {
+                            if (llama_vocab_is_eog(vocab, t)) {
+                                bias.push_back({t, -INFINITY});
+                            }
+                        }
+                        llama_sampler_chain_add(chain, llama_sampler_init_logit_bias(
+                            llama_vocab_n_tokens(vocab), (int32_t) bias.size(), bias.data()));
+                    }
+                    llama_sampler_chain_add(chain, llama_sampler_init_greedy());
+                } else if (kind == "chain") {
+                    int top_k = 0;
+                    float top_p = 1, min_p = 0, temp = 1;
+                    unsigned long seed = 0;
+                    in >> top_k >> top_p >> min_p >> temp >> seed;
+                    if (top_k > 0) {
+                        llama_sampler_chain_add(chain, llama_sampler_init_top_k(top_k));
+                    }
+                    if (top_p < 1.0f) {
+                        llama_sampler_chain_add(chain, llama_sampler_init_top_p(top_p, 0));
+                    }
+                    if (min_p > 0.0f) {
+                        llama_sampler_chain_add(chain, llama_sampler_init_min_p(min_p, 0));
+                    }
+                    llama_sampler_chain_add(chain, llama_sampler_init_temp(temp));
+                    llama_sampler_chain_add(chain, llama_sampler_init_dist((uint32_t) seed));
+                } else {
+                    fail("unknown sampler '" + kind + "'");
+                }
+                choices[rid].chain = chain;
+            }
+        } else if (op == "rm") {
+            int seq = 0, p0 = 0, p1 = 0;
+            in >> seq >> p0 >> p1;
+            llama_memory_seq_rm(mem, seq, p0, p1);
+        } else if (op == "cp") {
+            int src = 0, dst = 0;
+            in >> src >> dst;
+            llama_memory_seq_cp(mem, src, dst, -1, -1);
+        } else if (op == "step") {
+            int n = 0;
+            in >> n;
+            if (n < 1 || n > n_batch) {
+                fail("bad step size");
+            }
+            for (int i = 0; i < n; ++i) {
+                std::string row, kind;
+                int pos = 0, token = 0, nseq = 0;
+                in >> row >> pos >> token >> kind >> nseq;
+                b.token[i] = token;
+                b.pos[i] = pos;
+                b.n_seq_id[i] = nseq;
+                for (int k = 0; k < nseq; ++k) {
+                    in >> b.seq_id[i][k];
+                }
+                b.logits[i] = 0;
+                if (kind == "g") {
+                    const std::vector<llama_token> & mine =
+                        choices[bound[b.seq_id[i][0]]].picked;
+                    if (mine.empty()) {
+                        fail("a generated row of a choice that picked nothing");
+                    }
+                    b.token[i] = mine.back();
+                }
+            }
+            std::string picks_word;
+            int n_picks = 0;
+            in >> picks_word >> n_picks;
+            std::vector<std::pair<int, int>> picks(n_picks);
+            for (auto & pk : picks) {
+                std::string word;
+                in >> word >> pk.first >> pk.second;
+                b.logits[pk.first] = 1;
+            }
+            b.n_tokens = n;
+            decode_or_fail(ctx, b, "replay step");
+            for (const auto & pk : picks) {
+                replay_choice & c = choices[bound[pk.second]];
+                c.picked.push_back(llama_sampler_sample(c.chain, ctx, pk.first));
+            }
+        } else {
+            fail("unknown schedule operation '" + op + "'");
+        }
+    }
+    std::printf("{\"choices\": {");
+    bool first = true;
+    for (size_t rid = 1; rid < choices.size(); ++rid) {
+        std::printf(first ? "\"%zu\": [" : ", \"%zu\": [", rid);
+        first = false;
+        for (size_t i = 0; i < choices[rid].picked.size(); ++i) {
+            std::printf(i ? ", %d" : "%d", choices[rid].picked[i]);
+        }
+        std::printf("]");
+        llama_sampler_free(choices[rid].chain);
+    }
+    std::printf("}}\n");
+    llama_batch_free(b);
+    llama_free(ctx);
+    return 0;
+}
+
 int run_tokenize(llama_model * model, const options & o) {
     const llama_vocab * vocab = llama_model_get_vocab(model);
     const std::vector<llama_token> toks =
@@ -416,6 +583,8 @@ int main(int argc, char ** argv) {
         rc = run_generate(model, o);
     } else if (o.mode == "embed") {
         rc = run_embed(model, o);
+    } else if (o.mode == "replay") {
+        rc = run_replay(model, o);
     } else {
         rc = run_tokenize(model, o);
     }

@@ -101,7 +101,7 @@ CASES: dict[str, tuple[str, str]] = {
     "repeat_penalty=-1": ("gen(repeat_penalty=-1)", "gen(repeat_penalty=-1)"),
     "max_tokens=-7": ("gen(max_tokens=-7)", "gen(max_tokens=-7)"),
     "stop=5 (not a string or list)": ("gen(stop=5)", "gen(stop=5)"),
-    "threads=-7": ("model(context=lb.ContextConfig(threads=-7)).generate('Hi', max_tokens=2)"
+    "threads=-7": ("model(context=lb.ContextConfig(n_threads=-7)).generate('Hi', max_tokens=2)"
                    ".text", "model(n_threads=-7).create_completion('Hi', max_tokens=2)"
                    "['choices'][0]['text']"),
     "n_ctx=1": ("model(n_ctx=1).generate('Hi', max_tokens=2).text",

@@ -121,6 +121,50 @@ class NativeRef:
             "--threads", str(threads), "--add-special", _flag(add_special)])
 
 
+    def replay(self, model: str, record: list[Any], context: dict[str, Any]) -> dict[int, list[int]]:
+        """Replay a schedule recorded by the batching engine (``record_schedule``):
+        returns each choice's picked tokens, by its id. ``context``: the engine's
+        ``context_params()``. Only greedy and default-chain seeded sampling can be
+        replayed (what the native program builds)."""
+        lines = [f"context {context['n_ctx']} {context['n_seq_max']} {context['n_batch']} "
+                 f"{context['n_ubatch']} {int(context['kv_unified'])} {context['n_threads']}"]
+        for op in record:
+            if "rows" in op:
+                lines.append(f"step {len(op['rows'])}")
+                for seqs, pos, token, kind in op["rows"]:
+                    lines.append(f"row {pos} {token} {kind} {len(seqs)} "
+                                 + " ".join(str(x) for x in seqs))
+                lines.append(f"picks {len(op['picks'])}")
+                lines += [f"pick {row} {seq}" for row, seq in op["picks"]]
+            elif op["op"] == "admit":
+                s = op["sampling"]
+                default = type(s)()
+                for name in ("repeat_penalty", "frequency_penalty", "presence_penalty",
+                             "logit_bias", "grammar", "typical_p", "top_n_sigma",
+                             "xtc_probability", "dynatemp_range", "dry_multiplier",
+                             "mirostat", "min_keep"):
+                    assert getattr(s, name) == getattr(default, name), f"cannot replay {name}"
+                if s.temperature == 0:
+                    kind = "greedy-no-eog" if s.ignore_eos else "greedy"
+                    lines.append(f"admit {op['rid']} {op['seq']} {kind}")
+                else:
+                    assert not s.ignore_eos, "cannot replay ignore_eos with sampling"
+                    assert s.seed is not None, "a random seed cannot be replayed"
+                    seed = (s.seed + op["choice"]) % 0xFFFFFFFF
+                    lines.append(f"admit {op['rid']} {op['seq']} chain {s.top_k} "
+                                 f"{s.top_p!r} {s.min_p!r} {s.temperature!r} {seed}")
+            elif op["op"] == "bind":
+                lines.append(f"bind {op['rid']} {op['seq']}")
+            elif op["op"] == "rm":
+                lines.append(f"rm {op['seq']} {op['p0']} {op['p1']}")
+            elif op["op"] == "cp":
+                lines.append(f"cp {op['src']} {op['dst']}")
+            else:
+                raise AssertionError(f"cannot replay {op['op']!r} (disable the prompt cache)")
+        out = self._run("replay", model, "\n".join(lines) + "\n", [])
+        return {int(k): v for k, v in out["choices"].items()}
+
+
 @pytest.fixture(scope="session", name="native")
 def native_fixture() -> NativeRef:
     """The native reference program, built from the pinned source with llamabind's

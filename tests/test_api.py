@@ -18,7 +18,6 @@ from llamabind import (
     InvalidArgumentError,
     LoadedModel,
     SamplingConfig,
-    api,
 )
 
 pytestmark = pytest.mark.model
@@ -110,29 +109,27 @@ def _is_complete_utf8(b: bytes) -> bool:
 
 
 @pytest.mark.parametrize("prompt", ["日本の首都は", "Emoji story: 🦙🌋🔥", PROMPT])
-def test_generate_in_c_equals_the_token_loop(loaded_qwen: LoadedModel, prompt: str) -> None:
-    # generate() runs its loop in C and matches stop strings on bytes; stream() goes
-    # token by token on text. Every field but the timings must agree, stop strings
-    # spanning tokens and characters split across tokens included.
+def test_every_path_runs_the_same_loop(loaded_qwen: LoadedModel, prompt: str) -> None:
+    # The engine (generate, stream), a session's loop in C (Session.generate) and its
+    # token-by-token text (Session.stream) are one token loop: every field but the
+    # timings agrees, stop strings spanning tokens and characters split across tokens
+    # included.
     base = loaded_qwen.generate(prompt, temperature=0, max_tokens=40).text
     stops: list[list[str]] = [[], [base[3:6]], [base[-2:], base[7:9]], [base[:1]],
                               ["\n", "。"], ["never in there"], ["\ufffd"]]
     for stop in stops:
         for opts in ({"temperature": 0}, {"seed": 9, "temperature": 1.2}):
+            engine = loaded_qwen.generate(prompt, max_tokens=40, stop=stop, **opts)
+            streamed = "".join(loaded_qwen.stream(prompt, max_tokens=40, stop=stop, **opts))
             with loaded_qwen.create_session() as session:
-                fast = session.generate(prompt, max_tokens=40, stop=stop, **opts)
-                run = api._Run()
-                s, g = api._configs(None, None, dict(opts, max_tokens=40, stop=stop))
-                tokens = session.tokenize_prompt(prompt, g)
-                for _ in session._stream_tokens(tokens, s, g, False, run, streaming=True):
-                    pass
-            slow = run.result
-            assert slow is not None
+                own = session.generate(prompt, max_tokens=40, stop=stop, **opts)
+                pieces = "".join(session.stream(prompt, max_tokens=40, stop=stop, **opts))
             for field in ("text", "tokens", "completion_tokens", "finish_reason",
                           "stop_sequence", "prompt_tokens"):
-                assert getattr(fast, field) == getattr(slow, field), (stop, opts, field)
+                assert getattr(engine, field) == getattr(own, field), (stop, opts, field)
+            assert streamed == pieces == engine.text
             if "seed" not in opts and any(x in base for x in stop):
-                assert fast.finish_reason == "stop" and fast.stop_sequence in stop
+                assert engine.finish_reason == "stop" and engine.stop_sequence in stop
 
 
 def test_stop_strings_across_token_boundaries(loaded_smol: LoadedModel) -> None:

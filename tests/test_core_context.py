@@ -12,6 +12,7 @@ from llamabind import (
     Batch,
     ClosedError,
     Context,
+    Generation,
     InvalidArgumentError,
     Model,
     Sampler,
@@ -225,66 +226,107 @@ def test_generator_stops_at_eog_and_length(smol: Model, ctx: Context) -> None:
     assert len(list(gen)) == 3 and gen.finish_reason == "length"
 
 
-def test_generator_run_equals_iteration(smol: Model, ctx: Context) -> None:
+def test_generation_run_equals_iteration(smol: Model, ctx: Context) -> None:
+    """Generation.run (the loop in C), step() with take_text() (streaming) and
+    TokenGenerator (the core iterator) are one loop: same tokens, bytes, text, end."""
     tokens = smol.vocab.tokenize("Once upon a time")
 
-    def fresh(max_tokens: int, seed: int | None) -> TokenGenerator:
+    def chain(seed: int | None) -> Sampler | None:
+        return None if seed is None else (
+            Sampler().add_top_k(40).add_temperature(0.9).add_dist(seed))
+
+    def fresh(max_tokens: int, seed: int | None, stop: tuple[str, ...] = ()) -> Generation:
         ctx.memory_clear()
         ctx.eval(tokens)
-        chain = None if seed is None else (
-            Sampler().add_top_k(40).add_temperature(0.9).add_dist(seed))
-        return TokenGenerator(ctx, len(tokens), chain, max_tokens=max_tokens)
+        gen = Generation(smol, len(tokens), chain(seed), max_tokens=max_tokens, stop=stop,
+                         n_ctx=ctx.n_ctx)
+        gen.accept(ctx)
+        return gen
 
     for seed in (None, 5):
-        gen = fresh(40, seed)
-        pairs = list(gen)
-        out: list[int] = []
-        data = bytearray()
+        ctx.memory_clear()
+        ctx.eval(tokens)
+        it = TokenGenerator(ctx, len(tokens), chain(seed), max_tokens=40)
+        pairs = list(it)
         run = fresh(40, seed)
-        assert run.run(out, data) == "length" == gen.finish_reason
-        assert out == [t for t, _ in pairs]
-        assert bytes(data) == b"".join(p for _, p in pairs)
-        assert (run.pos, run.n_generated, run.last_token) == (gen.pos, gen.n_generated,
-                                                              gen.last_token)
-        # a stop ends the run at the token whose bytes complete it, wherever it starts
-        whole = bytes(data)
+        assert run.run(ctx) == "length" == it.finish_reason
+        assert run.tokens == [t for t, _ in pairs]
+        whole = b"".join(p for _, p in pairs)
+        assert run.output_bytes == whole
+        assert run.text == whole.decode("utf-8", "replace")
+        assert (run.pos, run.n_generated) == (it.pos, it.n_generated)
+        streamed = fresh(40, seed)
+        pieces = [streamed.take_text()]
+        while not streamed.finished:
+            streamed.step(ctx)
+            pieces.append(streamed.take_text())
+        assert "".join(pieces) == run.text and streamed.tokens == run.tokens
+        # a stop ends the generation at the token whose bytes complete it
+        text = run.text
         ends = [len(b"".join(p for _, p in pairs[:i + 1])) for i in range(len(pairs))]
-        for stop in (whole[5:9], whole[-3:], whole[:1], b"\xff\xfe"):
-            out, data = [], bytearray()
-            reason = fresh(40, seed).run(out, data, [b"\x00\x01", stop])
-            at = whole.find(stop)
+        for stop in (text[5:9], text[-3:], text[:1], "\u2603 never"):
+            gen = fresh(40, seed, ("\x01", stop))
+            reason = gen.run(ctx)
+            at = whole.find(stop.encode())
             if at < 0:
-                assert reason == "length" and bytes(data) == whole
+                assert reason == "length" and gen.text == text and gen.stop_sequence is None
                 continue
-            n = next(i for i, e in enumerate(ends) if e >= at + len(stop)) + 1
-            assert reason == "stop" and len(out) == n and bytes(data) == whole[:ends[n - 1]]
-    # run() after the end returns at once; so does a generator of 0 tokens
-    assert run.run([], bytearray()) == "length"
+            n = next(i for i, e in enumerate(ends) if e >= at + len(stop.encode())) + 1
+            assert reason == "stop" and len(gen.tokens) == n and gen.stop_sequence == stop
+            assert gen.text == whole[:at].decode("utf-8", "replace")
+    # run() after the end returns at once; so does a generation of 0 tokens
+    assert run.run(ctx) == "length"
     empty = fresh(0, None)
-    out, data = [], bytearray()
-    assert empty.run(out, data) == "length" and out == [] and data == b""
-    for bad in ("x", [b""], [b"ok", "str"], b"ab", 5):
-        with pytest.raises(InvalidArgumentError, match="stops"):
-            fresh(4, None).run([], bytearray(), bad)
-    with pytest.raises(InvalidArgumentError, match="tokens must be a list, got tuple"):
-        fresh(4, None).run((), bytearray())
-    with pytest.raises(InvalidArgumentError, match="text must be a bytearray, got bytes"):
-        fresh(4, None).run([], b"")
+    assert empty.finish_reason == "length" and empty.tokens == [] and empty.text == ""
+    for bad in ("x", [""], ["ok", b"bytes"], [None], 5, ["\ud800"]):
+        with pytest.raises(InvalidArgumentError, match="stop"):
+            Generation(smol, 4, stop=bad)
 
 
-def test_generator_run_cancelled_keeps_what_it_made(smol: Model, ctx: Context) -> None:
+def test_stop_string_rules(smol: Model) -> None:
+    """What is held back and where a stop matches, on bytes fed as a token would."""
+    g = Generation(smol, 1, stop=["</end>", "STOP"])
+    assert g._feed(b"hello <") == "hello "
+    assert g._feed(b"/e") == ""
+    assert g._feed(b"nd> more") == ""
+    assert g.finish_reason == "stop" and g.stop_sequence == "</end>" and g.text == "hello "
+    g = Generation(smol, 1, stop=["STOP"])
+    assert g._feed(b"abc ST") == "abc "
+    assert g._feed(b"ART") == "START"
+    assert g._feed(b"xS") == "x"
+    g.finish("length")
+    assert g.take_text() == "S" and g.text == "abc STARTxS"
+    # the earliest match wins; at the same place, the first listed
+    for stops, text, hit in ((["ab", "b"], b"xab", "ab"), (["abc", "ab"], b"xabcd", "abc"),
+                             (["bc", "ab"], b"xabcd", "ab")):
+        g = Generation(smol, 1, stop=stops)
+        assert g._feed(text) == "x" and g.stop_sequence == hit
+    # multi-byte characters: held until complete, matched by their UTF-8 bytes
+    g = Generation(smol, 1, stop=["\u00e9t\u00e9", "\u65e5"])
+    assert g._feed("l'".encode() + "\u00e9".encode()[:1]) == "l'"
+    assert g._feed("\u00e9".encode()[1:] + b"t") == ""
+    g.finish("length")
+    assert g.take_text() == "\u00e9t"
+    # invalid bytes become U+FFFD in the text but are never matched by a U+FFFD stop
+    g = Generation(smol, 1, stop=["\ufffd"])
+    assert g._feed(b"a\xffb") == "a\ufffdb" and g.finish_reason is None
+    assert g._feed("\ufffd".encode()) == "" and g.stop_sequence == "\ufffd"
+    with pytest.raises(InvalidArgumentError, match="bytes"):
+        Generation(smol, 1)._feed("text")  # type: ignore[arg-type]
+
+
+def test_generation_cancelled_keeps_what_it_made(smol: Model, ctx: Context) -> None:
     tokens = smol.vocab.tokenize("Once upon a time")
     ctx.eval(tokens)
-    gen = TokenGenerator(ctx, len(tokens), max_tokens=100_000)
-    out: list[int] = []
-    data = bytearray()
+    gen = Generation(smol, len(tokens), max_tokens=100_000, n_ctx=ctx.n_ctx)
+    gen.accept(ctx)
     timer = threading.Timer(0.3, ctx.cancel)
     timer.start()
     with pytest.raises(llamabind.GenerationCancelled):
-        gen.run(out, data)
+        gen.run(ctx)
     timer.join()
-    assert 0 < len(out) == gen.n_generated < 2000
-    assert bytes(data) == b"".join(smol.vocab.token_to_piece(t) for t in out)
+    assert 0 < len(gen.tokens) == gen.n_generated < 2000
+    assert gen.output_bytes == b"".join(smol.vocab.token_to_piece(t) for t in gen.tokens)
     ctx.memory_clear()
     ctx.eval(tokens)  # the context is usable afterwards
     assert ctx.seq_pos_max(0) == len(tokens) - 1
@@ -313,7 +355,7 @@ def test_seeded_sampling_reproduces(smol: Model, ctx: Context) -> None:
     lambda s, m: s.add_top_n_sigma(1.0).add_dist(1),
     lambda s, m: s.add_mirostat(m.n_vocab, 5.0, 0.1, 100, 1),
     lambda s, m: s.add_mirostat_v2(5.0, 0.1, 1),
-    lambda s, m: s.add_dry(m, 0.8, 1.75, 2, -1).add_dist(1),
+    lambda s, m: s.add_dry(m, 0.8, 1.75, 2, -1, n_ctx=512).add_dist(1),
     lambda s, m: s.add_logit_bias(m, {504: float("-inf")}).add_greedy(),
     lambda s, m: s.add_top_k(40).add_infill(m).add_greedy(),
 ], ids=["typical", "temp_ext", "xtc", "top_n_sigma", "mirostat", "mirostat_v2", "dry",

@@ -410,6 +410,44 @@ def test_loaded_model_sampling_matches_native(loaded_case: tuple[Any, str], nati
     assert tokens == ref["tokens"], _first_difference(tokens, ref["tokens"])
 
 
+# --- the batching engine: its recorded schedule, replayed natively -----------------------
+
+ENGINE_PROMPTS = [PROMPTS["english"], PROMPTS["code"], PROMPTS["emoji"], PROMPTS["cjk"],
+                  "The three primary colors are", "Once upon a time,"]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("model_id", MODELS)
+def test_engine_schedule_replays_natively(model_id: str, native: NativeRef,
+                                          request: pytest.FixtureRequest) -> None:
+    """Many requests decoded together: the engine records which tokens of which
+    sequences went into each batch; the native program decodes exactly those batches
+    with its own samplers, and every choice's tokens equal ours (greedy and seeded, n=2
+    sharing a prompt, more requests than slots so slots are reused)."""
+    path: str = request.getfixturevalue(f"{model_id}_path")
+    with llamabind.LoadedModel.load(path, n_ctx=256, n_parallel=4, n_batch=64,
+                                    cache_ram_mib=0) as model:
+        record = model.engine.record_schedule()
+        reqs = []
+        for i, prompt in enumerate(ENGINE_PROMPTS):
+            opts: dict[str, Any] = {"temperature": 0.0} if i % 2 == 0 else {
+                "temperature": 0.9, "seed": 100 + i}
+            reqs.append(model.submit(prompt, max_tokens=24 + 4 * i, n=2 if i == 1 else 1,
+                                     stream=False, **opts))
+        results = [r.result() for r in reqs]
+        params = model.engine.context_params()
+        model.engine.record_schedule(False)
+    native_picks = native.replay(path, record, params)
+    for req, res in zip(reqs, results, strict=True):
+        for rid, choice in zip(req.rids, res, strict=True):
+            picked = native_picks[rid]
+            ours = list(choice.tokens)
+            assert picked[:len(ours)] == ours, _first_difference(ours, picked)
+            # the native side also picked the end-of-generation token where we stopped
+            assert len(picked) == len(ours) + (1 if choice.finish_reason == "stop" else 0)
+    assert len({tuple(r.tokens) for r in results[1]}) == 2  # the two choices differ
+
+
 # --- the native build itself -----------------------------------------------------------
 
 FORCED_BY_NATIVE = {"LLAMA_BUILD_COMMON", "LLAMA_BUILD_TESTS", "LLAMA_BUILD_TOOLS",

@@ -22,7 +22,7 @@ from llamabind import (Context, ContextConfig, ForkError, LoadedModel, Model, Sa
                        TokenGenerator)
 
 path = sys.argv[1]
-SMALL = ContextConfig(context_length=256, batch_size=64, ubatch_size=64, threads=1)
+SMALL = ContextConfig(n_ctx=256, n_batch=64, n_ubatch=64, n_threads=1)
 lm = LoadedModel.load(path, context=SMALL)
 PROMPT = "The sky is"
 expected = list(lm.generate(PROMPT, max_tokens=4, temperature=0).tokens)  # leaves a pooled session
@@ -176,7 +176,7 @@ import llamabind
 from llamabind import ContextConfig, LoadedModel
 
 path = sys.argv[1]
-SMALL = ContextConfig(context_length=256, batch_size=64, ubatch_size=64, threads=1)
+SMALL = ContextConfig(n_ctx=256, n_batch=64, n_ubatch=64, n_threads=1)
 model = LoadedModel.load(path, context=SMALL)
 PROMPT = "The sky is"
 expected = list(model.generate(PROMPT, max_tokens=4, temperature=0).tokens)

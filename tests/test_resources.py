@@ -23,7 +23,7 @@ import gc, threading, warnings
 import llamabind
 from llamabind import ClosedError, Context, ContextConfig, LoadedModel, Model, Sampler
 path = sys.argv[1]
-SMALL = ContextConfig(context_length=128, batch_size=32, ubatch_size=32, threads=1)
+SMALL = ContextConfig(n_ctx=128, n_batch=32, n_ubatch=32, n_threads=1)
 '''
 
 
@@ -139,7 +139,7 @@ model.close()
 r4 = rss_kb()
 
 # the high-level API, and a model loaded with mmap: its file is unmapped at close
-lm = LoadedModel.load(path, context=ContextConfig(context_length=4096, threads=1))
+lm = LoadedModel.load(path, context=ContextConfig(n_ctx=4096, n_threads=1))
 lm.generate("Hello", max_tokens=2, temperature=0)        # leaves a pooled session
 s = lm.create_session()
 s.generate("Hello", max_tokens=2, temperature=0)

@@ -33,7 +33,7 @@ from llamabind import ContextConfig, LoadedModel
 
 path = sys.argv[1]
 model = LoadedModel.load(path, context=ContextConfig(
-    context_length=1024, batch_size=64, ubatch_size=64, threads=1))
+    n_ctx=1024, n_batch=64, n_ubatch=64, n_threads=1))
 vocab = model.vocab
 NO_EOG = {t: float("-inf") for t in range(vocab.n_tokens) if vocab.is_eog(t)}
 LONG_TEXT = " ".join(f"Line {i}: the value of item {i} is {i * 7 % 100}." for i in range(215))
@@ -61,7 +61,7 @@ CTRL_C_CHILD = COMMON + r'''
 signal.signal(signal.SIGINT, signal.default_int_handler)
 # one decode call for the whole prompt (n_batch >= prompt), split in 512-token ubatches,
 # on a 2-thread pool: Ctrl+C must stop llama.cpp inside that call
-cfg = ContextConfig(context_length=4608, batch_size=4608, ubatch_size=512, threads=1,
+cfg = ContextConfig(n_ctx=4608, n_batch=4608, n_ubatch=512, n_threads=1,
                     threads_batch=2)
 session = model.create_session(cfg)
 n_prompt = len(model.tokenize(LONG_TEXT))
@@ -134,7 +134,7 @@ def test_ctrl_c_during_prompt_eval_and_generation(smol_path: str) -> None:
 
 
 CANCEL_CHILD = COMMON + r'''
-cfg = ContextConfig(context_length=4608, batch_size=512, ubatch_size=512, threads=1)
+cfg = ContextConfig(n_ctx=4608, n_batch=512, n_ubatch=512, n_threads=1)
 session = model.create_session(cfg)
 
 def wait_busy(ctx, worker):
@@ -240,11 +240,11 @@ ASYNC_CHILD = COMMON + r'''
 import asyncio
 
 big = LoadedModel.load(path, context=ContextConfig(
-    context_length=4608, batch_size=512, ubatch_size=512, threads=1))
+    n_ctx=4608, n_batch=512, n_ubatch=512, n_threads=1))
 # reference results, computed synchronously
 want_short = big.generate(SHORT, max_tokens=8, temperature=0)
 want_stream = big.generate(SHORT, max_tokens=40, temperature=0, logit_bias=NO_EOG).text
-assert len(big._pool) == 1   # instrumentation: an idle pooled session waits in the pool
+assert big.stats()["requests_running"] == 0
 
 class Ticker:
     """Measures the event loop's responsiveness: the longest gap between ticks of a
@@ -263,9 +263,9 @@ class Ticker:
             last = now
 
 async def until_pool_has(n, timeout=60):
-    # the worker thread puts its session back when it has stopped
+    # the engine has ended the request (and freed its sequence)
     t0 = time.monotonic()
-    while len(big._pool) < n:
+    while big.stats()["requests_running"] > 0:
         if time.monotonic() - t0 > timeout:
             raise AssertionError("the worker thread did not stop")
         await asyncio.sleep(0.001)

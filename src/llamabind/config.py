@@ -440,8 +440,10 @@ class ContextConfig(_Config):
                                      cli=("--pooling",),
                                      doc="embedding pooling (None: the model's)")
     offload_kqv: bool = _param(True, "bool", doc="KV cache and attention on the GPU")
-    kv_unified: bool = _param(False, "bool", cli=("-kvu", "--kv-unified"),
-                              doc="one KV buffer shared by all sequences")
+    kv_unified: bool | None = _param(
+        None, "bool", optional=True, cli=("-kvu", "--kv-unified"),
+        doc="one KV buffer shared by all sequences (None: yes for the batching engine, "
+            "whose slots then share its cells; no elsewhere, llama.cpp's default)")
     swa_full: bool = _param(False, "bool", cli=("--swa-full",),
                             doc="full-size cache for sliding-window attention")
     no_perf: bool = _param(False, "bool", doc="turn llama.cpp's timing counters off")
@@ -463,6 +465,12 @@ class EngineConfig(_Config):
     cache_ram_mib: int = _param(
         256, "int", lo=0, hi=1 << 24, cli=("--cache-ram",),
         doc="RAM for the prompt cache (MiB; 0: no cache beyond the slots' own)")
+    kv_size: int | None = _param(
+        None, "int", lo=1, hi=1 << 28, optional=True, cli=("--kv-size",),
+        doc="KV cells of the engine's context in all (None: n_ctx x min(n_parallel, 4) "
+            "when the slots share them, n_ctx x n_parallel when each has its own). Shared "
+            "cells are handed out as requests need them; when they run out, the newest "
+            "request is paused and resumed later")
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,9 @@ class Request:
         self.slots: list[_Slot | None] = []   # each choice's slot (None: finished, preempted)
         self.jobs: list[_PrefillJob] = []
         self.resume: list[tuple[np.ndarray, int]] | None = None  # (tokens, choice) to redo
+        self.rids: list[int] = []         # each choice's id in a recorded schedule
+        self.paused = False               # preempted, waiting to come back
+        self.paused_at = 0                # requests ended when it was paused
         self.cached_tokens = 0
         self.reported: list[int] = []     # tokens of each choice already sent as events
         self.t_submit = time.perf_counter()
@@ -313,6 +316,23 @@ class Engine:
         self.config = config
         self.n_parallel = config.n_parallel
         self.n_ctx = context.n_ctx if context.n_ctx > 0 else int(native.n_ctx_train)
+        # the slots share one KV buffer unless told otherwise: cells go where they are
+        # needed, and flash attention skips the cells of other sequences
+        self.unified = context.kv_unified is not False
+        if config.kv_size is not None:
+            self.kv_size = config.kv_size
+        elif self.unified:
+            self.kv_size = self.n_ctx * min(self.n_parallel, 4)
+        else:
+            self.kv_size = self.n_ctx * self.n_parallel
+        if self.kv_size < self.n_ctx:
+            raise InvalidArgumentError(
+                f"kv_size={self.kv_size} must hold at least one context (n_ctx={self.n_ctx})")
+        if not self.unified and self.kv_size < self.n_ctx * self.n_parallel:
+            raise InvalidArgumentError(
+                f"kv_size={self.kv_size} is less than n_ctx x n_parallel = "
+                f"{self.n_ctx * self.n_parallel}: with kv_unified=False each slot has "
+                "kv_size / n_parallel cells, too few for one context")
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._room = threading.Condition(self._lock)
@@ -327,9 +347,12 @@ class Engine:
         self._cache = _PromptCache(config.cache_ram_mib * 1024 * 1024)
         self._in_flight: set[Request] = set()
         self._admissions = 0
+        self._choices = 0
+        self._ended = 0
         self._record: list[Any] | None = None
         self._stats = {"requests_total": 0, "requests_cancelled": 0, "requests_failed": 0,
                        "prompt_tokens_total": 0, "prompt_tokens_cached": 0,
+                       "prompt_tokens_decoded": 0,
                        "completion_tokens_total": 0, "steps": 0, "preemptions": 0}
 
     # --- submitting --------------------------------------------------------------------
@@ -376,7 +399,7 @@ class Engine:
                 if self._closed:
                     _close_samplers(request)
                     raise ClosedError("the model is closed")
-                free = self.n_parallel - sum(len(r.gens) for r in self._running)
+                free = self.n_parallel - sum(r.n for r in self._running)
                 if len(self._queue) < self.config.max_queue + max(0, free):
                     break
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -411,10 +434,26 @@ class Engine:
 
     # --- state ----------------------------------------------------------------------------
 
+    @staticmethod
+    def _cells(request: Request) -> int:
+        """KV cells a running request holds (its choices' cells counted apart)."""
+        n = 0
+        for job in request.jobs:
+            n += job.start_pos + job.done
+        for gen, slot in zip(request.gens, request.slots, strict=False):
+            if slot is not None and not request.jobs:
+                n += gen.pos
+        return n
+
+    def _cells_in_use(self) -> tuple[int, int]:
+        """(cells of running requests, cells idle slots keep)."""
+        running = sum(self._cells(r) for r in self._running)
+        idle = sum(len(s.tokens) for s in self._slots if not s.busy)
+        return running, idle
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            used = sum(len(s.tokens) for s in self._slots if s.busy)
-            cached = sum(len(s.tokens) for s in self._slots if not s.busy)
+            used, cached = self._cells_in_use()
             out = dict(self._stats)
             out.update({
                 "requests_queued": len(self._queue),
@@ -424,21 +463,43 @@ class Engine:
                 "max_queue": self.config.max_queue,
                 "kv_cells_used": used,
                 "kv_cells_cached": cached,
-                "kv_cells_total": self.n_ctx * self.n_parallel,
+                "kv_cells_total": self.kv_size,
                 "prompt_cache_entries": len(self._cache.entries),
                 "prompt_cache_bytes": self._cache.size,
                 "prompt_cache_hits": self._cache.hits,
             })
         return out
 
+    def _rec(self, op: dict[str, Any]) -> None:
+        if self._record is not None:
+            self._record.append(op)
+
+    def _seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> None:
+        assert self._ctx is not None
+        self._ctx.seq_rm(seq_id, p0, p1)
+        self._rec({"op": "rm", "seq": seq_id, "p0": p0, "p1": p1})
+
     def record_schedule(self, on: bool = True) -> list[Any] | None:
-        """Start (or stop) recording every step's batch (for replaying it natively);
-        returns the record list."""
+        """Start (or stop) recording what the engine does to its context, in order:
+        requests' choices admitted (``admit``: a choice id, its sequence and sampling),
+        moved (``bind``), cells removed (``rm``) or copied (``cp``), restored from the
+        prompt cache (``load``), and each step's batch and picks (see EngineCore). A
+        native program can replay it (native/llamabind_ref.cpp, mode replay). Returns
+        the record list."""
         with self._lock:
             self._record = [] if on else None
             if self._core is not None:
                 self._core.record = self._record
         return self._record
+
+    def context_params(self) -> dict[str, Any]:
+        """The engine context's sizes and threads (after its first request)."""
+        ctx = self._ctx
+        if ctx is None:
+            raise InvalidArgumentError("the engine has no context yet (submit a request)")
+        return {"n_ctx": ctx.n_ctx, "n_seq_max": ctx.n_seq_max, "n_batch": ctx.n_batch,
+                "n_ubatch": ctx.n_ubatch, "kv_unified": self.unified,
+                "n_threads": ctx.n_threads[0]}
 
     def clear_cache(self) -> None:
         """Free the KV cells idle slots keep and empty the prompt cache."""
@@ -447,7 +508,7 @@ class Engine:
             if self._ctx is not None and not self._running:
                 for slot in self._slots:
                     if not slot.busy and slot.tokens:
-                        self._ctx.seq_rm(slot.seq_id, -1, -1)
+                        self._seq_rm(slot.seq_id)
                         slot.tokens = []
 
     def close(self) -> None:
@@ -478,7 +539,7 @@ class Engine:
         if self._ctx is not None:
             return
         cfg = self.context_config.with_(
-            n_ctx=self.n_ctx * self.n_parallel, n_seq_max=self.n_parallel,
+            n_ctx=self.kv_size, n_seq_max=self.n_parallel, kv_unified=self.unified,
             n_batch=max(self.context_config.n_batch, self.n_parallel))
         self._ctx = _llama.Context(self.native, cfg)
         self._core = _llama.EngineCore(self._ctx)
@@ -529,8 +590,21 @@ class Engine:
                 need = request.n if request.resume is None else len(request.resume)
                 if free is not None and len(free) < need:
                     return
+                if self.unified and self._running:
+                    # shared cells: wait until the running requests leave room for it
+                    running, _ = self._cells_in_use()
+                    if running + self._cells_needed(request) > self.kv_size:
+                        return
+                    # a paused request comes back only once another has ended: the
+                    # cells it was paused for are really free then
+                    if request.paused and self._ended <= request.paused_at:
+                        return
                 self._queue.popleft()
+                # counted as running from now on: a submit waiting for room must not see
+                # its slot as free in between
+                self._running.append(request)
                 self._room.notify()
+            request.paused = False
             try:
                 self._ensure_context()
                 free = [s for s in self._slots if not s.busy]
@@ -539,7 +613,28 @@ class Engine:
                 else:
                     self._start(request, free)
             except BaseException as exc:
+                with self._lock:
+                    self._running.remove(request)
                 self._finish_unstarted(request, exc)
+
+    @staticmethod
+    def _cells_needed(request: Request) -> int:
+        if request.resume is not None:
+            return sum(len(tokens) + 1 for tokens, _ in request.resume)
+        return request.prompt_tokens + 1
+
+    def _make_room(self, need: int, keep: list[_Slot]) -> None:
+        """Shared cells: free the cells idle slots keep (to the prompt cache), least
+        recently used first, until ``need`` more cells fit."""
+        if not self.unified:
+            return
+        running, idle = self._cells_in_use()
+        for slot in sorted((s for s in self._slots if not s.busy and s.tokens
+                            and s not in keep), key=lambda s: s.last_used):
+            if running + idle + need <= self.kv_size:
+                return
+            idle -= len(slot.tokens)
+            self._give_up(slot, 0)
 
     def _start(self, request: Request, free: list[_Slot]) -> None:
         ctx = self._ctx
@@ -559,10 +654,12 @@ class Engine:
             target = min(free, key=lambda s: (len(s.tokens), s.last_used))
             self._give_up(target, 0)
             ctx.load_state(self._cache.take(key), target.seq_id)
+            self._rec({"op": "load", "seq": target.seq_id, "n_tokens": len(key)})
             target.tokens = list(key)
             best, best_n = target, cached_n
         kept = min(best_n, n_prompt - 1)
         self._give_up(best, kept)
+        self._make_room(n_prompt - kept + request.n, [best])
         slots = [best] + [s for s in free if s is not best][:request.n - 1]
         for slot in slots[1:]:
             self._give_up(slot, 0)
@@ -573,6 +670,12 @@ class Engine:
                 self.native, n_prompt, request.samplers[i], max_tokens=g.max_tokens,
                 stop=list(g.stop), ignore_eos=request.sampling.ignore_eos,
                 logprobs=g.logprobs, seq_id=slot.seq_id, n_ctx=self.n_ctx))
+        request.rids = []
+        for i, slot in enumerate(slots):
+            self._choices += 1
+            request.rids.append(self._choices)
+            self._rec({"op": "admit", "rid": self._choices, "seq": slot.seq_id,
+                       "sampling": request.sampling, "choice": i})
         request.gens = gens
         request.slots = list(slots)
         request.reported = [0] * request.n
@@ -584,25 +687,23 @@ class Engine:
         request.jobs = [_PrefillJob(tokens, kept, best.seq_id, gens)]
         self._stats["prompt_tokens_total"] += n_prompt
         self._stats["prompt_tokens_cached"] += kept
-        with self._lock:
-            self._running.append(request)
 
     def _resume(self, request: Request, free: list[_Slot]) -> None:
         """Admit a preempted request again: each unfinished choice gets a slot and its
         prompt and tokens decoded anew, then goes on with its pending token."""
         assert request.resume is not None
         free = sorted(free, key=lambda s: (len(s.tokens), s.last_used))
+        self._make_room(self._cells_needed(request), [])
         for (tokens, i), slot in zip(request.resume, free, strict=False):
             self._give_up(slot, 0)
             slot.busy = True
             request.gens[i].seq_id = slot.seq_id
             request.slots[i] = slot
+            self._rec({"op": "bind", "rid": request.rids[i], "seq": slot.seq_id})
             request.jobs.append(_PrefillJob(tokens, 0, slot.seq_id, None))
         request.resume = None
         self._admissions += 1
         request.admitted_at = self._admissions
-        with self._lock:
-            self._running.append(request)
 
     def _give_up(self, slot: _Slot, keep: int) -> None:
         """Cut a free slot's cells down to its first ``keep`` tokens, saving what it
@@ -615,9 +716,9 @@ class Engine:
                 and len(slot.tokens) >= _MIN_CACHED_TOKENS):
             self._cache.put(slot.tokens, ctx.save_state(slot.seq_id))
         if keep == 0:
-            ctx.seq_rm(slot.seq_id, -1, -1)
+            self._seq_rm(slot.seq_id)
         else:
-            ctx.seq_rm(slot.seq_id, keep, -1)
+            self._seq_rm(slot.seq_id, keep, -1)
         slot.tokens = slot.tokens[:keep]
 
     def _step(self) -> None:
@@ -678,6 +779,7 @@ class Engine:
         now = time.perf_counter()
         for job, count in taken:
             job.done += count
+            self._stats["prompt_tokens_decoded"] += count
         for request in list(self._running):
             self._after_step(request, now)
 
@@ -696,6 +798,7 @@ class Engine:
                 for slot in request.slots[1:]:
                     if slot is not None:
                         ctx.seq_cp(primary.seq_id, slot.seq_id, -1, -1)
+                        self._rec({"op": "cp", "src": primary.seq_id, "dst": slot.seq_id})
                 request.t_first = now
         events: list[Event] = []
         finished = True
@@ -730,9 +833,17 @@ class Engine:
         return tuple(out)
 
     def _preempt(self) -> None:
-        """The KV cache had no room for the step: the newest request gives its cells
-        back and waits at the head of the queue; its choices continue where they were
-        when it is admitted again (their prompt and tokens are decoded anew)."""
+        """The KV cache had no room for the step: idle slots give up the cells they
+        keep; if there are none, the newest request gives its cells back and waits at
+        the head of the queue (its choices continue where they were when it is admitted
+        again: their prompt and tokens are decoded anew); a request alone that does not
+        fit ends with "length"."""
+        idle = [s for s in self._slots if not s.busy and s.tokens]
+        if idle:
+            # first the cells idle slots keep for reuse (to the prompt cache)
+            for slot in idle:
+                self._give_up(slot, 0)
+            return
         with self._lock:
             running = sorted(self._running, key=lambda r: r.admitted_at)
         if len(running) <= 1:
@@ -748,7 +859,7 @@ class Engine:
         resume = []
         for i, (gen, slot) in enumerate(zip(victim.gens, victim.slots, strict=True)):
             if slot is not None:
-                ctx.seq_rm(slot.seq_id, -1, -1)
+                self._seq_rm(slot.seq_id)
                 slot.tokens = []
                 slot.busy = False
                 victim.slots[i] = None
@@ -762,6 +873,8 @@ class Engine:
                 resume.append((tokens, i))
         with self._lock:
             self._running.remove(victim)
+            victim.paused = True
+            victim.paused_at = self._ended
             if resume or not any(g.finish_reason is None for g in victim.gens):
                 victim.resume = resume
             else:
@@ -797,7 +910,7 @@ class Engine:
             if slot is None:
                 continue
             if ctx is not None and (cancelled or error is not None):
-                ctx.seq_rm(slot.seq_id, -1, -1)
+                self._seq_rm(slot.seq_id)
                 slot.tokens = []
             else:
                 decoded = max(0, gen.pos - request.prompt_tokens)
@@ -808,6 +921,7 @@ class Engine:
         with self._lock:
             if request in self._running:
                 self._running.remove(request)
+            self._ended += 1
         request._push(events or [], done=True, results=results, error=error)
 
     def _result(self, request: Request, gen: _llama.Generation) -> GenerationResult:

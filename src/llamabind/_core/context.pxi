@@ -247,7 +247,7 @@ cdef class Context:
         pooling = cfg.pooling
         offload_kqv = cfg.offload_kqv
         no_perf = cfg.no_perf
-        kv_unified = cfg.kv_unified
+        kv_unified = bool(cfg.kv_unified)
         swa_full = cfg.swa_full
         model._check_open()
         # llama.cpp aborts (output_reserve) when more sequences than batch rows exist

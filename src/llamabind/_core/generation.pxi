@@ -116,6 +116,7 @@ cdef class Generation:
     cdef readonly object finish_reason
     cdef readonly object stop_sequence
     cdef readonly object last_piece
+    cdef readonly object last_sampled
     cdef public object error
     cdef llama_token _next
     cdef bint _has_next
@@ -162,6 +163,7 @@ cdef class Generation:
         self.finish_reason = None
         self.stop_sequence = None
         self.last_piece = None
+        self.last_sampled = None
         self.error = None
         self._has_next = False
         self.logprobs = [] if self._logprobs >= 0 else None
@@ -256,6 +258,7 @@ cdef class Generation:
         else:
             self._sampler._check()
             tok = self._sampler._sample_row(ctx, row)
+        self.last_sampled = tok
         if self._logprobs >= 0:
             lp, top = _top_logprobs(logits, self._n_vocab, tok, self._logprobs)
             self.logprobs.append((tok, lp, top))
@@ -269,17 +272,8 @@ cdef class Generation:
         self.n_generated += 1
         piece = _piece(self._vocab, tok, self._render_special, 0)
         self.last_piece = piece
-        old = len(self._out)
-        self._out.extend(piece)
-        if self._longest:
-            hit = self._find_stop(old)
-            if hit >= 0:
-                self._safe = hit
-                self.finish_reason = "stop"
-                return 0
-            self._safe = len(self._out) - self._held_back()
-        else:
-            self._safe = len(self._out)
+        if self._add_bytes(piece):
+            return 0
         if self.n_generated >= self.max_tokens or self.pos >= self.n_ctx:
             self.finish_reason = "length"
             return 0
@@ -301,6 +295,32 @@ cdef class Generation:
             for t, v in masked:
                 logits[<llama_token>t] = v
         return tok
+
+    cdef bint _add_bytes(self, bytes piece) except -1:
+        """Append a token's bytes; True when they complete a stop string (the
+        generation then ends with "stop")."""
+        cdef Py_ssize_t old = len(self._out), hit
+        self._out.extend(piece)
+        if self._longest:
+            hit = self._find_stop(old)
+            if hit >= 0:
+                self._safe = hit
+                self.finish_reason = "stop"
+                self._has_next = False
+                return True
+            self._safe = len(self._out) - self._held_back()
+        else:
+            self._safe = len(self._out)
+        return False
+
+    def _feed(self, data):
+        """Test hook: take ``data`` (bytes) as if a token had rendered to it (stop
+        strings, held-back text); returns the text now safe to show."""
+        if type(data) is not bytes:
+            raise InvalidArgumentError(f"data must be bytes, got {type(data).__name__}")
+        if self.finish_reason is None:
+            self._add_bytes(data)
+        return self.take_text()
 
     cdef Py_ssize_t _find_stop(self, Py_ssize_t old) except -2:
         """Where the earliest stop string that ends in the newest bytes starts, or -1
@@ -427,7 +447,8 @@ cdef class TokenGenerator:
 
     @property
     def last_token(self):
-        return self._gen.last_token
+        """The last token picked (an end-of-generation token included)."""
+        return self._gen.last_sampled
 
     def __iter__(self):
         return self
