@@ -89,9 +89,8 @@ class LlamabindWorker:
         self.threads = int(a["threads"])
         self.n_ctx = int(a.get("n_ctx", 2048))
         t = Timer()
-        self.model = lb.LoadedModel.load(
-            a["model"], n_gpu_layers=0,
-            context=lb.ContextConfig(context_length=self.n_ctx, threads=self.threads))
+        self.model = lb.LoadedModel.load(a["model"], n_gpu_layers=0, n_ctx=self.n_ctx,
+                                         n_threads=self.threads)
         load_ms = t.ms()
         t = Timer()
         if int(a.get("cold", 0)):
@@ -180,12 +179,17 @@ class LlamabindWorker:
                 .add_dist(int(a.get("seed", 42))))
 
     def _session(self) -> Any:
-        """The pooled session LoadedModel.generate/stream will borrow next (the worker
-        is single-threaded, so after the first call the pool holds exactly one)."""
-        pool = self.model._pool
-        if not pool:
+        """What LoadedModel.generate/stream run on: the engine's context (made by the
+        first request). The worker is single-threaded: between its calls the engine is
+        idle, so its context's perf counters can be read and reset."""
+        engine = self.model.engine
+        if engine._ctx is None:
             self.model.generate("warm up", max_tokens=1, temperature=0.0)
-        return pool[-1]
+
+        class _EngineContext:
+            context = engine._ctx
+
+        return _EngineContext
 
     def gen(self, a: dict[str, str]) -> dict[str, Any]:
         api, mode, n = a["api"], a["mode"], int(a["n"])
@@ -238,8 +242,6 @@ class LlamabindWorker:
             n_gen = session.context.perf()["n_eval"] + 1  # see below
             res = {"wall_ms": wall_ms, "prompt_ms": None, "gen_ms": None, "ttft_ms": ttft_ms,
                    "n_prompt": None, "n_gen": n_gen, "pieces": pieces, "finish": None}
-        if runner is self.model and self.model._pool[-1] is not session:
-            raise RuntimeError("the pooled session changed; perf counters would be wrong")
         res.update(_synced_perf(session.context))
         return res
 
@@ -267,7 +269,8 @@ class LlamabindWorker:
     def scale(self, a: dict[str, str]) -> dict[str, Any]:
         k, n = int(a["workers"]), int(a["n"])
         prompt = read_prompt(a["prompt"])
-        sessions = [self.model.create_session(threads=1, threads_batch=1) for _ in range(k)]
+        sessions = [self.model.create_session(n_threads=1, n_threads_batch=1)
+                    for _ in range(k)]
         for s in sessions:  # warm each context once
             s.generate(prompt, max_tokens=2, temperature=0.0)
         return _run_threads(k, lambda i: sessions[i].generate(

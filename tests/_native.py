@@ -121,7 +121,8 @@ class NativeRef:
             "--threads", str(threads), "--add-special", _flag(add_special)])
 
 
-    def replay(self, model: str, record: list[Any], context: dict[str, Any]) -> dict[int, list[int]]:
+    def replay(self, model: str, record: list[Any],
+               context: dict[str, Any]) -> dict[int, list[int]]:
         """Replay a schedule recorded by the batching engine (``record_schedule``):
         returns each choice's picked tokens, by its id. ``context``: the engine's
         ``context_params()``. Only greedy and default-chain seeded sampling can be

@@ -303,7 +303,7 @@ def test_stop_string_rules(smol: Model) -> None:
         assert g._feed(text) == "x" and g.stop_sequence == hit
     # multi-byte characters: held until complete, matched by their UTF-8 bytes
     g = Generation(smol, 1, stop=["\u00e9t\u00e9", "\u65e5"])
-    assert g._feed("l'".encode() + "\u00e9".encode()[:1]) == "l'"
+    assert g._feed(b"l'" + "\u00e9".encode()[:1]) == "l'"
     assert g._feed("\u00e9".encode()[1:] + b"t") == ""
     g.finish("length")
     assert g.take_text() == "\u00e9t"

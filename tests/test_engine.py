@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pytest
-
 from _native import NativeRef, native_fixture  # noqa: F401
 
 import llamabind
@@ -316,7 +315,8 @@ def test_asyncio_tasks_share_the_engine(engine_smol: LoadedModel) -> None:
 
     results = asyncio.run(main())
     for p, tokens in zip(PROMPTS[:6], results, strict=True):
-        assert tokens == engine_smol.generate(p, temperature=0, max_tokens=12).tokens
+        alone = engine_smol.generate(p, temperature=0, max_tokens=12, logprobs=5)
+        assert tokens == alone.tokens or _near_tie_at_divergence(alone, tokens), p
     deadline = time.monotonic() + 30
     while engine_smol.stats()["requests_running"] and time.monotonic() < deadline:
         time.sleep(0.05)

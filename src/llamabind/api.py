@@ -13,13 +13,14 @@ context. ``create_session()`` gives a context of your own instead.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from llamabind import _llama
 from llamabind.chat import ChatTemplate, validate_messages
@@ -287,6 +288,7 @@ class Session:
         run = self._start(tokens, s, g, reuse_prefix)
         for _ in run:
             pass
+        assert run.result is not None
         return run.result
 
     def stream(self, prompt: str, *, reuse_prefix: bool = False,
@@ -304,6 +306,7 @@ class Session:
         run = self._start(self.model.chat_prompt_tokens(messages), s, g, True)
         for _ in run:
             pass
+        assert run.result is not None
         return run.result
 
     def stream_chat(self, messages: Sequence[Any], **options: Any) -> Iterator[str]:
@@ -349,7 +352,7 @@ class _SessionRun:
         self.sampler = sampler
         self.reuse_prefix = reuse_prefix
         self.streaming = streaming
-        self.result: GenerationResult | None = None  # type: ignore[assignment]
+        self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
         session = self.session
@@ -402,7 +405,7 @@ class _SessionRun:
                     self.sampler.close()
         self.result = GenerationResult(
             text=gen.text, prompt_tokens=n_prompt, completion_tokens=gen.n_generated,
-            finish_reason=gen.finish_reason, tokens=tuple(gen.tokens),
+            finish_reason=cast("FinishReason", gen.finish_reason), tokens=tuple(gen.tokens),
             prompt_eval_ms=t_prompt * 1000, generation_ms=t_gen * 1000,
             cached_prompt_tokens=kept, stop_sequence=gen.stop_sequence,
             logprobs=_session_logprobs(session.model, gen.logprobs))
@@ -706,7 +709,7 @@ class LoadedModel:
             for tokens in token_lists:
                 # a full queue makes submit wait: not on the event loop
                 requests.append(await loop.run_in_executor(
-                    None, lambda t=tokens: self._engine.submit(t, s, g, stream=False)))
+                    None, functools.partial(self._engine.submit, tokens, s, g, stream=False)))
             results = [(await r.aresult())[0] for r in requests]
         except BaseException:
             for r in requests:

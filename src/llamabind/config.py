@@ -458,7 +458,7 @@ class EngineConfig(_Config):
     """The batching engine of a LoadedModel: how many sequences it decodes together,
     how many requests may wait, how much RAM its prompt cache may take."""
 
-    n_parallel: int = _param(8, "int", lo=1, hi=MAX_SEQUENCES, cli=("-np", "--parallel"),
+    n_parallel: int = _param(16, "int", lo=1, hi=MAX_SEQUENCES, cli=("-np", "--parallel"),
                              doc="sequences decoded together (slots)")
     max_queue: int = _param(1024, "int", lo=0, hi=1 << 24, cli=("--max-queue",),
                             doc="requests that may wait for a slot")

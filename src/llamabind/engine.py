@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
@@ -34,6 +35,7 @@ from llamabind.config import ContextConfig, EngineConfig, GenerationConfig, Samp
 from llamabind.errors import (
     ClosedError,
     ContextLengthExceededError,
+    ForkError,
     GenerationCancelled,
     InvalidArgumentError,
     LlamaError,
@@ -49,6 +51,8 @@ FinishReason = Literal["stop", "length", "cancelled"]
 
 # A slot's cells are saved to the prompt cache when it gives up at least this many.
 _MIN_CACHED_TOKENS = 32
+# An idle scheduler thread ends after this long.
+_IDLE_EXIT_S = 5.0
 _request_ids = itertools.count(1)
 
 
@@ -253,7 +257,8 @@ class Request:
 
     def __repr__(self) -> str:
         state = "done" if self._done else ("cancelled" if self._cancelled else "pending")
-        return f"<llamabind.Request {self.id} {state} prompt_tokens={self.prompt_tokens} n={self.n}>"
+        return (f"<llamabind.Request {self.id} {state} prompt_tokens={self.prompt_tokens} "
+                f"n={self.n}>")
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -350,6 +355,7 @@ class Engine:
         self._choices = 0
         self._ended = 0
         self._record: list[Any] | None = None
+        self._pid = os.getpid()
         self._stats = {"requests_total": 0, "requests_cancelled": 0, "requests_failed": 0,
                        "prompt_tokens_total": 0, "prompt_tokens_cached": 0,
                        "prompt_tokens_decoded": 0,
@@ -376,6 +382,11 @@ class Engine:
                 f"the prompt has {n_prompt} token{'' if n_prompt == 1 else 's'}; with at "
                 f"least one generated token it needs {n_prompt + 1}, but the context holds "
                 f"{self.n_ctx}", n_prompt, self.n_ctx)
+        if os.getpid() != self._pid:
+            raise ForkError(
+                "this model was loaded before os.fork() and cannot be used in the child "
+                "process; load the model again in the child (or use the 'spawn' start "
+                "method)")
         request = Request(self, prompt, sampling, generation, n, stream)
         # the sampler chains are built here, in the caller's thread: a bad grammar or
         # option fails the submit, not the engine
@@ -564,7 +575,12 @@ class Engine:
             with self._lock:
                 while not self._closed and not self._queue and not self._running \
                         and not self._cancelled:
-                    self._wake.wait()
+                    if not self._wake.wait(_IDLE_EXIT_S) and not self._queue \
+                            and not self._running and not self._cancelled:
+                        # idle: the thread ends (the next request starts another), so a
+                        # model dropped without close() can still be garbage collected
+                        self._thread = None
+                        return
                 if self._closed:
                     running = list(self._running)
                     self._running.clear()
@@ -660,7 +676,7 @@ class Engine:
         kept = min(best_n, n_prompt - 1)
         self._give_up(best, kept)
         self._make_room(n_prompt - kept + request.n, [best])
-        slots = [best] + [s for s in free if s is not best][:request.n - 1]
+        slots = [best, *[s for s in free if s is not best][:request.n - 1]]
         for slot in slots[1:]:
             self._give_up(slot, 0)
         gens = []
@@ -814,7 +830,8 @@ class Engine:
                     logprobs = None
                     if gen.logprobs is not None:
                         logprobs = self._logprobs(gen.logprobs[request.reported[i]:])
-                    events.append(Event(i, text, tuple(new_tokens), logprobs, fin))
+                    events.append(Event(i, text, tuple(new_tokens), logprobs,
+                                        cast("FinishReason | None", fin)))
                     request.reported[i] = len(gen.tokens) if fin is None else -1
             if gen.finish_reason is None:
                 finished = False
@@ -856,12 +873,12 @@ class Engine:
         self._stats["preemptions"] += 1
         ctx = self._ctx
         assert ctx is not None
-        resume = []
-        for i, (gen, slot) in enumerate(zip(victim.gens, victim.slots, strict=True)):
-            if slot is not None:
-                self._seq_rm(slot.seq_id)
-                slot.tokens = []
-                slot.busy = False
+        resume: list[tuple[np.ndarray, int]] = []
+        for i, (gen, held) in enumerate(zip(victim.gens, victim.slots, strict=True)):
+            if held is not None:
+                self._seq_rm(held.seq_id)
+                held.tokens = []
+                held.busy = False
                 victim.slots[i] = None
             if gen.finish_reason is None:
                 if victim.jobs or not gen.has_next:
@@ -892,7 +909,7 @@ class Engine:
         results = None
         if error is None:
             results = []
-            for i, gen in enumerate(request.gens):
+            for gen in request.gens:
                 if gen.finish_reason is None or cancelled:
                     gen.finish("cancelled")
                 results.append(self._result(request, gen))
@@ -929,7 +946,8 @@ class Engine:
         t_first = request.t_first or request.t_done
         return GenerationResult(
             text=gen.text, prompt_tokens=request.prompt_tokens,
-            completion_tokens=gen.n_generated, finish_reason=gen.finish_reason,
+            completion_tokens=gen.n_generated,
+            finish_reason=cast("FinishReason", gen.finish_reason),
             tokens=tuple(gen.tokens), prompt_eval_ms=(t_first - request.t_admit) * 1000
             if request.t_admit else 0.0,
             generation_ms=(request.t_done - t_first) * 1000,

@@ -482,6 +482,9 @@ cdef class Context:
     def cancel_requested(self):
         return self._abort.cancel
 
+    def _was_cancelled(self):
+        return self._abort.cancel or _exiting or (self._abort.watch_sigint and _sigint_seen)
+
     # --- information ---------------------------------------------------------------
 
     @property
@@ -626,6 +629,7 @@ cdef class Context:
             relay = sigaction(SIGINT, &ours, &_python_sigint) == 0
         self._abort.watch_sigint = relay
         _decodes_running += 1
+        _log_state.cancelled = self._was_cancelled
         try:
             with nogil:
                 taken = llamabind_gate_enter(want)
@@ -636,6 +640,7 @@ cdef class Context:
                 llamabind_gate_leave(taken)
         finally:
             _decodes_running -= 1
+            _log_state.cancelled = None
             if relay:
                 sigaction(SIGINT, &_python_sigint, NULL)
                 self._abort.watch_sigint = False

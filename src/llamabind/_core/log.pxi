@@ -24,6 +24,11 @@ cdef dict _recent_errors = {}
 cdef void _log_line(int level, str line) noexcept:
     try:
         pylevel = _LEVELS.get(level, logging.INFO)
+        if level == GGML_LOG_LEVEL_ERROR and getattr(_log_state, "cancelled", None) is not None:
+            # a decode stopped on purpose (cancel(), Ctrl+C) makes llama.cpp report a
+            # failed graph: expected, so not an error of the application's
+            if _log_state.cancelled():
+                pylevel = logging.DEBUG
         if level == GGML_LOG_LEVEL_ERROR or level == GGML_LOG_LEVEL_WARN:
             ident = threading.get_ident()
             recent = _recent_errors.get(ident)
