@@ -289,6 +289,10 @@ def test_sampling_options(client: openai.OpenAI, eog_ban: dict[str, float],
     sampled = [complete(temperature=1.0, seed=42, max_tokens=12).choices[0].text
                for _ in range(2)]
     assert sampled[0] == sampled[1]
+    # null is "not given", as OpenAI's clients send it
+    nulls = complete(temperature=0, max_tokens=12, n=None, stop=None, seed=None, top_p=None,
+                     logit_bias=None, stream=None)
+    assert nulls.choices[0].text == text
     # the other options are taken (and penalties change nothing here but must parse)
     r = complete(temperature=0.7, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5,
                  max_tokens=4, user="user-1", extra_body={"min_p": 0.1, "top_k": 20})

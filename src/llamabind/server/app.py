@@ -21,7 +21,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -222,7 +222,8 @@ class _EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, body: AsyncIterator[bytes], on_disconnect: Callable[[], None]) -> None:
+    def __init__(self, body: AsyncGenerator[bytes, None],
+                 on_disconnect: Callable[[], None]) -> None:
         self.status_code = 200
         self.background = None
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
@@ -239,19 +240,23 @@ class _EventStream(Response):
                     return
 
         watcher = asyncio.ensure_future(watch())
+        complete = False
         try:
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": self.raw_headers})
             async for chunk in self.body_iterator:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            complete = True
         except OSError:  # ASGI 2.4 servers raise it from send() once the client is gone
-            self.on_disconnect()
+            pass
         finally:
             watcher.cancel()
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            if not complete:
+                # also when this task is cancelled before the body generator started
+                # (its own cleanup would then never run)
+                self.on_disconnect()
+            await self.body_iterator.aclose()
 
 
 def _sse(data: Any) -> bytes:
@@ -394,6 +399,14 @@ class _Api:
             for r in reqs:
                 self.state.finished(r)
 
+    def _stop(self, reqs: Sequence[_engine.EngineRequest]) -> Callable[[], None]:
+        """Cancel the requests and stop counting them as in flight."""
+        def stop() -> None:
+            for r in reqs:
+                r.cancel()
+                self.state.finished(r)
+        return stop
+
     def _cancel_all(self, reqs: Sequence[_engine.EngineRequest]) -> Callable[[], None]:
         def cancel() -> None:
             for r in reqs:
@@ -533,7 +546,7 @@ class _Api:
                 "model": st.model_id, "system_fingerprint": st.fingerprint}
         if body.stream:
             return _EventStream(self._chat_stream(req, n, head, body.include_usage, t0,
-                                                  k is not None), req.cancel)
+                                                  k is not None), self._stop([req]))
         try:
             choices = await self._collect(request, [req], n, t0)
         except _Cancelled:
@@ -552,7 +565,7 @@ class _Api:
 
     async def _chat_stream(self, req: _engine.EngineRequest, n: int, head: dict[str, Any],
                            include_usage: bool, t0: float,
-                           with_logprobs: bool) -> AsyncIterator[bytes]:
+                           with_logprobs: bool) -> AsyncGenerator[bytes, None]:
         head = {**head, "object": "chat.completion.chunk"}
         extra = {"usage": None} if include_usage else {}
         completion = 0
@@ -632,8 +645,7 @@ class _Api:
         want_lp = body.logprobs is not None
         if body.stream:
             return _EventStream(self._completion_stream(reqs, n, head, body.include_usage,
-                                                        t0, want_lp, echo),
-                                self._cancel_all(reqs))
+                                                        t0, want_lp, echo), self._stop(reqs))
         try:
             choices = await self._collect(request, reqs, n, t0)
         except _Cancelled:
@@ -662,7 +674,7 @@ class _Api:
 
     async def _completion_stream(self, reqs: list[_engine.EngineRequest], n: int,
                                  head: dict[str, Any], include_usage: bool, t0: float,
-                                 want_lp: bool, echo: list[str]) -> AsyncIterator[bytes]:
+                                 want_lp: bool, echo: list[str]) -> AsyncGenerator[bytes, None]:
         extra = {"usage": None} if include_usage else {}
         completion = 0
         offsets: dict[int, int] = {}
