@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from llamabind.server.app import ServerState, create_app
+    from llamabind.server.app import create_app
     from llamabind.server.command import run
+    from llamabind.server.state import ServerState
 
 __all__ = ["ServerState", "create_app", "run"]
 
@@ -19,10 +20,14 @@ __all__ = ["ServerState", "create_app", "run"]
 def __getattr__(name: str) -> Any:
     # The web libraries are imported on first use, so `llamabind --help` and the
     # command's registration work without the extra installed.
-    if name in ("create_app", "ServerState"):
-        from llamabind.server import app
+    if name == "create_app":
+        from llamabind.server.app import create_app
 
-        return getattr(app, name)
+        return create_app
+    if name == "ServerState":
+        from llamabind.server.state import ServerState
+
+        return ServerState
     if name == "run":
         from llamabind.server.command import run
 

@@ -14,15 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
-import json
 import logging
-import os
-import re
 import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,19 +30,19 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llamabind.errors import (
-    ChatTemplateError,
-    ClosedError,
-    ContextLengthExceededError,
-    InvalidArgumentError,
-    LlamaError,
-    QueueFullError,
-    TokenizationError,
-)
+from llamabind.errors import InvalidArgumentError, LlamaError
 from llamabind.server import _engine
-from llamabind.server.metrics import Metrics
+from llamabind.server.asgi import (
+    DONE,
+    EventStream,
+    Guard,
+    error_response,
+    json_bytes,
+    not_found,
+    sse,
+    watch_disconnect,
+)
 from llamabind.server.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -57,40 +52,12 @@ from llamabind.server.schemas import (
     TokenizeRequest,
     parse_body,
 )
+from llamabind.server.state import ServerState
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "ServerState", "create_app"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 log = logging.getLogger("llamabind.server")
-access_log = logging.getLogger("llamabind.server.access")
-
-# Paths answered without an API key (load balancers probe it).
-_PUBLIC = frozenset({"/health", "/v1/health"})
-_ENDPOINTS = frozenset({
-    "/health", "/v1/health", "/v1/models", "/models", "/v1/completions", "/completions",
-    "/v1/chat/completions", "/chat/completions", "/v1/embeddings", "/embeddings",
-    "/metrics", "/tokenize", "/detokenize"})
-
-
-def _json(data: Any) -> bytes:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def _error_body(exc: RequestError) -> dict[str, Any]:
-    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param,
-                      "code": exc.code}}
-
-
-def _error_response(exc: RequestError) -> Response:
-    return Response(_json(_error_body(exc)), status_code=exc.status,
-                    media_type="application/json", headers=exc.headers)
-
-
-def _fingerprint() -> str:
-    from llamabind import __version__, _llama
-
-    commit = _llama.native_info()["llama_cpp_commit"]
-    return f"llamabind-{__version__}-llama.cpp-{commit}"
 
 
 # --- generation bookkeeping ------------------------------------------------------------
@@ -108,172 +75,6 @@ class _Choice:
 
 class _Cancelled(Exception):
     """The generation was cancelled: the client left or the server is stopping."""
-
-
-class ServerState:
-    """What one app keeps: the engine, the model's names, metrics, the generations in
-    flight (so a stopping server can let them finish, then cancel them)."""
-
-    def __init__(self, model: Any, *, api_key: str | None, alias: str | None,
-                 max_body_bytes: int, retry_after: int) -> None:
-        self.engine = _engine.engine_of(model)
-        path = str(model.config.path)
-        base = os.path.basename(path)
-        self.model_id = alias or base
-        names = {self.model_id, path, base}
-        if base.endswith(".gguf"):
-            names.add(base[:-5])
-        self.model_names = frozenset(names)
-        self.api_key = api_key.encode("utf-8") if api_key else None
-        self.max_body_bytes = max_body_bytes
-        self.retry_after = retry_after
-        self.fingerprint = _fingerprint()
-        self.created = int(time.time())
-        self.metrics = Metrics()
-        self.in_flight: set[_engine.EngineRequest] = set()
-        self.draining = False
-        # submit() tokenizes and renders the chat template: off the event loop
-        self.submitter = ThreadPoolExecutor(max_workers=4, thread_name_prefix="llamabind-submit")
-
-    # --- shutdown ------------------------------------------------------------------
-
-    async def drain(self, grace: float) -> None:
-        """Stop taking generation requests, give those in flight ``grace`` seconds to
-        finish, then cancel the rest (they end within one engine step)."""
-        self.draining = True
-        deadline = time.monotonic() + grace
-        while self.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        for req in list(self.in_flight):
-            req.cancel()
-        self.submitter.shutdown(wait=False)
-
-    # --- requests ------------------------------------------------------------------
-
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name not in self.model_names:
-            raise RequestError(f"the model {name!r} does not exist; this server serves "
-                               f"{self.model_id!r}", param="model", code="model_not_found")
-
-    async def submit(self, fn: Callable[[], _engine.EngineRequest],
-                     what: str) -> _engine.EngineRequest:
-        if self.draining:
-            raise RequestError("the server is shutting down", status=503, type="server_error")
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.submitter, fn)
-        try:
-            req = await asyncio.shield(future)
-        except asyncio.CancelledError:
-            # the handler went away while submit ran: do not leave the request running
-            future.add_done_callback(_cancel_result)
-            raise
-        except LlamaError as exc:
-            raise self.engine_error(exc, what) from None
-        self.in_flight.add(req)
-        return req
-
-    def engine_error(self, exc: LlamaError, what: str) -> RequestError:
-        if isinstance(exc, QueueFullError):
-            return RequestError(
-                f"the server is busy: {exc.queued} requests are waiting (limit {exc.limit}); "
-                "retry later", status=429, type="rate_limit_error", code="rate_limit_exceeded",
-                headers={"Retry-After": str(self.retry_after)})
-        if isinstance(exc, ContextLengthExceededError):
-            return RequestError(
-                f"this model's context holds {exc.n_ctx} tokens, but the {what} has "
-                f"{exc.n_prompt_tokens} (and at least one more is needed for the completion)",
-                param=what, code="context_length_exceeded")
-        if isinstance(exc, ClosedError):
-            return RequestError("the model is closed (the server is shutting down)",
-                                status=503, type="server_error")
-        if isinstance(exc, (ChatTemplateError, TokenizationError)):
-            return RequestError(str(exc), param=what)
-        if isinstance(exc, InvalidArgumentError):
-            return RequestError(str(exc), param=_guess_param(str(exc), what))
-        log.error("engine error: %s: %s", type(exc).__name__, exc)
-        return RequestError(f"{type(exc).__name__}: {exc}", status=500, type="server_error")
-
-    def finished(self, req: _engine.EngineRequest) -> None:
-        self.in_flight.discard(req)
-
-
-def _cancel_result(future: Any) -> None:
-    if not future.cancelled() and future.exception() is None:
-        future.result().cancel()
-
-
-_OPTION_NAMES = re.compile(
-    r"\b(logit_bias|temperature|top_p|min_p|top_k|seed|stop|max_tokens|presence_penalty|"
-    r"frequency_penalty|repeat_penalty|logprobs|n)\b")
-
-
-def _guess_param(message: str, default: str) -> str:
-    """The request field an engine error names, else ``default``."""
-    found = _OPTION_NAMES.search(message)
-    return found.group(1) if found else default
-
-
-# --- streaming ---------------------------------------------------------------------------
-
-
-class _EventStream(Response):
-    """A server-sent-events response that watches for the client going away while it
-    streams and then calls ``on_disconnect`` (which cancels the generation)."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, body: AsyncGenerator[bytes, None],
-                 on_disconnect: Callable[[], None]) -> None:
-        self.status_code = 200
-        self.background = None
-        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
-                            (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-        self.body_iterator = body
-        self.on_disconnect = on_disconnect
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def watch() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    self.on_disconnect()
-                    return
-
-        watcher = asyncio.ensure_future(watch())
-        complete = False
-        try:
-            await send({"type": "http.response.start", "status": self.status_code,
-                        "headers": self.raw_headers})
-            async for chunk in self.body_iterator:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            complete = True
-        except OSError:  # ASGI 2.4 servers raise it from send() once the client is gone
-            pass
-        finally:
-            watcher.cancel()
-            if not complete:
-                # also when this task is cancelled before the body generator started
-                # (its own cleanup would then never run)
-                self.on_disconnect()
-            await self.body_iterator.aclose()
-
-
-def _sse(data: Any) -> bytes:
-    return b"data: " + _json(data) + b"\n\n"
-
-
-_DONE = b"data: [DONE]\n\n"
-
-
-async def _watch_disconnect(receive: Receive, cancel: Callable[[], None],
-                            gone: asyncio.Event) -> None:
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            gone.set()
-            cancel()
-            return
 
 
 # --- the app -----------------------------------------------------------------------------
@@ -307,10 +108,10 @@ class _Api:
             except RequestError as exc:
                 if exc.status >= 500:
                     log.warning("%s %s: %s", request.method, request.url.path, exc.message)
-                return _error_response(exc)
+                return error_response(exc)
             except Exception as exc:
                 log.exception("error answering %s %s", request.method, request.url.path)
-                return _error_response(RequestError(
+                return error_response(RequestError(
                     f"internal server error: {type(exc).__name__}", status=500,
                     type="server_error"))
         return handle
@@ -419,7 +220,7 @@ class _Api:
         disconnects; raises _Cancelled when they were cancelled."""
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(
-            _watch_disconnect(request.receive, self._cancel_all(reqs), gone))
+            watch_disconnect(request.receive, self._cancel_all(reqs), gone))
         try:
             out: dict[int, _Choice] = {}
             async with aclosing(self._run(reqs, n, t0)) as events:
@@ -447,16 +248,16 @@ class _Api:
 
     def _cancelled_response(self) -> Response:
         if self.state.draining:
-            return _error_response(RequestError(
+            return error_response(RequestError(
                 "the server is shutting down; the generation was cancelled", status=503,
                 type="server_error"))
         # the client has gone: nobody reads this
-        return _error_response(RequestError("the request was cancelled", status=499,
+        return error_response(RequestError("the request was cancelled", status=499,
                                             type="server_error"))
 
     def _stream_error(self, message: str, status: int = 500) -> bytes:
         kind = "server_error" if status >= 500 else "invalid_request_error"
-        return _sse({"error": {"message": message, "type": kind, "param": None,
+        return sse({"error": {"message": message, "type": kind, "param": None,
                                "code": status}})
 
     # --- endpoints -----------------------------------------------------------------
@@ -523,7 +324,7 @@ class _Api:
                 value = vec.tolist()
             data.append({"object": "embedding", "index": i, "embedding": value})
         st.metrics.count_tokens(n_tokens, 0)
-        return Response(_json({"object": "list", "data": data, "model": st.model_id,
+        return Response(json_bytes({"object": "list", "data": data, "model": st.model_id,
                                "usage": {"prompt_tokens": n_tokens,
                                          "total_tokens": n_tokens}}),
                         media_type="application/json")
@@ -545,7 +346,7 @@ class _Api:
         head = {"id": cid, "object": "chat.completion", "created": created,
                 "model": st.model_id, "system_fingerprint": st.fingerprint}
         if body.stream:
-            return _EventStream(self._chat_stream(req, n, head, body.include_usage, t0,
+            return EventStream(self._chat_stream(req, n, head, body.include_usage, t0,
                                                   k is not None), self._stop([req]))
         try:
             choices = await self._collect(request, [req], n, t0)
@@ -560,7 +361,7 @@ class _Api:
                                                       "content": "".join(c.text)},
                         "logprobs": logprobs, "finish_reason": c.finish_reason})
         usage = self._usage(req.prompt_tokens, sum(c.completion_tokens for c in choices))
-        return Response(_json({**head, "choices": out, "usage": usage}),
+        return Response(json_bytes({**head, "choices": out, "usage": usage}),
                         media_type="application/json")
 
     async def _chat_stream(self, req: _engine.EngineRequest, n: int, head: dict[str, Any],
@@ -571,7 +372,7 @@ class _Api:
         completion = 0
         try:
             for i in range(n):
-                yield _sse({**head, "choices": [{
+                yield sse({**head, "choices": [{
                     "index": i, "delta": {"role": "assistant", "content": ""},
                     "logprobs": None, "finish_reason": None}], **extra})
             async with aclosing(self._run([req], n, t0)) as events:
@@ -588,11 +389,11 @@ class _Api:
                         if with_logprobs:
                             logprobs = {"content": [self._logprob_entry(lp)
                                                     for lp in ev.logprobs or ()]}
-                        yield _sse({**head, "choices": [{
+                        yield sse({**head, "choices": [{
                             "index": choice.index, "delta": {"content": ev.text},
                             "logprobs": logprobs, "finish_reason": None}], **extra})
                     if ev.finish_reason is not None:
-                        yield _sse({**head, "choices": [{
+                        yield sse({**head, "choices": [{
                             "index": choice.index, "delta": {}, "logprobs": None,
                             "finish_reason": ev.finish_reason}], **extra})
         except LlamaError as exc:
@@ -604,9 +405,9 @@ class _Api:
             req.cancel()  # a no-op when it has ended; frees it when the stream was cut
             self.state.finished(req)
         if include_usage:
-            yield _sse({**head, "choices": [],
+            yield sse({**head, "choices": [],
                         "usage": self._usage(req.prompt_tokens, completion)})
-        yield _DONE
+        yield DONE
 
     def _check_n(self, n: int) -> int:
         limit = self.state.engine.n_parallel
@@ -644,7 +445,7 @@ class _Api:
                 "system_fingerprint": st.fingerprint}
         want_lp = body.logprobs is not None
         if body.stream:
-            return _EventStream(self._completion_stream(reqs, n, head, body.include_usage,
+            return EventStream(self._completion_stream(reqs, n, head, body.include_usage,
                                                         t0, want_lp, echo), self._stop(reqs))
         try:
             choices = await self._collect(request, reqs, n, t0)
@@ -658,7 +459,7 @@ class _Api:
                         "finish_reason": c.finish_reason})
         usage = self._usage(sum(r.prompt_tokens for r in reqs),
                             sum(c.completion_tokens for c in choices))
-        return Response(_json({**head, "choices": out, "usage": usage}),
+        return Response(json_bytes({**head, "choices": out, "usage": usage}),
                         media_type="application/json")
 
     def _legacy_logprobs(self, lps: Sequence[Any], offset: int) -> dict[str, Any]:
@@ -681,7 +482,7 @@ class _Api:
         try:
             for k, text in enumerate(echo):
                 for i in range(n):
-                    yield _sse({**head, "choices": [{"index": k * n + i, "text": text,
+                    yield sse({**head, "choices": [{"index": k * n + i, "text": text,
                                                      "logprobs": None, "finish_reason": None}],
                                 **extra})
             async with aclosing(self._run(reqs, n, t0)) as events:
@@ -700,11 +501,11 @@ class _Api:
                             logprobs = self._legacy_logprobs(ev.logprobs or (), start)
                             offsets[choice.index] = start + sum(
                                 len(lp.text) for lp in ev.logprobs or ())
-                        yield _sse({**head, "choices": [{
+                        yield sse({**head, "choices": [{
                             "index": choice.index, "text": ev.text, "logprobs": logprobs,
                             "finish_reason": None}], **extra})
                     if ev.finish_reason is not None:
-                        yield _sse({**head, "choices": [{
+                        yield sse({**head, "choices": [{
                             "index": choice.index, "text": "", "logprobs": None,
                             "finish_reason": ev.finish_reason}], **extra})
         except LlamaError as exc:
@@ -717,88 +518,9 @@ class _Api:
                 r.cancel()
                 self.state.finished(r)
         if include_usage:
-            yield _sse({**head, "choices": [],
+            yield sse({**head, "choices": [],
                         "usage": self._usage(sum(r.prompt_tokens for r in reqs), completion)})
-        yield _DONE
-
-
-def _route_path(scope: Scope) -> str:
-    """The path within this app (without the prefix it is mounted under)."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root):
-        return path[len(root):] or "/"
-    return path
-
-
-class _Guard:
-    """Outer ASGI layer: API key, body size by Content-Length, 503 while stopping,
-    access log and request counts."""
-
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-        path = _route_path(scope)
-        status = 0
-
-        async def send_logged(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            refusal = self._refusal(scope)
-            if refusal is not None:
-                await _error_response(refusal)(scope, receive, send_logged)
-            else:
-                await self.app(scope, receive, send_logged)
-        finally:
-            endpoint = path if path in _ENDPOINTS else "other"
-            self.state.metrics.count_request(endpoint, status)
-            client = scope.get("client") or ("-", 0)
-            access_log.info('%s:%s "%s %s" %d %.1f ms', client[0], client[1],
-                            scope.get("method", "-"), path, status,
-                            (time.perf_counter() - t0) * 1000)
-
-    def _refusal(self, scope: Scope) -> RequestError | None:
-        headers = dict(scope.get("headers") or ())
-        path = _route_path(scope)
-        key = self.state.api_key
-        if key is not None and path not in _PUBLIC:
-            given = headers.get(b"authorization", b"")
-            scheme, _, token = given.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key):
-                return RequestError("invalid or missing API key (send 'Authorization: "
-                                    "Bearer KEY')", status=401, code="invalid_api_key",
-                                    headers={"WWW-Authenticate": "Bearer"})
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > self.state.max_body_bytes
-            except ValueError:
-                return RequestError("the Content-Length header is not a number")
-            if too_big:
-                return RequestError(f"the request body is larger than "
-                                    f"{self.state.max_body_bytes} bytes", status=413)
-        if self.state.draining and path not in _PUBLIC and path != "/metrics":
-            return RequestError("the server is shutting down", status=503, type="server_error")
-        return None
-
-
-async def _not_found(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 405:
-        return _error_response(RequestError(
-            f"method {request.method} is not allowed on {request.url.path}", status=405))
-    return _error_response(RequestError(f"no such endpoint: {request.method} "
-                                        f"{request.url.path}", status=exc.status_code))
+        yield DONE
 
 
 def create_app(model: Any, *, api_key: str | None = None, alias: str | None = None,
@@ -844,12 +566,12 @@ def create_app(model: Any, *, api_key: str | None = None, alias: str | None = No
         Route("/tokenize", api.endpoint(api.tokenize), methods=post),
         Route("/detokenize", api.endpoint(api.detokenize), methods=post),
     ]
-    middleware = [Middleware(_Guard, state=state)]
+    middleware = [Middleware(Guard, state=state)]
     if cors_origins:
         middleware.insert(0, Middleware(
             CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"]))
     app = Starlette(routes=routes, middleware=middleware,
-                    exception_handlers={HTTPException: _not_found})
+                    exception_handlers={HTTPException: not_found})
     app.state.llamabind = state
     return app

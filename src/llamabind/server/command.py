@@ -28,11 +28,18 @@ __all__ = ["add_parser", "cmd_serve", "run"]
 log = logging.getLogger("llamabind.server")
 
 _HELP = "serve a model over an OpenAI-compatible HTTP API (needs the 'server' extra)"
+_DESCRIPTION = """\
+Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+/v1/embeddings, /v1/models, /health, /metrics, /tokenize, /detokenize).
+
+Flags follow llama-server's names. One difference: -c is the context of each request
+(llama-server divides -c among its slots). SIGINT/SIGTERM: stop taking requests, let
+those in flight finish for a second, cancel the rest, exit 0."""
 
 
 def add_parser(sub: Any) -> None:
     """Register ``serve`` on the ``llamabind`` command's subparsers."""
-    p = sub.add_parser("serve", help=_HELP, description=__doc__,
+    p = sub.add_parser("serve", help=_HELP, description=_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", default=None,
                    help="GGUF file (default: $LLAMABIND_MODEL or the fetched SmolLM2-135M)")
@@ -66,14 +73,21 @@ def _setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     numeric = getattr(logging, level.upper())
-    # the server's own loggers, and uvicorn's (which the command routes, not prints)
-    for name, lvl in (("llamabind.server", numeric), ("uvicorn", max(numeric, logging.INFO)),
-                      ("llamabind", logging.WARNING)):
+    # the server's loggers (uvicorn's are routed into them by run()), and llama.cpp's
+    for name, lvl in (("llamabind.server", numeric), ("llamabind", logging.WARNING)):
         logger = logging.getLogger(name)
         logger.addHandler(handler)
         logger.setLevel(lvl)
         logger.propagate = False
-    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+class _ToServerLog(logging.Handler):
+    """Hands uvicorn's records to the ``llamabind.server.uvicorn`` logger."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        target = logging.getLogger("llamabind.server.uvicorn")
+        if target.isEnabledFor(record.levelno):
+            target.handle(record)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -114,10 +128,10 @@ def run(model: Any, *, host: str = "127.0.0.1", port: int = 8080, api_key: str |
         shutdown_grace: float = 1.0, **app_options: Any) -> None:
     """Serve ``model`` until SIGINT/SIGTERM (then drain: see the module doc).
 
-    Blocks; call it from the main thread for the signals to be caught. uvicorn logs to
-    the ``uvicorn`` loggers, the server to ``llamabind.server`` (access lines to
-    ``llamabind.server.access``); nothing is configured here: set up ``logging``
-    to see them. The model stays open.
+    Blocks; call it from the main thread for the signals to be caught. The server logs
+    to ``llamabind.server`` (access lines to ``llamabind.server.access``), and uvicorn's
+    records are routed to ``llamabind.server.uvicorn`` unless the ``uvicorn`` logger
+    has handlers of its own; set up ``logging`` to see them. The model stays open.
     """
     import uvicorn
 
@@ -155,6 +169,16 @@ def run(model: Any, *, host: str = "127.0.0.1", port: int = 8080, api_key: str |
                              state.model_id, state.engine.n_parallel, state.engine.n_ctx)
 
     server = Server(config)
+    # uvicorn's loggers go to llamabind.server.uvicorn (unless the caller set them up):
+    # nothing of theirs reaches stderr on its own
+    uv = logging.getLogger("uvicorn")
+    routed = not uv.handlers
+    saved = (uv.level, uv.propagate)
+    forward = _ToServerLog()
+    if routed:
+        uv.addHandler(forward)
+        uv.setLevel(logging.DEBUG)
+        uv.propagate = False
     main = threading_main()
     previous: dict[signal.Signals, Any] = {}
     if main:
@@ -167,6 +191,10 @@ def run(model: Any, *, host: str = "127.0.0.1", port: int = 8080, api_key: str |
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if routed:
+            uv.removeHandler(forward)
+            uv.setLevel(saved[0])
+            uv.propagate = saved[1]
 
 
 def _ignore(sig: int, frame: FrameType | None) -> None:
