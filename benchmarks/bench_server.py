@@ -145,18 +145,21 @@ def peer_server_python(explicit: str | None) -> tuple[str | None, str]:
 def make_servers(args: argparse.Namespace) -> tuple[list[Server], dict[str, str]]:
     notes: dict[str, str] = {}
     model, par, ctx, threads = str(args.model), args.parallel, args.ctx, args.threads
-    servers = [Server("llamabind", [
-        sys.executable, "-m", "llamabind", "serve", "-m", model, "-np", str(par),
-        "-c", str(ctx), "-t", str(threads), "--port", "{port}", "--max-queue", "4096",
-        "--log-level", "warning"], 0)]
+    servers: list[Server] = []
+    if "llamabind" in args.servers:
+        servers.append(Server("llamabind", [
+            sys.executable, "-m", "llamabind", "serve", "-m", model, "-np", str(par),
+            "-c", str(ctx), "-t", str(threads), "--port", "{port}", "--max-queue", "4096",
+            "--log-level", "warning"], 0))
     native = ROOT / "build" / "native" / "bin" / "llama-server"
-    if not native.exists():
-        raise BenchError(f"{native} is missing: python scripts/build_native.py "
-                         "--target llama-server")
-    servers.append(Server("llama-server", [
-        str(native), "-m", model, "-np", str(par), "-c", str(ctx * par), "-t", str(threads),
-        "-tb", str(threads), "--host", "127.0.0.1", "--port", "{port}"], 0))
-    if not args.no_peer:
+    if "llama-server" in args.servers:
+        if not native.exists():
+            raise BenchError(f"{native} is missing: python scripts/build_native.py "
+                             "--target llama-server")
+        servers.append(Server("llama-server", [
+            str(native), "-m", model, "-np", str(par), "-c", str(ctx * par), "-t",
+            str(threads), "-tb", str(threads), "--host", "127.0.0.1", "--port", "{port}"], 0))
+    if "llama-cpp-python" in args.servers:
         exe, info = peer_server_python(args.peer_python)
         if exe is None:
             notes["llama-cpp-python"] = info
@@ -362,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-python", default=None,
                     help="a Python with llama-cpp-python[server] (default: "
                          "build/venv-llama-cpp-python, else this one)")
-    ap.add_argument("--no-peer", action="store_true", help="leave llama-cpp-python out")
+    ap.add_argument("--servers", default="llamabind,llama-server,llama-cpp-python",
+                    help="which servers (default all; llama-cpp-python where installed)")
     ap.add_argument("--update-chart", action="store_true",
                     help="also copy the chart to benchmarks/server_chart.png")
     args = ap.parse_args(argv)
@@ -370,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.threads = args.threads or llamabind.default_threads()
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    args.servers = {x.strip() for x in args.servers.split(",") if x.strip()}
     bias = eog_bias(args.model)
     try:
         servers, notes = make_servers(args)

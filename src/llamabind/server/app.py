@@ -281,20 +281,24 @@ class _Api:
 
     async def tokenize(self, request: Request) -> Response:
         body = parse_body(TokenizeRequest, await self.body(request))
-        try:
-            tokens = self.state.engine.tokenize(body.content, add_special=body.add_special,
-                                                parse_special=body.parse_special)
+        engine = self.state.engine
+
+        def work() -> list[Any]:
+            tokens = engine.tokenize(body.content, add_special=body.add_special,
+                                     parse_special=body.parse_special)
+            if not body.with_pieces:
+                return tokens
+            return [{"id": t, "piece": engine.detokenize([t])} for t in tokens]
+
+        try:  # a long text takes a while: off the event loop
+            return JSONResponse({"tokens": await asyncio.to_thread(work)})
         except LlamaError as exc:
             raise RequestError(str(exc), param="content") from None
-        if not body.with_pieces:
-            return JSONResponse({"tokens": tokens})
-        detok = self.state.engine.detokenize
-        return JSONResponse({"tokens": [{"id": t, "piece": detok([t])} for t in tokens]})
 
     async def detokenize(self, request: Request) -> Response:
         body = parse_body(DetokenizeRequest, await self.body(request))
         try:
-            text = self.state.engine.detokenize(body.tokens)
+            text = await asyncio.to_thread(self.state.engine.detokenize, body.tokens)
         except LlamaError as exc:
             raise RequestError(str(exc), param="tokens") from None
         return JSONResponse({"content": text})
@@ -308,7 +312,8 @@ class _Api:
         texts = body.texts
         try:
             vectors = await st.engine.aembed(texts)
-            n_tokens = sum(len(st.engine.tokenize(t)) for t in texts)
+            n_tokens = await asyncio.to_thread(
+                lambda: sum(len(st.engine.tokenize(t)) for t in texts))
         except LlamaError as exc:
             raise st.engine_error(exc, "input") from None
         if body.dimensions is not None and body.dimensions != vectors.shape[1]:
@@ -400,6 +405,11 @@ class _Api:
             req.cancel()
             err = self.state.engine_error(exc, "messages")
             yield self._stream_error(err.message, err.status)
+            return
+        except Exception:
+            req.cancel()
+            log.exception("error while streaming a generation")
+            yield self._stream_error("internal server error")
             return
         finally:
             req.cancel()  # a no-op when it has ended; frees it when the stream was cut
@@ -512,6 +522,11 @@ class _Api:
             self._cancel_all(reqs)()
             err = self.state.engine_error(exc, "prompt")
             yield self._stream_error(err.message, err.status)
+            return
+        except Exception:
+            self._cancel_all(reqs)()
+            log.exception("error while streaming a generation")
+            yield self._stream_error("internal server error")
             return
         finally:
             for r in reqs:

@@ -45,7 +45,7 @@ class ServerState:
     def __init__(self, model: Any, *, api_key: str | None, alias: str | None,
                  max_body_bytes: int, retry_after: int) -> None:
         self.engine = _engine.engine_of(model)
-        path = str(model.config.path)
+        path = str(getattr(getattr(model, "config", None), "path", None) or "model")
         base = os.path.basename(path)
         self.model_id = alias or base
         names = {self.model_id, path, base}
