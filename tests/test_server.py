@@ -29,7 +29,7 @@ pytestmark = pytest.mark.model
 
 N_CTX = 1024
 KEY = "test-key-0123456789"
-ALIAS = "smol"
+ALIAS = "smollm2"    # as in the README's example
 SLOTS = 4
 QUEUE = 8
 
@@ -115,6 +115,26 @@ def test_health_models_and_api_key(server: ServerProcess, client: openai.OpenAI)
     with openai.OpenAI(base_url=server.base_url + "/v1", api_key="nope", max_retries=0) as bad:
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
+
+
+def test_readme_client_example(server: ServerProcess) -> None:
+    """The README's three-line client, run against this server (its URL and key put in
+    place of the README's)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (code,) = re.findall(r"```python\n(from openai import OpenAI\n.*?)```", readme, re.S)
+    assert len(code.strip().splitlines()) == 3
+    assert 'base_url="http://127.0.0.1:8080/v1", api_key="none"' in code
+    code = code.replace("http://127.0.0.1:8080", server.base_url).replace(
+        'api_key="none"', f'api_key="{KEY}"')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
 
 
 # --- greedy output equals LoadedModel -------------------------------------------------
