@@ -215,7 +215,7 @@ class _Api:
         return cancel
 
     async def _collect(self, request: Request, reqs: list[_engine.EngineRequest], n: int,
-                       t0: float) -> list[_Choice]:
+                       t0: float, what: str) -> list[_Choice]:
         """Run the requests to the end (non-streaming), cancelling them if the client
         disconnects; raises _Cancelled when they were cancelled."""
         gone = asyncio.Event()
@@ -236,7 +236,7 @@ class _Api:
                             self._cancel_all(reqs)()
         except LlamaError as exc:
             self._cancel_all(reqs)()
-            raise self.state.engine_error(exc, "prompt") from None
+            raise self.state.engine_error(exc, what) from None
         except BaseException:
             self._cancel_all(reqs)()
             raise
@@ -354,7 +354,7 @@ class _Api:
             return EventStream(self._chat_stream(req, n, head, body.include_usage, t0,
                                                   k is not None), self._stop([req]))
         try:
-            choices = await self._collect(request, [req], n, t0)
+            choices = await self._collect(request, [req], n, t0, "messages")
         except _Cancelled:
             return self._cancelled_response()
         out = []
@@ -458,7 +458,7 @@ class _Api:
             return EventStream(self._completion_stream(reqs, n, head, body.include_usage,
                                                         t0, want_lp, echo), self._stop(reqs))
         try:
-            choices = await self._collect(request, reqs, n, t0)
+            choices = await self._collect(request, reqs, n, t0, "prompt")
         except _Cancelled:
             return self._cancelled_response()
         out = []
