@@ -7,8 +7,9 @@ from the same pinned llama.cpp, and llama-cpp-python's server where it is instal
 
 Every server gets the same model, threads and slots (``--parallel``; llama-server
 ``-np`` and a ``-c`` of ``--ctx`` per slot), the same chat prompts and the same
-requests: streamed ``/v1/chat/completions``, greedy, end-of-generation tokens banned
-with ``logit_bias`` so each request generates exactly ``--max-tokens`` tokens. For each
+requests: streamed ``/v1/chat/completions`` (one of 8 prompts, made unique by a request
+number so no cache holds a whole prompt), greedy, end-of-generation tokens banned with
+``logit_bias`` so each request generates exactly ``--max-tokens`` tokens. For each
 concurrency level C, C clients (asyncio, httpx) send requests back to back; the servers
 take turns level by level, their order rotated each round, so slow spells of the
 machine fall on all of them.
@@ -218,13 +219,18 @@ async def run_level(server: Server, clients: int, per_client: int, max_tokens: i
                     bias: dict[str, float]) -> dict[str, Any]:
     import httpx
 
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    # a fresh connection per request: llama-server may close a kept-alive connection
+    # just as the client reuses it (seen here: "Server disconnected without sending a
+    # response"); on loopback a connection costs ~0.1 ms, the same for every server
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         async def worker(k: int) -> list[Sample]:
             out = []
             for j in range(per_client):
-                out.append(await one_request(client, server.url,
-                                             PROMPTS[(k + j) % len(PROMPTS)], max_tokens, bias))
+                # one of the fixed prompts, made unique by its number: a server's cache
+                # may reuse the common prefix (the chat template's), never a whole prompt
+                prompt = f"{PROMPTS[(k + j) % len(PROMPTS)]} (request {k}.{j})"
+                out.append(await one_request(client, server.url, prompt, max_tokens, bias))
             return out
 
         t0 = time.perf_counter()
@@ -417,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
     chart = RESULTS / f"server-{stamp}.png"
     title = (f"{meta['model']}: streamed chat, {args.max_tokens} tokens per request, "
-             f"{args.parallel} slots, {args.threads} threads")
+             f"{args.parallel} slots, {args.threads} thread{'s' if args.threads > 1 else ''}")
     message = draw(summary, levels, chart, title)
     print(f"\nresults: {out}", file=sys.stderr)
     if message:
