@@ -351,8 +351,8 @@ class _Api:
         head = {"id": cid, "object": "chat.completion", "created": created,
                 "model": st.model_id, "system_fingerprint": st.fingerprint}
         if body.stream:
-            return EventStream(self._chat_stream(req, n, head, body.include_usage, t0,
-                                                  k is not None), self._stop([req]))
+            return EventStream(self._chat_stream(req, n, head, body.include_usage, t0, k),
+                               self._stop([req]))
         try:
             choices = await self._collect(request, [req], n, t0, "messages")
         except _Cancelled:
@@ -369,55 +369,98 @@ class _Api:
         return Response(json_bytes({**head, "choices": out, "usage": usage}),
                         media_type="application/json")
 
-    async def _chat_stream(self, req: _engine.EngineRequest, n: int, head: dict[str, Any],
-                           include_usage: bool, t0: float,
-                           with_logprobs: bool) -> AsyncGenerator[bytes, None]:
-        head = {**head, "object": "chat.completion.chunk"}
+    async def _stream(self, reqs: list[_engine.EngineRequest], n: int, t0: float,
+                      what: str, head: dict[str, Any], include_usage: bool,
+                      opening: list[dict[str, Any]],
+                      piece: Callable[[_Choice, Any], dict[str, Any] | None],
+                      finish: Callable[[_Choice, str], dict[str, Any]],
+                      ) -> AsyncGenerator[bytes, None]:
+        """The server-sent events of a generation: ``opening`` choice objects, one
+        ``piece(choice, event)`` per event that has one, ``finish(choice, reason)`` per
+        choice, the usage chunk when asked for, ``[DONE]``. A generation cancelled by a
+        stopping server or failing in the engine ends with an error event instead."""
         extra = {"usage": None} if include_usage else {}
         completion = 0
         try:
-            for i in range(n):
-                yield sse({**head, "choices": [{
-                    "index": i, "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None, "finish_reason": None}], **extra})
-            async with aclosing(self._run([req], n, t0)) as events:
+            for first in opening:
+                yield sse({**head, "choices": [first], **extra})
+            async with aclosing(self._run(reqs, n, t0)) as events:
                 async for choice, ev in events:
                     if ev.finish_reason == "cancelled":
-                        req.cancel()
+                        self._cancel_all(reqs)()
                         if self.state.draining:
                             yield self._stream_error("the server is shutting down; the "
                                                      "generation was cancelled", 503)
-                        return
+                        return  # else the client has gone: nobody reads on
                     completion += len(ev.tokens)
-                    if ev.text or (with_logprobs and ev.logprobs):
-                        logprobs = None
-                        if with_logprobs:
-                            logprobs = {"content": [self._logprob_entry(lp)
-                                                    for lp in ev.logprobs or ()]}
-                        yield sse({**head, "choices": [{
-                            "index": choice.index, "delta": {"content": ev.text},
-                            "logprobs": logprobs, "finish_reason": None}], **extra})
+                    chunk = piece(choice, ev)
+                    if chunk is not None:
+                        yield sse({**head, "choices": [chunk], **extra})
                     if ev.finish_reason is not None:
-                        yield sse({**head, "choices": [{
-                            "index": choice.index, "delta": {}, "logprobs": None,
-                            "finish_reason": ev.finish_reason}], **extra})
+                        yield sse({**head, "choices": [finish(choice, ev.finish_reason)],
+                                   **extra})
         except LlamaError as exc:
-            req.cancel()
-            err = self.state.engine_error(exc, "messages")
+            self._cancel_all(reqs)()
+            err = self.state.engine_error(exc, what)
             yield self._stream_error(err.message, err.status)
             return
         except Exception:
-            req.cancel()
+            self._cancel_all(reqs)()
             log.exception("error while streaming a generation")
             yield self._stream_error("internal server error")
             return
         finally:
-            req.cancel()  # a no-op when it has ended; frees it when the stream was cut
-            self.state.finished(req)
+            self._stop(reqs)()  # a no-op for requests that ended; frees a cut stream's
         if include_usage:
-            yield sse({**head, "choices": [],
-                        "usage": self._usage(req.prompt_tokens, completion)})
+            usage = self._usage(sum(r.prompt_tokens for r in reqs), completion)
+            yield sse({**head, "choices": [], "usage": usage})
         yield DONE
+
+    def _chat_stream(self, req: _engine.EngineRequest, n: int, head: dict[str, Any],
+                     include_usage: bool, t0: float,
+                     k: int | None) -> AsyncGenerator[bytes, None]:
+        def piece(choice: _Choice, ev: Any) -> dict[str, Any] | None:
+            if not ev.text and not (k is not None and ev.logprobs):
+                return None
+            logprobs = None
+            if k is not None:
+                logprobs = {"content": [self._logprob_entry(lp) for lp in ev.logprobs or ()]}
+            return {"index": choice.index, "delta": {"content": ev.text},
+                    "logprobs": logprobs, "finish_reason": None}
+
+        def finish(choice: _Choice, reason: str) -> dict[str, Any]:
+            return {"index": choice.index, "delta": {}, "logprobs": None,
+                    "finish_reason": reason}
+
+        opening = [{"index": i, "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None, "finish_reason": None} for i in range(n)]
+        head = {**head, "object": "chat.completion.chunk"}
+        return self._stream([req], n, t0, "messages", head, include_usage, opening, piece,
+                            finish)
+
+    def _completion_stream(self, reqs: list[_engine.EngineRequest], n: int,
+                           head: dict[str, Any], include_usage: bool, t0: float,
+                           want_lp: bool, echo: list[str]) -> AsyncGenerator[bytes, None]:
+        offsets: dict[int, int] = {}
+
+        def piece(choice: _Choice, ev: Any) -> dict[str, Any] | None:
+            if not ev.text and not (want_lp and ev.logprobs):
+                return None
+            logprobs = None
+            if want_lp:
+                start = offsets.get(choice.index, 0)
+                logprobs = self._legacy_logprobs(ev.logprobs or (), start)
+                offsets[choice.index] = start + sum(len(lp.text) for lp in ev.logprobs or ())
+            return {"index": choice.index, "text": ev.text, "logprobs": logprobs,
+                    "finish_reason": None}
+
+        def finish(choice: _Choice, reason: str) -> dict[str, Any]:
+            return {"index": choice.index, "text": "", "logprobs": None,
+                    "finish_reason": reason}
+
+        opening = [{"index": p * n + i, "text": text, "logprobs": None, "finish_reason": None}
+                   for p, text in enumerate(echo) for i in range(n)]
+        return self._stream(reqs, n, t0, "prompt", head, include_usage, opening, piece, finish)
 
     def _check_n(self, n: int) -> int:
         limit = self.state.engine.n_parallel
@@ -456,7 +499,7 @@ class _Api:
         want_lp = body.logprobs is not None
         if body.stream:
             return EventStream(self._completion_stream(reqs, n, head, body.include_usage,
-                                                        t0, want_lp, echo), self._stop(reqs))
+                                                       t0, want_lp, echo), self._stop(reqs))
         try:
             choices = await self._collect(request, reqs, n, t0, "prompt")
         except _Cancelled:
@@ -482,61 +525,6 @@ class _Api:
             offset += len(lp.text)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
                 "text_offset": offsets}
-
-    async def _completion_stream(self, reqs: list[_engine.EngineRequest], n: int,
-                                 head: dict[str, Any], include_usage: bool, t0: float,
-                                 want_lp: bool, echo: list[str]) -> AsyncGenerator[bytes, None]:
-        extra = {"usage": None} if include_usage else {}
-        completion = 0
-        offsets: dict[int, int] = {}
-        try:
-            for k, text in enumerate(echo):
-                for i in range(n):
-                    yield sse({**head, "choices": [{"index": k * n + i, "text": text,
-                                                     "logprobs": None, "finish_reason": None}],
-                                **extra})
-            async with aclosing(self._run(reqs, n, t0)) as events:
-                async for choice, ev in events:
-                    if ev.finish_reason == "cancelled":
-                        self._cancel_all(reqs)()
-                        if self.state.draining:
-                            yield self._stream_error("the server is shutting down; the "
-                                                     "generation was cancelled", 503)
-                        return
-                    completion += len(ev.tokens)
-                    if ev.text or (want_lp and ev.logprobs):
-                        logprobs = None
-                        if want_lp:
-                            start = offsets.get(choice.index, 0)
-                            logprobs = self._legacy_logprobs(ev.logprobs or (), start)
-                            offsets[choice.index] = start + sum(
-                                len(lp.text) for lp in ev.logprobs or ())
-                        yield sse({**head, "choices": [{
-                            "index": choice.index, "text": ev.text, "logprobs": logprobs,
-                            "finish_reason": None}], **extra})
-                    if ev.finish_reason is not None:
-                        yield sse({**head, "choices": [{
-                            "index": choice.index, "text": "", "logprobs": None,
-                            "finish_reason": ev.finish_reason}], **extra})
-        except LlamaError as exc:
-            self._cancel_all(reqs)()
-            err = self.state.engine_error(exc, "prompt")
-            yield self._stream_error(err.message, err.status)
-            return
-        except Exception:
-            self._cancel_all(reqs)()
-            log.exception("error while streaming a generation")
-            yield self._stream_error("internal server error")
-            return
-        finally:
-            for r in reqs:
-                r.cancel()
-                self.state.finished(r)
-        if include_usage:
-            yield sse({**head, "choices": [],
-                        "usage": self._usage(sum(r.prompt_tokens for r in reqs), completion)})
-        yield DONE
-
 
 def create_app(model: Any, *, api_key: str | None = None, alias: str | None = None,
                cors_origins: Sequence[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -565,22 +553,16 @@ def create_app(model: Any, *, api_key: str | None = None, alias: str | None = No
     state = ServerState(model, api_key=api_key, alias=alias, max_body_bytes=max_body_bytes,
                         retry_after=retry_after)
     api = _Api(state)
-    post, get = ["POST"], ["GET"]
-    routes = [
-        Route("/health", api.endpoint(api.health), methods=get),
-        Route("/v1/health", api.endpoint(api.health), methods=get),
-        Route("/v1/models", api.endpoint(api.models), methods=get),
-        Route("/models", api.endpoint(api.models), methods=get),
-        Route("/v1/completions", api.endpoint(api.completions), methods=post),
-        Route("/completions", api.endpoint(api.completions), methods=post),
-        Route("/v1/chat/completions", api.endpoint(api.chat_completions), methods=post),
-        Route("/chat/completions", api.endpoint(api.chat_completions), methods=post),
-        Route("/v1/embeddings", api.endpoint(api.embeddings), methods=post),
-        Route("/embeddings", api.endpoint(api.embeddings), methods=post),
-        Route("/metrics", api.endpoint(api.metrics), methods=get),
-        Route("/tokenize", api.endpoint(api.tokenize), methods=post),
-        Route("/detokenize", api.endpoint(api.detokenize), methods=post),
-    ]
+    # (path, endpoint, method, also under /v1): the OpenAI paths answer with and
+    # without the /v1 prefix, as llama-server's do
+    table = [("/health", api.health, "GET", True), ("/models", api.models, "GET", True),
+             ("/completions", api.completions, "POST", True),
+             ("/chat/completions", api.chat_completions, "POST", True),
+             ("/embeddings", api.embeddings, "POST", True),
+             ("/metrics", api.metrics, "GET", False), ("/tokenize", api.tokenize, "POST", False),
+             ("/detokenize", api.detokenize, "POST", False)]
+    routes = [Route(prefix + path, api.endpoint(fn), methods=[method])
+              for path, fn, method, v1 in table for prefix in (("/v1", "") if v1 else ("",))]
     middleware = [Middleware(Guard, state=state)]
     if cors_origins:
         middleware.insert(0, Middleware(
