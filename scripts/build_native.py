@@ -14,6 +14,11 @@ binaries exist, it does nothing. It prints the directory holding the binaries.
     python scripts/build_native.py              # build if needed, print the bin dir
     python scripts/build_native.py --print-dir  # only print it (exit 1 if not built/current)
     python scripts/build_native.py --json       # build if needed, print a JSON summary
+    python scripts/build_native.py --target llama-server   # also build an extra tool
+
+Extra tools (``--target``, not built by default nor in CI): ``llama-server``, for the
+server benchmark (benchmarks/bench_server.py); it unpacks the parts of the pinned tree
+it needs first when an older vendor/llama.cpp lacks them.
 """
 
 from __future__ import annotations
@@ -40,17 +45,20 @@ VENDOR_DIR = ROOT / "vendor" / "llama.cpp"
 PIN_FILE = ROOT / "vendor" / "llama-cpp-pin.json"
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from fetch_llama_cpp import source_marker  # noqa: E402
+from fetch_llama_cpp import fetch_source, has_all_parts, source_marker  # noqa: E402
+from registry import FetchError  # noqa: E402
 
 DEFAULT_BUILD_DIR = ROOT / "build" / "native"
 BINARIES = ("llamabind-ref", "llama-bench", "llama-simple")
+# built on request only; each with the part of the source tree it needs
+EXTRA_TARGETS = {"llama-server": "tools/server/CMakeLists.txt"}
 STAMP_NAME = "llamabind-native.stamp.json"
 
 # Set by native/CMakeLists.txt (what to build), never taken from the package's config.
 FORCED = frozenset({
     "LLAMA_BUILD_COMMON", "LLAMA_BUILD_TESTS", "LLAMA_BUILD_TOOLS", "LLAMA_BUILD_EXAMPLES",
     "LLAMA_BUILD_SERVER", "LLAMA_BUILD_APP", "LLAMA_OPENSSL", "BUILD_SHARED_LIBS",
-    "LLAMA_BUILD_COMMIT", "LLAMA_BUILD_NUMBER",
+    "LLAMA_BUILD_COMMIT", "LLAMA_BUILD_NUMBER", "LLAMA_BUILD_UI", "LLAMA_USE_PREBUILT_UI",
 })
 _OPTION_NAME = re.compile(r"^(GGML|LLAMA)_[A-Z0-9_]+$")
 
@@ -176,10 +184,12 @@ def run(cmd: list[str], quiet: bool) -> None:
 
 
 class Plan:
-    def __init__(self, config_path: Path, build_dir: Path) -> None:
+    def __init__(self, config_path: Path, build_dir: Path,
+                 extra_targets: tuple[str, ...] = ()) -> None:
         self.config_path = config_path
         self.build_dir = build_dir
         self.bin_dir = build_dir / "bin"
+        self.extra_targets = extra_targets
         self.config = load_json(config_path)
         self.pin = check_pin(self.config)
         self.options = cmake_options(self.config)
@@ -193,6 +203,9 @@ class Plan:
             "build_type": self.build_type,
             "vulkan_include_dir": self.vulkan_include_dir,
             "cmakelists": file_digest([NATIVE_SRC / "CMakeLists.txt"]),
+            # native/CMakeLists.txt configures the extra tools when their sources exist
+            "extra_sources": sorted(name for name, part in EXTRA_TARGETS.items()
+                                    if (VENDOR_DIR / part).is_file()),
         }
         # what the binaries depend on beyond that (an edit means an incremental build)
         # (the vendor marker changes when the tree is unpacked again, e.g. new patches)
@@ -200,7 +213,7 @@ class Plan:
                                            VENDOR_DIR / ".llamabind-pin"])
 
     def binaries(self) -> dict[str, Path]:
-        return {name: self.bin_dir / name for name in BINARIES}
+        return {name: self.bin_dir / name for name in (*BINARIES, *self.extra_targets)}
 
     def stamp_path(self) -> Path:
         return self.build_dir / STAMP_NAME
@@ -244,7 +257,7 @@ class Plan:
                 print(f"warning: llamabind was built with {wanted}, the native tools get "
                       f"{compiler}; results may differ", file=sys.stderr)
         run(["cmake", "--build", str(self.build_dir), "--parallel", str(jobs),
-             "--target", *BINARIES], quiet)
+             "--target", *BINARIES, *self.extra_targets], quiet)
         missing = [str(p) for p in self.binaries().values() if not p.is_file()]
         if missing:
             raise BuildError(f"the build finished but did not produce {missing}")
@@ -281,17 +294,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="configure and build even if current")
     ap.add_argument("--quiet", action="store_true",
                     help="show the build's output only when it fails")
+    ap.add_argument("--target", action="append", default=[], choices=sorted(EXTRA_TARGETS),
+                    help="also build this tool (repeatable; not built by default)")
     args = ap.parse_args(argv)
     try:
+        extra = tuple(dict.fromkeys(args.target))
+        if extra and not has_all_parts(VENDOR_DIR) and not args.print_dir:
+            # a tree unpacked before the extra tools' sources were kept
+            fetch_source()
         config_path = (args.config or find_build_config()).resolve()
-        plan = Plan(config_path, args.build_dir.resolve())
+        plan = Plan(config_path, args.build_dir.resolve(), extra)
         if args.print_dir:
             print(plan.bin_dir)
             return 0 if plan.up_to_date() else 1
         with locked(plan.build_dir):
             built = args.force or not plan.up_to_date()
             seconds = plan.build(max(1, args.jobs), args.quiet) if built else 0.0
-    except BuildError as exc:
+    except (BuildError, FetchError) as exc:
         print(f"build_native: error: {exc}", file=sys.stderr)
         return 2
     if args.json:

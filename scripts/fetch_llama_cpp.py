@@ -39,10 +39,20 @@ VOCAB_DIR = ROOT / "models" / "vocab"
 MARKER = ".llamabind-pin"
 
 # Parts of the llama.cpp tree kept for the build; docs, models, web UI, Python
-# conversion tools and most examples are left out.
+# conversion tools and most examples are left out. tools/server, tools/mtmd (which it
+# links) and tools/ui's CMake files are only for the native llama-server that the
+# server benchmark compares with (scripts/build_native.py --target llama-server); the
+# web UI's sources stay out (the server is built without an embedded UI).
 KEEP = (
     "CMakeLists.txt", "LICENSE", "licenses/", "cmake/", "include/", "src/", "ggml/",
     "common/", "vendor/", "tools/llama-bench/", "examples/simple/",
+    "tools/server/", "tools/mtmd/", "scripts/ui-assets.cmake",
+    "tools/ui/CMakeLists.txt", "tools/ui/ui.cpp.in", "tools/ui/ui.h.in",
+)
+# Left out of what KEEP names: tests, benchmarks, sample media, conversion scripts.
+DROP = (
+    "tools/server/tests/", "tools/server/bench/", "tools/mtmd/tests/", "tools/mtmd/test-",
+    "tools/mtmd/legacy-models/",
 )
 
 
@@ -115,14 +125,23 @@ def is_current(directory: Path, marker: str) -> bool:
     return path.exists() and path.read_text().strip() == marker
 
 
+def kept(rel: str) -> bool:
+    """Whether the source tree keeps ``rel`` (a path inside llama.cpp's tree)."""
+    return (rel.startswith(KEEP) or rel in KEEP) and not rel.startswith(DROP)
+
+
+def has_all_parts(directory: Path) -> bool:
+    """Whether a tree unpacked by an older KEEP list has every part this one keeps."""
+    return all((directory / part).exists() for part in KEEP)
+
+
 def fetch_source(force: bool = False) -> Path:
     pin = load_pin()
     marker = source_marker(pin)
-    if not force and is_current(VENDOR_DIR, marker):
+    if not force and is_current(VENDOR_DIR, marker) and has_all_parts(VENDOR_DIR):
         return VENDOR_DIR
     archive = archive_path(pin)
-    n = _extract(archive, pin, lambda rel: rel.startswith(KEEP) or rel in KEEP, VENDOR_DIR,
-                 marker, patch=True)
+    n = _extract(archive, pin, kept, VENDOR_DIR, marker, patch=True)
     print(f"llama.cpp {pin['llama_cpp_commit']} unpacked to {VENDOR_DIR} ({n} entries, "
           f"patched as {PATCH_FILE.name} says)")
     return VENDOR_DIR

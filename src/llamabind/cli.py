@@ -247,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
 
+    from llamabind.server.command import add_parser as add_serve_parser
+
+    add_serve_parser(sub)  # `llamabind serve` (its code lives in llamabind.server)
+
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
