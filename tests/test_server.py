@@ -303,7 +303,7 @@ def test_sampling_options(client: openai.OpenAI, eog_ban: dict[str, float],
     # logit_bias -100 bans the greedy first token
     first = greedy.choices[0].logprobs.tokens[0]
     banned = complete(temperature=0, max_tokens=2, logprobs=0,
-                      logit_bias={str(ref.tokenize(first, add_bos=False)[0]): -100})
+                      logit_bias={str(ref.tokenize(first, add_special=False)[0]): -100})
     assert banned.choices[0].logprobs.tokens[0] != first
     # top_p 0 keeps only the most likely token: greedy
     assert complete(temperature=1.0, top_p=0, max_tokens=12).choices[0].text == text
@@ -335,7 +335,8 @@ def test_embeddings(client: openai.OpenAI, http: httpx.Client,
     vecs = np.array([d.embedding for d in r.data])
     assert vecs.shape == (3, ref.native.n_embd)
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
-    assert np.array_equal(vecs[0], vecs[2]) and not np.allclose(vecs[0], vecs[1])
+    # the same text twice in one batch: the same vector up to float summation order
+    assert np.allclose(vecs[0], vecs[2], atol=1e-5) and not np.allclose(vecs[0], vecs[1])
     assert r.usage.prompt_tokens == sum(len(ref.tokenize(t)) for t in texts)
     assert r.usage.total_tokens == r.usage.prompt_tokens
     raw = http.post("/v1/embeddings", json={"input": texts[1], "encoding_format": "float"})
@@ -356,7 +357,7 @@ def test_tokenize_detokenize(http: httpx.Client, ref: llamabind.LoadedModel) -> 
     text = "Hello world, héllo"
     r = http.post("/tokenize", json={"content": text})
     tokens = r.json()["tokens"]
-    assert tokens == ref.tokenize(text, add_bos=False, parse_special=True)
+    assert tokens == ref.tokenize(text, add_special=False, parse_special=True)
     pieces = http.post("/tokenize", json={"content": text, "with_pieces": True}).json()
     assert [p["id"] for p in pieces["tokens"]] == tokens
     assert "".join(p["piece"] for p in pieces["tokens"]) == text
