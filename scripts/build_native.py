@@ -14,6 +14,13 @@ binaries exist, it does nothing. It prints the directory holding the binaries.
     python scripts/build_native.py              # build if needed, print the bin dir
     python scripts/build_native.py --print-dir  # only print it (exit 1 if not built/current)
     python scripts/build_native.py --json       # build if needed, print a JSON summary
+    python scripts/build_native.py --build-dir build/native-gpu \
+        --define CMAKE_CUDA_ARCHITECTURES=90    # a CMake setting the package config lacks
+
+A compiler launcher (CMAKE_C_COMPILER_LAUNCHER=ccache, as scripts/test.sh sets) is taken
+from the environment: the llama.cpp objects here are compiled exactly as the package's
+were (tests/test_fidelity.py checks the flags), so ccache serves them from the package
+build's entries and only the tools and llama-common are compiled afresh.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ FORCED = frozenset({
     "LLAMA_BUILD_COMMIT", "LLAMA_BUILD_NUMBER",
 })
 _OPTION_NAME = re.compile(r"^(GGML|LLAMA)_[A-Z0-9_]+$")
+_DEFINE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class BuildError(RuntimeError):
@@ -176,7 +184,8 @@ def run(cmd: list[str], quiet: bool) -> None:
 
 
 class Plan:
-    def __init__(self, config_path: Path, build_dir: Path) -> None:
+    def __init__(self, config_path: Path, build_dir: Path,
+                 defines: dict[str, str] | None = None) -> None:
         self.config_path = config_path
         self.build_dir = build_dir
         self.bin_dir = build_dir / "bin"
@@ -185,6 +194,11 @@ class Plan:
         self.options = cmake_options(self.config)
         self.build_type = str(self.config.get("build_type") or "Release")
         self.vulkan_include_dir = self.config.get("vulkan_include_dir")
+        self.defines = dict(sorted((defines or {}).items()))
+        clash = sorted(set(self.defines) & (set(self.options) | FORCED))
+        if clash:
+            raise BuildError(f"--define {clash[0]}: set by the package's build_config.json "
+                             "or by native/CMakeLists.txt, not here")
         # what the configuration depends on; a change means configuring afresh
         self.configure_stamp: dict[str, Any] = {
             "options": self.options,
@@ -192,6 +206,7 @@ class Plan:
             "llama_cpp_commit": self.pin["llama_cpp_commit"],
             "build_type": self.build_type,
             "vulkan_include_dir": self.vulkan_include_dir,
+            "defines": self.defines,
             "cmakelists": file_digest([NATIVE_SRC / "CMakeLists.txt"]),
         }
         # what the binaries depend on beyond that (an edit means an incremental build)
@@ -235,6 +250,7 @@ class Plan:
                 f"-DCMAKE_BUILD_TYPE={self.build_type}",
             ]
             cmd += [f"-D{name}={value}" for name, value in self.options.items()]
+            cmd += [f"-D{name}={value}" for name, value in self.defines.items()]
             if self.vulkan_include_dir:
                 cmd.append(f"-DVulkan_INCLUDE_DIR={self.vulkan_include_dir}")
             run(cmd, quiet)
@@ -263,6 +279,7 @@ class Plan:
             "build_type": self.build_type,
             "llama_cpp_commit": self.pin["llama_cpp_commit"],
             "options": self.options,
+            "defines": self.defines,
         }
 
 
@@ -278,13 +295,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="print the binaries' directory without building; exit 1 when they "
                          "are missing or out of date")
     ap.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    ap.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
+                    help="another CMake setting (e.g. CMAKE_CUDA_ARCHITECTURES=90); "
+                         "GGML_*/LLAMA_* options come from the package only")
     ap.add_argument("--force", action="store_true", help="configure and build even if current")
     ap.add_argument("--quiet", action="store_true",
                     help="show the build's output only when it fails")
     args = ap.parse_args(argv)
     try:
+        defines = {}
+        for item in args.define:
+            name, sep, value = item.partition("=")
+            if not sep or not _DEFINE_NAME.match(name):
+                raise BuildError(f"--define expects NAME=VALUE, got {item!r}")
+            defines[name] = value
         config_path = (args.config or find_build_config()).resolve()
-        plan = Plan(config_path, args.build_dir.resolve())
+        plan = Plan(config_path, args.build_dir.resolve(), defines)
         if args.print_dir:
             print(plan.bin_dir)
             return 0 if plan.up_to_date() else 1

