@@ -65,9 +65,9 @@ GREEDY_SCRIPT = Path(_greedy.__file__).resolve()
 
 # Largest |Vulkan - CPU| logit difference measured on lavapipe at any step of either
 # model (see the module docstring), and the bounds the tests hold it to.
-MAX_ABS_MEASURED = 0.0
-MAX_ABS = 0.0
-NEAR_TIE = 0.0
+MAX_ABS_MEASURED = 0.75
+MAX_ABS = 2.0
+NEAR_TIE = 1.0
 MIN_CORRELATION = 0.99
 
 
