@@ -62,7 +62,7 @@ def ours(model_path: Path, a: argparse.Namespace) -> dict[str, dict[str, float]]
             t0 = time.perf_counter()
             ctx.eval(tokens)
             ctx.logits(-1)  # waits for the device
-            return a.n_prompt / (time.perf_counter() - t0)
+            return float(a.n_prompt) / (time.perf_counter() - t0)
 
         def tg() -> float:
             tokens = [rng.randrange(n_vocab) for _ in range(a.n_gen)]
@@ -71,7 +71,7 @@ def ours(model_path: Path, a: argparse.Namespace) -> dict[str, dict[str, float]]
             for token in tokens:
                 ctx.eval([token])
             ctx.logits(-1)
-            return a.n_gen / (time.perf_counter() - t0)
+            return float(a.n_gen) / (time.perf_counter() - t0)
 
         out = {}
         for name, run in (("pp", pp), ("tg", tg)):

@@ -130,12 +130,21 @@ for tool in cmake ninja "$python"; do
 done
 if command -v "$python" >/dev/null; then
   missing=$(timeout 120 "$python" - <<'EOF' 2>&1 || true
-import importlib.util, sys
+import importlib.metadata as md, re, sys
 if sys.version_info < (3, 10):
     print(f"Python 3.10+ (this is {sys.version.split()[0]})")
-for mod in ("cython", "scikit_build_core", "numpy", "jinja2", "pytest", "pytest_timeout"):
-    if importlib.util.find_spec(mod) is None:
-        print(mod.replace("_", "-"))
+# pyproject.toml's build requirements and the test run's own
+needs = {"cython": (3, 0, 10), "scikit-build-core": (0, 10), "numpy": (1, 24),
+         "jinja2": (3, 1), "pytest": (8,), "pytest-timeout": (2, 3)}
+for name, least in needs.items():
+    try:
+        have = md.version(name)
+    except md.PackageNotFoundError:
+        print(name)
+        continue
+    parts = tuple(int(x) for x in re.findall(r"\d+", have)[:len(least)])
+    if parts < least:
+        print(f"{name}>={'.'.join(map(str, least))} (has {have})")
 EOF
 )
   [[ -z $missing ]] ||

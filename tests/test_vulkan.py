@@ -20,16 +20,21 @@ came out CPU-only. A Vulkan build whose backend finds no device fails either way
 Tolerance. ggml-vulkan's kernels are not bit-equal to the CPU's: for these models'
 Q4_1/Q4_K weights the CPU quantizes the activations to Q8 and multiplies in integers,
 while the shaders dequantize the weights and multiply in f16/f32, and they sum in
-another order. Measured on lavapipe over both models, 24 generation steps each, the
-logits differ by at most MAX_ABS_MEASURED (see below), with correlation above 0.999 at
-every step. A greedy choice can only change where the CPU's best two logits are closer
-than the two errors together, so the tests allow exactly that and nothing more:
-  * free-running greedy tokens must equal the CPU build's up to the first step whose
-    CPU margin (best minus second-best logit) is under NEAR_TIE; after such a step the
-    two texts may part, as they legitimately do;
-  * at every step of a teacher-forced run (the CPU's tokens fed to Vulkan one at a
-    time, the generation kernels) Vulkan's pick must be the CPU's, or a token the CPU
-    rates within NEAR_TIE of its best.
+another order. Measured on lavapipe (Mesa 22.3.6) at llama.cpp 0c1e57098, 24 steps of
+each model with the CPU's tokens fed to both: the largest logit difference at any step
+was 1.58 (SmolLM2; Qwen 0.46), the lowest correlation of a step's logits 0.9987, against
+logits whose spread is about 2-4 and whose best is about 17-23. Greedy decoding can only
+take another token where the CPU's best two logits are closer than the two errors
+together: SmolLM2's texts part at step 5 (" Paris.\n\nThe" then " United" on the CPU,
+" answer" on Vulkan), where the CPU's margin is 0.26; Qwen's 24 tokens are the same. So:
+  * free-running greedy tokens must equal the CPU build's up to the first step where
+    they differ, and the CPU's margin there must be under NEAR_TIE (1.0 logit, about
+    four times the 0.26 seen): the texts may part at a near tie, nowhere else;
+  * at every step of the teacher-forced run (the CPU's tokens fed to Vulkan one at a
+    time, the generation kernels) Vulkan's pick must be a token the CPU rates within
+    NEAR_TIE of its best, the logits must differ by less than MAX_ABS (3.0, about twice
+    the worst seen) and correlate above 0.99. A broken kernel misses these by far: its
+    errors are of the order of the logits themselves.
 """
 
 from __future__ import annotations
@@ -63,10 +68,8 @@ VULKAN_REQUIRED = os.environ.get("LLAMABIND_VULKAN_TESTS") == "1"
 CPU_PYTHON = os.environ.get("LLAMABIND_CPU_PYTHON")
 GREEDY_SCRIPT = Path(_greedy.__file__).resolve()
 
-# Largest |Vulkan - CPU| logit difference measured on lavapipe at any step of either
-# model (see the module docstring), and the bounds the tests hold it to.
-MAX_ABS_MEASURED = 0.75
-MAX_ABS = 2.0
+# the bounds of the module docstring (measured there: 1.58, 0.26, 0.9987)
+MAX_ABS = 3.0
 NEAR_TIE = 1.0
 MIN_CORRELATION = 0.99
 
@@ -174,7 +177,10 @@ def offloaded(vulkan_device: dict[str, object]) -> Iterator[dict[str, Offloaded]
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)
             try:
-                model = llamabind.Model(_model_path(key), n_gpu_layers=-1)
+                # only this device: a build with CUDA too would otherwise split the
+                # layers over both
+                model = llamabind.Model(_model_path(key), n_gpu_layers=-1,
+                                        devices=[str(vulkan_device["name"])])
             finally:
                 logger.removeHandler(handler)
                 logger.setLevel(level)
@@ -256,11 +262,16 @@ def test_generation_offloaded_to_vulkan(offloaded: dict[str, Offloaded],
 def test_greedy_tokens_match_cpu_build(key: str, vulkan_free: dict[str, Trace],
                                        cpu_traces: dict[str, Trace]) -> None:
     cpu, vk = cpu_traces[key], vulkan_free[key]
-    near_ties = np.flatnonzero(_margins(cpu.logits) < NEAR_TIE)
-    agree_up_to = int(near_ties[0]) + 1 if near_ties.size else len(cpu.tokens)
-    assert vk.tokens[:agree_up_to].tolist() == cpu.tokens[:agree_up_to].tolist(), (
-        f"{key}: Vulkan {vk.tokens.tolist()} vs CPU build {cpu.tokens.tolist()}; they must "
-        f"agree up to step {agree_up_to} (the first CPU margin under {NEAR_TIE} logits)")
+    differ = np.flatnonzero(vk.tokens != cpu.tokens)
+    if differ.size == 0:
+        return
+    # from the first difference on, the two decode different texts: nothing to compare
+    step = int(differ[0])
+    margin = float(_margins(cpu.logits)[step])
+    assert margin < NEAR_TIE, (
+        f"{key}: Vulkan took token {int(vk.tokens[step])} at step {step}, where the CPU "
+        f"build's {int(cpu.tokens[step])} led by {margin:.3f} logits (near tie: under "
+        f"{NEAR_TIE}); Vulkan {vk.tokens.tolist()}, CPU {cpu.tokens.tolist()}")
 
 
 @pytest.mark.parametrize("key", MODELS)
