@@ -40,11 +40,15 @@ vulkan_beside=${LLAMABIND_TEST_VULKAN_BESIDE:-1}
 # --- phase timing: wall and CPU seconds (this shell's children, user + system) -------
 run_start=$SECONDS
 phases=()
+times_file=$(mktemp)
 cpu_now() {  # CPU seconds used so far by finished children of this shell
-  times | awk 'NR == 2 {
+  # (`times` itself must run in this shell: in a pipe or $(...) it would report a
+  # subshell's children, none)
+  times >"$times_file"
+  awk 'NR == 2 {
     total = 0
     for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); total += t[1] * 60 + t[2] }
-    printf "%.0f", total }'
+    printf "%.0f", total }' "$times_file"
 }
 phase_name="" phase_wall=0 phase_cpu=0 phase_cpu_elsewhere=0
 begin() {
@@ -65,6 +69,7 @@ summary() {  # summary [EXIT_STATUS]: the table, then exit with that status
   for line in "${phases[@]}"; do echo "  $line"; done
   printf '  %-52s %6ss %7ss\n' "total (wall of the run; CPU of everything)" \
     $((SECONDS - run_start)) "$(cpu_now)"
+  rm -f "$times_file"
   if command -v ccache >/dev/null && [[ ${CCACHE_BASEDIR:-} == "$repo" ]]; then
     ccache --show-stats 2>/dev/null | grep -E '^ *(Hits|Misses):|Cache size' |
       sed 's/^ */  ccache: /' || true

@@ -40,9 +40,14 @@ step() {  # step NAME COMMAND...: run it and record how long it took
 }
 report() {
   local line cpu
-  # CPU seconds of all this script ran (its finished children, user + system)
-  cpu=$(times | awk 'NR == 2 { split($1, u, /[ms]/); split($2, s, /[ms]/)
-                               printf "%.0f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }')
+  # CPU seconds of all this script ran (its finished children, user + system); `times`
+  # runs in this shell, as in a pipe it would report a subshell's children, none
+  local tf
+  tf=$(mktemp)
+  times >"$tf"
+  cpu=$(awk 'NR == 2 { split($1, u, /[ms]/); split($2, s, /[ms]/)
+                       printf "%.0f", u[1] * 60 + u[2] + s[1] * 60 + s[2] }' "$tf")
+  rm -f "$tf"
   echo "=== test_vulkan: timings (wall; ${SECONDS}s in all, ${cpu} CPU s)" >&2
   for line in "${timings[@]}"; do echo "  $line" >&2; done
   # for scripts/test.sh's table when it runs this in the background
