@@ -146,6 +146,24 @@ def find_ninja() -> str:
     return ninja
 
 
+def package_compilers() -> dict[str, str]:
+    """The C and C++ compilers the package build used: CC/CXX when set, else Python's
+    sysconfig ones (gcc and g++ here; the package build, through scikit-build-core,
+    compiled with those, where CMake alone picks cc and c++). The same programs under
+    other names, but ccache hashes the name: only named alike does the native build
+    reuse the package build's objects."""
+    import sysconfig
+
+    out = {}
+    for lang, var in (("C", "CC"), ("CXX", "CXX")):
+        value = os.environ.get(var) or str(sysconfig.get_config_var(var) or "")
+        name = value.split()[0] if value.split() else ""
+        path = shutil.which(name) if name else None
+        if path:
+            out[f"CMAKE_{lang}_COMPILER"] = path
+    return out
+
+
 def detected_compiler(build_dir: Path) -> str | None:
     """'GNU 12.2.0' from CMake's compiler detection in the build tree, like the package's."""
     for path in sorted((build_dir / "CMakeFiles").glob("*/CMakeCXXCompiler.cmake")):
@@ -195,6 +213,8 @@ class Plan:
         self.build_type = str(self.config.get("build_type") or "Release")
         self.vulkan_include_dir = self.config.get("vulkan_include_dir")
         self.defines = dict(sorted((defines or {}).items()))
+        self.compilers = {k: v for k, v in package_compilers().items()
+                          if k not in self.defines}
         clash = sorted(set(self.defines) & (set(self.options) | FORCED))
         if clash:
             raise BuildError(f"--define {clash[0]}: set by the package's build_config.json "
@@ -207,6 +227,7 @@ class Plan:
             "build_type": self.build_type,
             "vulkan_include_dir": self.vulkan_include_dir,
             "defines": self.defines,
+            "compilers": self.compilers,
             "cmakelists": file_digest([NATIVE_SRC / "CMakeLists.txt"]),
         }
         # what the binaries depend on beyond that (an edit means an incremental build)
@@ -251,6 +272,7 @@ class Plan:
             ]
             cmd += [f"-D{name}={value}" for name, value in self.options.items()]
             cmd += [f"-D{name}={value}" for name, value in self.defines.items()]
+            cmd += [f"-D{name}={value}" for name, value in self.compilers.items()]
             if self.vulkan_include_dir:
                 cmd.append(f"-DVulkan_INCLUDE_DIR={self.vulkan_include_dir}")
             run(cmd, quiet)
