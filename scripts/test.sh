@@ -41,25 +41,28 @@ vulkan_beside=${LLAMABIND_TEST_VULKAN_BESIDE:-1}
 run_start=$SECONDS
 phases=()
 times_file=$(mktemp)
-cpu_now() {  # CPU seconds used so far by finished children of this shell
-  # (`times` itself must run in this shell: in a pipe or $(...) it would report a
-  # subshell's children, none)
+cpu=0
+cpu_now() {  # cpu= CPU seconds used so far by finished children of this shell
+  # (`times` must run in this shell, so this is not called as $(cpu_now): in a pipe or
+  # a $(...) it would report a subshell's children, none)
   times >"$times_file"
-  awk 'NR == 2 {
+  cpu=$(awk 'NR == 2 {
     total = 0
     for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); total += t[1] * 60 + t[2] }
-    printf "%.0f", total }' "$times_file"
+    printf "%.0f", total }' "$times_file")
 }
 phase_name="" phase_wall=0 phase_cpu=0 phase_cpu_elsewhere=0
 begin() {
   end_phase
-  phase_name=$1 phase_wall=$SECONDS phase_cpu=$(cpu_now) phase_cpu_elsewhere=0
+  cpu_now
+  phase_name=$1 phase_wall=$SECONDS phase_cpu=$cpu phase_cpu_elsewhere=0
   printf '\n== %s (at %ss)\n' "$phase_name" $((SECONDS - run_start))
 }
 end_phase() {
   [[ -n $phase_name ]] || return 0
+  cpu_now
   phases+=("$(printf '%-52s %6ss %7ss' "$phase_name" $((SECONDS - phase_wall)) \
-    $(($(cpu_now) - phase_cpu - phase_cpu_elsewhere)))")
+    $((cpu - phase_cpu - phase_cpu_elsewhere)))")
   phase_name=""
 }
 summary() {  # summary [EXIT_STATUS]: the table, then exit with that status
@@ -67,8 +70,9 @@ summary() {  # summary [EXIT_STATUS]: the table, then exit with that status
   end_phase
   printf '\n== phase times (wall, CPU of the phase'"'"'s processes; 2 cores give at most 2 CPU s per s)\n'
   for line in "${phases[@]}"; do echo "  $line"; done
+  cpu_now
   printf '  %-52s %6ss %7ss\n' "total (wall of the run; CPU of everything)" \
-    $((SECONDS - run_start)) "$(cpu_now)"
+    $((SECONDS - run_start)) "$cpu"
   rm -f "$times_file"
   if command -v ccache >/dev/null && [[ ${CCACHE_BASEDIR:-} == "$repo" ]]; then
     ccache --show-stats 2>/dev/null | grep -E '^ *(Hits|Misses):|Cache size' |
