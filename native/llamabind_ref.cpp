@@ -2,8 +2,8 @@
 // llama.h only. It does what llamabind's core does, the plain C API way, and prints JSON.
 //
 //   llamabind-ref generate --model M --prompt-file F [--n-predict 64] [--n-ctx 2048]
-//                 [--n-batch 512] [--n-ubatch 512] [--threads N] [--add-special 1]
-//                 [--parse-special 0] [--sampler greedy|chain] [--seed S]
+//                 [--n-batch 512] [--n-ubatch 512] [--threads N] [--n-gpu-layers 0]
+//                 [--add-special 1] [--parse-special 0] [--sampler greedy|chain] [--seed S]
 //                 [--penalty-last-n 64] [--repeat 1.0] [--freq 0.0] [--present 0.0]
 //                 [--top-k 40] [--top-p 0.95] [--temp 0.8]
 //   llamabind-ref embed    --model M --prompt-file F [--n-ctx ...] [--n-batch ...] ...
@@ -55,6 +55,7 @@ struct options {
     int n_batch = 512;
     int n_ubatch = 512;
     int threads = 0;  // 0: llama.cpp's default
+    int n_gpu_layers = 0;  // -1: all (the GPU tests, scripts/test_gpu.sh)
     bool add_special = true;
     bool parse_special = false;
     bool vocab_only = false;
@@ -140,6 +141,8 @@ options parse_args(int argc, char ** argv) {
             o.n_ubatch = (int) parse_long(name, value);
         } else if (name == "threads") {
             o.threads = (int) parse_long(name, value);
+        } else if (name == "n-gpu-layers") {
+            o.n_gpu_layers = (int) parse_long(name, value);
         } else if (name == "add-special") {
             o.add_special = parse_bool(name, value);
         } else if (name == "parse-special") {
@@ -178,8 +181,10 @@ options parse_args(int argc, char ** argv) {
     if (o.model.empty() || o.prompt_file.empty()) {
         fail("--model and --prompt-file are required");
     }
-    if (o.n_predict < 0 || o.n_ctx < 1 || o.n_batch < 1 || o.n_ubatch < 1 || o.threads < 0) {
-        fail("n-predict must be >= 0; n-ctx, n-batch, n-ubatch >= 1; threads >= 0");
+    if (o.n_predict < 0 || o.n_ctx < 1 || o.n_batch < 1 || o.n_ubatch < 1 || o.threads < 0 ||
+        o.n_gpu_layers < -1) {
+        fail("n-predict must be >= 0; n-ctx, n-batch, n-ubatch >= 1; threads >= 0; "
+             "n-gpu-layers >= -1");
     }
     return o;
 }
@@ -571,7 +576,7 @@ int main(int argc, char ** argv) {
 
     // the same model parameters as llamabind.Model's defaults
     llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = 0;
+    mp.n_gpu_layers = o.n_gpu_layers;
     mp.load_mode = LLAMA_LOAD_MODE_MMAP;
     mp.vocab_only = o.mode == "tokenize" && o.vocab_only;
     llama_model * model = llama_model_load_from_file(o.model.c_str(), mp);

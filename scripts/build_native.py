@@ -14,11 +14,23 @@ binaries exist, it does nothing. It prints the directory holding the binaries.
     python scripts/build_native.py              # build if needed, print the bin dir
     python scripts/build_native.py --print-dir  # only print it (exit 1 if not built/current)
     python scripts/build_native.py --json       # build if needed, print a JSON summary
-    python scripts/build_native.py --target llama-server   # also build an extra tool
+    python scripts/build_native.py --build-dir build/native-gpu \
+        --define CMAKE_CUDA_ARCHITECTURES=90    # a CMake setting the package config lacks
+    python scripts/build_native.py --targets llamabind-ref   # only what the tests run
+    python scripts/build_native.py --target llama-server     # also a benchmark's tool
 
-Extra tools (``--target``, not built by default nor in CI): ``llama-server``, for the
-server benchmark (benchmarks/bench_server.py); it unpacks the parts of the pinned tree
-it needs first when an older vendor/llama.cpp lacks them.
+Targets: all of BINARIES by default (the benchmarks use llama-bench and llama-simple);
+--targets, or LLAMABIND_NATIVE_TARGETS (comma-separated, so that it reaches the runs the
+test suite starts), builds a subset: scripts/test.sh builds only llamabind-ref, sparing
+CI llama-common, which llama-bench needs and nothing in the tests does. ``--target``
+(repeatable) adds one of the benchmarks' extra tools (EXTRA_TARGETS: llama-server,
+llama-batched-bench, llama-embedding), built on request only; it unpacks the parts of the
+pinned tree it needs first when an older vendor/llama.cpp lacks them.
+
+A compiler launcher (CMAKE_C_COMPILER_LAUNCHER=ccache, as scripts/test.sh sets) is taken
+from the environment: the llama.cpp objects here are compiled exactly as the package's
+were (tests/test_fidelity.py checks the flags), so ccache serves them from the package
+build's entries and only the tools and llama-common are compiled afresh.
 """
 
 from __future__ import annotations
@@ -50,8 +62,10 @@ from registry import FetchError  # noqa: E402
 
 DEFAULT_BUILD_DIR = ROOT / "build" / "native"
 BINARIES = ("llamabind-ref", "llama-bench", "llama-simple")
-# built on request only; each with the part of the source tree it needs
-EXTRA_TARGETS = {"llama-server": "tools/server/CMakeLists.txt"}
+# built on request only (benchmarks); each with the part of the source tree it needs
+EXTRA_TARGETS = {"llama-server": "tools/server/CMakeLists.txt",
+                 "llama-batched-bench": "tools/batched-bench/CMakeLists.txt",
+                 "llama-embedding": "examples/embedding/CMakeLists.txt"}
 STAMP_NAME = "llamabind-native.stamp.json"
 
 # Set by native/CMakeLists.txt (what to build), never taken from the package's config.
@@ -61,6 +75,7 @@ FORCED = frozenset({
     "LLAMA_BUILD_COMMIT", "LLAMA_BUILD_NUMBER", "LLAMA_BUILD_UI", "LLAMA_USE_PREBUILT_UI",
 })
 _OPTION_NAME = re.compile(r"^(GGML|LLAMA)_[A-Z0-9_]+$")
+_DEFINE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class BuildError(RuntimeError):
@@ -146,6 +161,24 @@ def find_ninja() -> str:
     return ninja
 
 
+def package_compilers() -> dict[str, str]:
+    """The C and C++ compilers the package build used: CC/CXX when set, else Python's
+    sysconfig ones (gcc and g++ here; the package build, through scikit-build-core,
+    compiled with those, where CMake alone picks cc and c++). The same programs under
+    other names, but ccache hashes the name: only named alike does the native build
+    reuse the package build's objects."""
+    import sysconfig
+
+    out = {}
+    for lang, var in (("C", "CC"), ("CXX", "CXX")):
+        value = os.environ.get(var) or str(sysconfig.get_config_var(var) or "")
+        name = value.split()[0] if value.split() else ""
+        path = shutil.which(name) if name else None
+        if path:
+            out[f"CMAKE_{lang}_COMPILER"] = path
+    return out
+
+
 def detected_compiler(build_dir: Path) -> str | None:
     """'GNU 12.2.0' from CMake's compiler detection in the build tree, like the package's."""
     for path in sorted((build_dir / "CMakeFiles").glob("*/CMakeCXXCompiler.cmake")):
@@ -185,16 +218,24 @@ def run(cmd: list[str], quiet: bool) -> None:
 
 class Plan:
     def __init__(self, config_path: Path, build_dir: Path,
-                 extra_targets: tuple[str, ...] = ()) -> None:
+                 defines: dict[str, str] | None = None,
+                 targets: tuple[str, ...] = BINARIES) -> None:
         self.config_path = config_path
+        self.targets = targets
         self.build_dir = build_dir
         self.bin_dir = build_dir / "bin"
-        self.extra_targets = extra_targets
         self.config = load_json(config_path)
         self.pin = check_pin(self.config)
         self.options = cmake_options(self.config)
         self.build_type = str(self.config.get("build_type") or "Release")
         self.vulkan_include_dir = self.config.get("vulkan_include_dir")
+        self.defines = dict(sorted((defines or {}).items()))
+        self.compilers = {k: v for k, v in package_compilers().items()
+                          if k not in self.defines}
+        clash = sorted(set(self.defines) & (set(self.options) | FORCED))
+        if clash:
+            raise BuildError(f"--define {clash[0]}: set by the package's build_config.json "
+                             "or by native/CMakeLists.txt, not here")
         # what the configuration depends on; a change means configuring afresh
         self.configure_stamp: dict[str, Any] = {
             "options": self.options,
@@ -202,6 +243,8 @@ class Plan:
             "llama_cpp_commit": self.pin["llama_cpp_commit"],
             "build_type": self.build_type,
             "vulkan_include_dir": self.vulkan_include_dir,
+            "defines": self.defines,
+            "compilers": self.compilers,
             "cmakelists": file_digest([NATIVE_SRC / "CMakeLists.txt"]),
             # native/CMakeLists.txt configures the extra tools when their sources exist
             "extra_sources": sorted(name for name, part in EXTRA_TARGETS.items()
@@ -213,7 +256,7 @@ class Plan:
                                            VENDOR_DIR / ".llamabind-pin"])
 
     def binaries(self) -> dict[str, Path]:
-        return {name: self.bin_dir / name for name in (*BINARIES, *self.extra_targets)}
+        return {name: self.bin_dir / name for name in self.targets}
 
     def stamp_path(self) -> Path:
         return self.build_dir / STAMP_NAME
@@ -248,6 +291,8 @@ class Plan:
                 f"-DCMAKE_BUILD_TYPE={self.build_type}",
             ]
             cmd += [f"-D{name}={value}" for name, value in self.options.items()]
+            cmd += [f"-D{name}={value}" for name, value in self.defines.items()]
+            cmd += [f"-D{name}={value}" for name, value in self.compilers.items()]
             if self.vulkan_include_dir:
                 cmd.append(f"-DVulkan_INCLUDE_DIR={self.vulkan_include_dir}")
             run(cmd, quiet)
@@ -257,7 +302,7 @@ class Plan:
                 print(f"warning: llamabind was built with {wanted}, the native tools get "
                       f"{compiler}; results may differ", file=sys.stderr)
         run(["cmake", "--build", str(self.build_dir), "--parallel", str(jobs),
-             "--target", *BINARIES, *self.extra_targets], quiet)
+             "--target", *self.targets], quiet)
         missing = [str(p) for p in self.binaries().values() if not p.is_file()]
         if missing:
             raise BuildError(f"the build finished but did not produce {missing}")
@@ -276,6 +321,7 @@ class Plan:
             "build_type": self.build_type,
             "llama_cpp_commit": self.pin["llama_cpp_commit"],
             "options": self.options,
+            "defines": self.defines,
         }
 
 
@@ -291,19 +337,36 @@ def main(argv: list[str] | None = None) -> int:
                     help="print the binaries' directory without building; exit 1 when they "
                          "are missing or out of date")
     ap.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    ap.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
+                    help="another CMake setting (e.g. CMAKE_CUDA_ARCHITECTURES=90); "
+                         "GGML_*/LLAMA_* options come from the package only")
+    ap.add_argument("--target", action="append", default=[], choices=sorted(EXTRA_TARGETS),
+                    help="also build this benchmark tool (repeatable; never by default)")
+    ap.add_argument("--targets", default=os.environ.get("LLAMABIND_NATIVE_TARGETS", ""),
+                    help="comma-separated subset of " + ",".join(BINARIES) + " (default: "
+                         "$LLAMABIND_NATIVE_TARGETS, else all)")
     ap.add_argument("--force", action="store_true", help="configure and build even if current")
     ap.add_argument("--quiet", action="store_true",
                     help="show the build's output only when it fails")
-    ap.add_argument("--target", action="append", default=[], choices=sorted(EXTRA_TARGETS),
-                    help="also build this tool (repeatable; not built by default)")
     args = ap.parse_args(argv)
     try:
-        extra = tuple(dict.fromkeys(args.target))
-        if extra and not has_all_parts(VENDOR_DIR) and not args.print_dir:
-            # a tree unpacked before the extra tools' sources were kept
-            fetch_source()
+        defines = {}
+        for item in args.define:
+            name, sep, value = item.partition("=")
+            if not sep or not _DEFINE_NAME.match(name):
+                raise BuildError(f"--define expects NAME=VALUE, got {item!r}")
+            defines[name] = value
+        targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) or BINARIES
+        targets = tuple(dict.fromkeys((*targets, *args.target)))
+        known = (*BINARIES, *EXTRA_TARGETS)
+        unknown = sorted(set(targets) - set(known))
+        if unknown:
+            raise BuildError(f"unknown target {unknown[0]!r} (known: {', '.join(known)})")
+        if any(t in EXTRA_TARGETS for t in targets) and not has_all_parts(VENDOR_DIR) \
+                and not args.print_dir:
+            fetch_source()  # a tree unpacked before the extra tools' sources were kept
         config_path = (args.config or find_build_config()).resolve()
-        plan = Plan(config_path, args.build_dir.resolve(), extra)
+        plan = Plan(config_path, args.build_dir.resolve(), defines, targets)
         if args.print_dir:
             print(plan.bin_dir)
             return 0 if plan.up_to_date() else 1

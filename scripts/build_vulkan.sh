@@ -5,9 +5,16 @@
 #
 # The venv (default build/venv-vulkan) gets llamabind from this checkout, built by pip
 # with GGML_VULKAN=ON, the include dir from scripts/vulkan_headers.sh, and a build tree of
-# its own (build/vulkan/<wheel tag>), so it never shares objects with the CPU build in
+# its own (build/vulkan-<wheel tag>), so it never shares objects with the CPU build in
 # build/<wheel tag>. The build tree persists: a second run rebuilds only what changed.
 # --clean removes it first, for a from-scratch build (and its timing).
+#
+# With ccache as the compiler launcher (scripts/test.sh sets it up), the Vulkan build's
+# CPU half (llama.cpp, ggml-base, ggml-cpu, the Cython module: the same sources and
+# flags as the CPU build's) comes from the cache: its tree sits at the same depth as
+# build/<wheel tag>, so the relative paths ccache hashes (CCACHE_BASEDIR) are the same.
+# What is left to do is ggml-vulkan: compiling its shaders with glslc (not cached) and
+# the C++ that embeds them.
 #
 # Run scripts/install_vulkan_deps.sh first (glslc, the loader, lavapipe).
 #
@@ -19,7 +26,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${LLAMABIND_VULKAN_VENV:-$repo/build/venv-vulkan}
-build_root=$repo/build/vulkan
+build_pattern=$repo/build/vulkan-'{wheel_tag}'
 say() { echo "build_vulkan: $*" >&2; }
 
 clean=0
@@ -39,15 +46,12 @@ include=$("$repo/scripts/vulkan_headers.sh" | tail -n 1)
 say "Vulkan headers: $include"
 
 if ((clean)); then
-  say "removing $build_root"
-  rm -rf "$build_root"
+  for tree in "$repo"/build/vulkan-*; do
+    [[ -f $tree/CMakeCache.txt ]] || continue
+    say "removing $tree"
+    rm -rf "$tree"
+  done
 fi
-# A build tree configured once against too-old headers caches that test's failure, and
-# CMake would keep reporting the new headers as too old. Forget the cached result so it
-# is tested again (cmake/llamabind_vendor.cmake does not yet recheck by itself).
-for cache in "$build_root"/*/CMakeCache.txt; do
-  [[ -f $cache ]] && sed -i '/^LLAMABIND_VULKAN_HEADERS_NEW_ENOUGH:/d' "$cache"
-done
 
 say "building llamabind with GGML_VULKAN=ON (the shaders take a while on few cores)"
 start=$SECONDS
@@ -55,7 +59,7 @@ start=$SECONDS
 (cd / && "$venv/bin/python" -m pip install -v "$repo" \
   -C cmake.define.GGML_VULKAN=ON \
   -C cmake.define.Vulkan_INCLUDE_DIR="$include" \
-  -C build-dir="$build_root/{wheel_tag}")
+  -C build-dir="$build_pattern")
 elapsed=$((SECONDS - start))
 
 # The import must see the Vulkan backend compiled in; whether a device is usable is the

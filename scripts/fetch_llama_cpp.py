@@ -48,6 +48,7 @@ KEEP = (
     "common/", "vendor/", "tools/llama-bench/", "examples/simple/",
     "tools/server/", "tools/mtmd/", "scripts/ui-assets.cmake",
     "tools/ui/CMakeLists.txt", "tools/ui/ui.cpp.in", "tools/ui/ui.h.in",
+    "tools/batched-bench/", "examples/embedding/",
 )
 # Left out of what KEEP names: tests, benchmarks, sample media, conversion scripts.
 DROP = (

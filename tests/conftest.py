@@ -72,30 +72,45 @@ def _collect_between_tests() -> Iterator[None]:
     gc.collect()
 
 
-def _vulkan_build() -> bool:
+def _option_on(name: str) -> bool:
     from llamabind.buildinfo import build_config
 
-    option = str(build_config().get("options", {}).get("GGML_VULKAN", "OFF"))
+    option = str(build_config().get("options", {}).get(name, "OFF"))
     return option.upper() in ("ON", "1", "TRUE", "YES", "Y")
+
+
+def _vulkan_build() -> bool:
+    return _option_on("GGML_VULKAN")
+
+
+def _cuda_build() -> bool:
+    return _option_on("GGML_CUDA")
+
+
+def _deselect(config: pytest.Config, items: list[pytest.Item], marker: str) -> None:
+    chosen = [item for item in items if item.get_closest_marker(marker)]
+    if chosen:
+        config.hook.pytest_deselected(items=chosen)
+        items[:] = [item for item in items if not item.get_closest_marker(marker)]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The Vulkan tests need a Vulkan build (scripts/test_vulkan.sh makes one and runs
-    them). In a CPU build they are deselected, not skipped: nothing in the suite a build
-    can run is skipped. LLAMABIND_VULKAN_TESTS=1 keeps them (they then fail loudly on a
-    build without Vulkan)."""
+    them), the GPU tests a CUDA build (scripts/test_gpu.sh, on a machine with an NVIDIA
+    GPU). In a build without that backend they are deselected, not skipped: nothing in
+    the suite a build can run is skipped. LLAMABIND_VULKAN_TESTS=1 and
+    LLAMABIND_GPU_TESTS=1 keep them (they then fail loudly on a build without it)."""
     import os
 
-    if os.environ.get("LLAMABIND_VULKAN_TESTS") == "1" or _vulkan_build():
-        return
-    vulkan = [item for item in items if item.get_closest_marker("vulkan")]
-    if vulkan:
-        config.hook.pytest_deselected(items=vulkan)
-        items[:] = [item for item in items if not item.get_closest_marker("vulkan")]
+    if os.environ.get("LLAMABIND_VULKAN_TESTS") != "1" and not _vulkan_build():
+        _deselect(config, items, "vulkan")
+    if os.environ.get("LLAMABIND_GPU_TESTS") != "1" and not _cuda_build():
+        _deselect(config, items, "gpu")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    if _vulkan_build():
-        return "llamabind build: Vulkan backend compiled in"
-    return ("llamabind build: CPU only; the Vulkan tests are deselected "
-            "(scripts/test_vulkan.sh builds with Vulkan and runs them)")
+    built = [name for name, on in (("Vulkan", _vulkan_build()), ("CUDA", _cuda_build())) if on]
+    if built:
+        return f"llamabind build: {' and '.join(built)} backend compiled in"
+    return ("llamabind build: CPU only; the Vulkan and GPU tests are deselected "
+            "(scripts/test_vulkan.sh and scripts/test_gpu.sh build with them and run them)")
