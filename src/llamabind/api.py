@@ -13,12 +13,13 @@ pool, so contexts are reused (KV cache cleared) instead of recreated per request
 from __future__ import annotations
 
 import codecs
+import json
 import os
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from llamabind import _llama
@@ -32,6 +33,7 @@ from llamabind.errors import (
     GenerationCancelled,
     InvalidArgumentError,
 )
+from llamabind.structured import STRUCTURED_OPTIONS, GenerationPlan, Planner
 
 if TYPE_CHECKING:
     import asyncio
@@ -81,6 +83,10 @@ class GenerationResult:
     generation_ms: float
     cached_prompt_tokens: int = 0
     stop_sequence: str | None = None
+    # structured output (json_schema/response_format/schema, tools): the parsed value
+    # (the JSON value, or the Pydantic object), and the parsed assistant message
+    parsed: Any = field(default=None, compare=False)
+    chat_message: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def total_tokens(self) -> int:
@@ -101,8 +107,12 @@ class GenerationResult:
         return evaluated / (self.prompt_eval_ms / 1000.0)
 
     @property
-    def message(self) -> dict[str, str]:
-        """The result as an assistant chat message."""
+    def message(self) -> dict[str, Any]:
+        """The result as an assistant chat message (with ``tool_calls`` when the model
+        called tools: OpenAI-shaped, ``content`` None when there is no text)."""
+        if self.chat_message is not None:
+            message: dict[str, Any] = json.loads(json.dumps(self.chat_message))  # a copy
+            return message
         return {"role": "assistant", "content": self.text}
 
 
@@ -123,6 +133,12 @@ def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[st
             f"unknown generation option {unknown[0]!r}; options: "
             f"{sorted(_SAMPLING_FIELDS | _GENERATION_FIELDS)}")
     return sampling, generation
+
+
+def _split_structured(options: dict[str, Any]) -> dict[str, Any]:
+    """Take the structured-output options (llamabind.structured.STRUCTURED_OPTIONS) out
+    of ``options``."""
+    return {k: options.pop(k) for k in STRUCTURED_OPTIONS if k in options}
 
 
 def _configs(sampling: SamplingConfig | None, generation: GenerationConfig | None,
@@ -146,9 +162,13 @@ def _configs_from(options: dict[str, Any]) -> tuple[SamplingConfig, GenerationCo
     return _configs(options.pop("sampling", None), options.pop("generation", None), options)
 
 
-def build_sampler(model: _llama.Model, s: SamplingConfig) -> _llama.Sampler | None:
-    """The llama.cpp sampler chain for ``s``; None means plain greedy (argmax in C)."""
-    if s.greedy and not s.logit_bias and s.grammar is None and not s.has_penalties:
+def build_sampler(model: _llama.Model, s: SamplingConfig,
+                  plan: GenerationPlan | None = None) -> _llama.Sampler | None:
+    """The llama.cpp sampler chain for ``s`` (and the grammar of ``plan``); None means
+    plain greedy (argmax in C)."""
+    planned = plan is not None and plan.grammar is not None
+    if (s.greedy and not s.logit_bias and s.grammar is None and not s.has_penalties
+            and not planned):
         return None
     chain = _llama.Sampler()
     try:
@@ -156,6 +176,8 @@ def build_sampler(model: _llama.Model, s: SamplingConfig) -> _llama.Sampler | No
             chain.add_logit_bias(model, dict(s.logit_bias))
         if s.grammar is not None:
             chain.add_grammar(model, s.grammar)
+        elif plan is not None:
+            plan.add_to_sampler(chain, model)
         if s.has_penalties:
             chain.add_penalties(model.n_vocab, s.penalty_last_n, s.repeat_penalty,
                                 s.frequency_penalty, s.presence_penalty)
@@ -179,13 +201,16 @@ def build_sampler(model: _llama.Model, s: SamplingConfig) -> _llama.Sampler | No
 
 
 class _Run:
-    """Filled in by a generation as it goes; ``result`` is set when it ends."""
+    """Filled in by a generation as it goes; ``result`` is set when it ends. ``plan``:
+    the structured-output plan the output is read with."""
 
-    __slots__ = ("cancel_event", "result")
+    __slots__ = ("cancel_event", "plan", "result")
 
-    def __init__(self, cancel_event: threading.Event | None = None) -> None:
+    def __init__(self, cancel_event: threading.Event | None = None,
+                 plan: GenerationPlan | None = None) -> None:
         self.result: GenerationResult | None = None
         self.cancel_event = cancel_event
+        self.plan = plan
 
 
 class Session:
@@ -266,33 +291,35 @@ class Session:
                  **options: Any) -> GenerationResult:
         """Generate a completion of ``prompt``; ``options`` are fields of
         SamplingConfig/GenerationConfig (``temperature=0``, ``max_tokens=16``...)."""
+        structured = _split_structured(options)
         s, g = _configs(sampling, generation, options)
-        run = _Run()
-        return self._run_to_end(self.tokenize_prompt(prompt, g), s, g, reuse_prefix, run)
+        plan = self.model._plan(None, structured, s)
+        return self._run_to_end(self.tokenize_prompt(prompt, g), s, g, reuse_prefix,
+                                _Run(plan=plan))
 
     def stream(self, prompt: str, *, sampling: SamplingConfig | None = None,
                generation: GenerationConfig | None = None, reuse_prefix: bool = False,
                **options: Any) -> Iterator[str]:
         """Yield the completion as text pieces (each valid UTF-8 text, stop strings
         never included); joined they equal ``generate(...)``'s text for the same seed."""
+        structured = _split_structured(options)
         s, g = _configs(sampling, generation, options)
+        plan = self.model._plan(None, structured, s)
         tokens = self.tokenize_prompt(prompt, g)
-        return self._stream_tokens(tokens, s, g, reuse_prefix, _Run())
+        return self._stream_tokens(tokens, s, g, reuse_prefix, _Run(plan=plan))
 
     def chat(self, messages: Sequence[Any], *, sampling: SamplingConfig | None = None,
              generation: GenerationConfig | None = None, **options: Any) -> GenerationResult:
         """Answer a chat with the model's own template; the KV cache of the common
         prefix with the previous call (the earlier turns) is reused."""
-        s, g = _configs(sampling, generation, options)
-        run = _Run()
-        return self._run_to_end(self.model.chat_prompt_tokens(messages), s, g, True, run)
+        tokens, s, g, plan = self.model._chat_request(messages, sampling, generation, options)
+        return self._run_to_end(tokens, s, g, True, _Run(plan=plan))
 
     def stream_chat(self, messages: Sequence[Any], *, sampling: SamplingConfig | None = None,
                     generation: GenerationConfig | None = None,
                     **options: Any) -> Iterator[str]:
-        s, g = _configs(sampling, generation, options)
-        tokens = self.model.chat_prompt_tokens(messages)
-        return self._stream_tokens(tokens, s, g, True, _Run())
+        tokens, s, g, plan = self.model._chat_request(messages, sampling, generation, options)
+        return self._stream_tokens(tokens, s, g, True, _Run(plan=plan))
 
     def _run_to_end(self, prompt: list[int], s: SamplingConfig, g: GenerationConfig,
                     reuse_prefix: bool, run: _Run) -> GenerationResult:
@@ -316,7 +343,9 @@ class Session:
                 f"{n_ctx}", n_prompt, n_ctx)
         if self._ctx.closed:
             raise ClosedError("session is closed")
-        sampler = build_sampler(self.model.native, s)
+        if run.plan is not None and run.plan.stop:
+            g = g.with_(stop=g.stop + tuple(x for x in run.plan.stop if x not in g.stop))
+        sampler = build_sampler(self.model.native, s, run.plan)
         return self._generate(prompt, sampler, g, reuse_prefix, run, streaming)
 
     def _generate(self, prompt: list[int], sampler: _llama.Sampler | None,
@@ -355,8 +384,9 @@ class Session:
                 t1 = time.perf_counter()
                 t_prompt = t1 - t0
                 room = self.n_ctx - n_prompt
-                gen = _llama.TokenGenerator(ctx, n_prompt, sampler,
-                                            max_tokens=min(g.max_tokens, room))
+                gen = _llama.TokenGenerator(
+                    ctx, n_prompt, sampler, max_tokens=min(g.max_tokens, room),
+                    preserved_tokens=run.plan.preserved_tokens if run.plan else ())
                 if not streaming and matcher.byte_stops is not None:
                     # The whole loop in C; the text is decoded once at the end. The
                     # same text, tokens and stop as TextStream's token-by-token text
@@ -396,10 +426,29 @@ class Session:
                 self._cached = (prompt + completion)[:in_cache]
                 if sampler is not None:
                     sampler.close()
-        run.result = GenerationResult(
+        result = GenerationResult(
             text="".join(pieces), prompt_tokens=n_prompt, completion_tokens=len(completion),
             finish_reason=finish, tokens=tuple(completion), prompt_eval_ms=t_prompt * 1000,
             generation_ms=t_gen * 1000, cached_prompt_tokens=kept, stop_sequence=stop_hit)
+        if run.plan is not None:
+            result = _read_structured(result, run.plan)
+        run.result = result
+
+
+def _is_partial(result: GenerationResult, plan: GenerationPlan) -> bool:
+    """Whether the output was cut short: by max_tokens, cancelling, or a stop string
+    of the caller's (a template's own end-of-turn stop is a normal end)."""
+    return result.finish_reason != "stop" or (
+        result.stop_sequence is not None and result.stop_sequence not in plan.stop)
+
+
+def _read_structured(result: GenerationResult, plan: GenerationPlan) -> GenerationResult:
+    """The result with its output read by the plan: ``parsed`` and, for chat plans,
+    the parsed message. Output cut short (max_tokens, a caller's stop string,
+    cancelled) is read as partial."""
+    out = plan.parse(result.text, partial=_is_partial(result, plan))
+    return replace(result, parsed=out.value,
+                   chat_message=out.message if plan.parser is not None else None)
 
 
 class _Claim:
@@ -460,6 +509,7 @@ class LoadedModel:
         self._pool_lock = threading.Lock()
         self._max_idle = max(2, os.cpu_count() or 2)
         self._template: ChatTemplate | None = None
+        self._planner = Planner(native)
         self._closed = False
 
     @classmethod
@@ -642,6 +692,32 @@ class LoadedModel:
         return self.chat_template().render(messages, add_generation_prompt=add_generation_prompt,
                                            **extra)
 
+    # --- structured output ---------------------------------------------------------
+
+    def _plan(self, messages: Sequence[Any] | None, structured: dict[str, Any],
+              s: SamplingConfig) -> GenerationPlan | None:
+        """The structured-output plan of a request (None when it asks for none)."""
+        if not structured:
+            return None
+        return self._planner.plan(messages=messages, grammar=s.grammar, **structured)
+
+    def _chat_request(self, messages: Sequence[Any], sampling: SamplingConfig | None,
+                      generation: GenerationConfig | None, options: dict[str, Any]
+                      ) -> tuple[list[int], SamplingConfig, GenerationConfig,
+                                 GenerationPlan | None]:
+        """A chat request's prompt tokens, configs and plan. With tools or a schema the
+        prompt is the one llama.cpp's template handler renders (tools included)."""
+        options = dict(options)
+        structured = _split_structured(options)
+        s, g = _configs(sampling, generation, options)
+        plan = self._plan(messages, structured, s)
+        if plan is not None and plan.prompt is not None:
+            tokens = list(self.vocab.tokenize(plan.prompt, add_special=True,
+                                              parse_special=True))
+        else:
+            tokens = self.chat_prompt_tokens(messages)
+        return tokens, s, g, plan
+
     def chat_prompt_tokens(self, messages: Sequence[Any]) -> list[int]:
         template = self.chat_template()
         text = template.render(validate_messages(messages))
@@ -655,47 +731,88 @@ class LoadedModel:
              generation: GenerationConfig | None = None, **options: Any) -> GenerationResult:
         """Answer a chat; ``result.message`` is the assistant message. A pooled session
         holding the earlier turns is preferred, so their KV cache is reused."""
-        tokens = self.chat_prompt_tokens(messages)
+        tokens, s, g, plan = self._chat_request(messages, sampling, generation, options)
         session = self._acquire(prefer=tokens)
         try:
-            s, g = _configs(sampling, generation, options)
-            return session._run_to_end(tokens, s, g, True, _Run())
+            return session._run_to_end(tokens, s, g, True, _Run(plan=plan))
         finally:
             self._release(session)
 
     def stream_chat(self, messages: Sequence[Any], *, sampling: SamplingConfig | None = None,
                     generation: GenerationConfig | None = None,
                     **options: Any) -> Iterator[str]:
-        tokens = self.chat_prompt_tokens(messages)
+        tokens, s, g, plan = self._chat_request(messages, sampling, generation, options)
         session = self._acquire(prefer=tokens)
         try:
-            s, g = _configs(sampling, generation, options)
-            inner = session._stream_tokens(tokens, s, g, True, _Run())
+            inner = session._stream_tokens(tokens, s, g, True, _Run(plan=plan))
         except BaseException:
             self._release(session)
             raise
         return self._pooled(session, inner)
+
+    def stream_chat_deltas(self, messages: Sequence[Any], *,
+                           sampling: SamplingConfig | None = None,
+                           generation: GenerationConfig | None = None,
+                           **options: Any) -> Iterator[dict[str, Any]]:
+        """Stream a chat answer as OpenAI-shaped deltas: ``{"content": ...}``,
+        ``{"reasoning_content": ...}``, ``{"tool_calls": [{"index", "id", "type",
+        "function": {"name", "arguments"}}]}`` (a call's first delta has its id and
+        name, later ones add to its arguments); the last item is ``{"finish_reason":
+        "stop" | "tool_calls" | "length" | "cancelled"}``. Joined, the deltas give
+        ``chat(...)``'s message for the same seed."""
+        tokens, s, g, plan = self._chat_request(messages, sampling, generation, options)
+        session = self._acquire(prefer=tokens)
+        run = _Run(plan=plan)
+        try:
+            inner = session._stream_tokens(tokens, s, g, True, run)
+        except BaseException:
+            self._release(session)
+            raise
+        return self._deltas(session, inner, run)
+
+    def _deltas(self, session: Session, inner: Iterator[str],
+                run: _Run) -> Iterator[dict[str, Any]]:
+        parser = run.plan.stream_parser() if run.plan is not None else None
+        try:
+            for piece in inner:
+                if parser is None:
+                    yield {"content": piece}
+                else:
+                    yield from parser.feed(piece)
+        finally:
+            self._release(session)
+        result = run.result
+        assert result is not None
+        if parser is not None and run.plan is not None:
+            yield from parser.finish(partial=_is_partial(result, run.plan))
+        finish: str = result.finish_reason
+        if finish == "stop" and result.message.get("tool_calls"):
+            finish = "tool_calls"
+        yield {"finish_reason": finish}
 
     # --- asyncio -----------------------------------------------------------------
 
     async def agenerate(self, prompt: str, **options: Any) -> GenerationResult:
         """``generate`` in a worker thread; the event loop keeps running, and
         cancelling the task stops the generation."""
+        structured = _split_structured(options)
         s, g = _configs_from(options)
+        plan = self._plan(None, structured, s)
         session, tokens = self._acquire_for(prompt, g)
-        return await self._arun(session, tokens, s, g, False)
+        return await self._arun(session, tokens, s, g, False, plan)
 
     async def achat(self, messages: Sequence[Any], **options: Any) -> GenerationResult:
-        s, g = _configs_from(options)
-        tokens = self.chat_prompt_tokens(messages)
+        sampling, generation = options.pop("sampling", None), options.pop("generation", None)
+        tokens, s, g, plan = self._chat_request(messages, sampling, generation, options)
         session = self._acquire(prefer=tokens)
-        return await self._arun(session, tokens, s, g, True)
+        return await self._arun(session, tokens, s, g, True, plan)
 
     async def _arun(self, session: Session, tokens: list[int], s: SamplingConfig,
-                    g: GenerationConfig, reuse: bool) -> GenerationResult:
+                    g: GenerationConfig, reuse: bool,
+                    plan: GenerationPlan | None = None) -> GenerationResult:
         import asyncio
 
-        run = _Run(threading.Event())
+        run = _Run(threading.Event(), plan)
 
         def work() -> GenerationResult:
             try:
@@ -714,25 +831,28 @@ class LoadedModel:
 
     async def astream(self, prompt: str, **options: Any) -> AsyncIterator[str]:
         """``stream`` without blocking the event loop; pieces arrive as generated."""
+        structured = _split_structured(options)
         s, g = _configs_from(options)
+        plan = self._plan(None, structured, s)
         session, tokens = self._acquire_for(prompt, g)
-        async for piece in self._astream_run(session, tokens, s, g, False):
+        async for piece in self._astream_run(session, tokens, s, g, False, plan):
             yield piece
 
     async def astream_chat(self, messages: Sequence[Any], **options: Any) -> AsyncIterator[str]:
-        s, g = _configs_from(options)
-        tokens = self.chat_prompt_tokens(messages)
+        sampling, generation = options.pop("sampling", None), options.pop("generation", None)
+        tokens, s, g, plan = self._chat_request(messages, sampling, generation, options)
         session = self._acquire(prefer=tokens)
-        async for piece in self._astream_run(session, tokens, s, g, True):
+        async for piece in self._astream_run(session, tokens, s, g, True, plan):
             yield piece
 
     async def _astream_run(self, session: Session, tokens: list[int], s: SamplingConfig,
-                           g: GenerationConfig, reuse: bool) -> AsyncIterator[str]:
+                           g: GenerationConfig, reuse: bool,
+                           plan: GenerationPlan | None = None) -> AsyncIterator[str]:
         import asyncio
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        run = _Run(threading.Event())
+        run = _Run(threading.Event(), plan)
 
         def put(kind: str, value: Any) -> None:
             try:

@@ -70,12 +70,17 @@ cdef class TokenGenerator:
     cdef bint _pending
     cdef llama_token _pending_token
     cdef bint _render_special
+    cdef frozenset _preserved  # tokens rendered as text although special
     cdef readonly object finish_reason
     cdef readonly object last_token
 
     def __init__(self, Context ctx not None, pos, Sampler sampler=None, *,
-                 max_tokens=256, seq_id=0, render_special=False):
+                 max_tokens=256, seq_id=0, render_special=False, preserved_tokens=()):
         render_special = _bool_arg(render_special, "render_special")
+        preserved = frozenset()
+        if preserved_tokens:
+            preserved = frozenset(_token_array(list(preserved_tokens), ctx._n_vocab,
+                                               "preserved_tokens").tolist())
         ctx._check()
         pos = _any_int_arg(pos, "pos")
         if pos < 1 or pos > 2147483647:
@@ -96,6 +101,7 @@ cdef class TokenGenerator:
         self.n_generated = 0
         self._pending = False
         self._render_special = render_special
+        self._preserved = preserved
         self.finish_reason = None
         self.last_token = None
 
@@ -112,7 +118,7 @@ cdef class TokenGenerator:
             tok = self._step(ctx)
             if tok < 0:
                 raise StopIteration
-            piece = _piece(self._vocab, tok, self._render_special, 0)
+            piece = _piece(self._vocab, tok, self._special(tok), 0)
         finally:
             ctx._leave()
         PyErr_CheckSignals()
@@ -152,7 +158,7 @@ cdef class TokenGenerator:
                     break
                 out_tokens.append(tok)
                 old = len(out_text)
-                out_text.extend(_piece(self._vocab, tok, self._render_special, 0))
+                out_text.extend(_piece(self._vocab, tok, self._special(tok), 0))
                 if longest:
                     # a stop that ends in this token's bytes starts at most
                     # len(stop) - 1 bytes before them
@@ -203,6 +209,12 @@ cdef class TokenGenerator:
         self._pending_token = tok
         self.last_token = tok
         return tok
+
+    cdef inline bint _special(self, llama_token tok):
+        """Whether to render ``tok`` with its special text: all tokens with
+        render_special, else only the preserved ones (a tool-call marker that a chat
+        parser must see)."""
+        return self._render_special or (bool(self._preserved) and tok in self._preserved)
 
     def finish(self, reason="stop"):
         """End iteration early (e.g. a stop string matched) with ``reason``."""
@@ -328,7 +340,7 @@ cdef class TextStream:
                     tok = gen._step(ctx)
                     if tok >= 0:
                         self._tokens.append(tok)
-                        data = self._pending + _piece(gen._vocab, tok, gen._render_special, 0)
+                        data = self._pending + _piece(gen._vocab, tok, gen._special(tok), 0)
                 finally:
                     ctx._leave()
                 PyErr_CheckSignals()

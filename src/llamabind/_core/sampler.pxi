@@ -28,6 +28,7 @@ cdef class Sampler:
     cdef int _fork_gen
     cdef bint _selects      # the chain ends with a selecting sampler
     cdef int _grammar_index  # position of a grammar sampler in the chain, or -1
+    cdef int32_t _grammar_n_vocab  # the vocabulary size of the grammar's model
     cdef llama_token_data * _cur  # candidates buffer for sampling with a grammar
     cdef size_t _cur_cap
 
@@ -317,6 +318,7 @@ cdef class Sampler:
             llama_sampler_free(smpl)
             raise InvalidArgumentError("this sampler chain already has a grammar")
         self._grammar_index = len(self._names)
+        self._grammar_n_vocab = model._n_vocab
         return self._add(smpl, "grammar", False, model)
 
     def add_infill(self, Model model not None):
@@ -370,18 +372,44 @@ cdef class Sampler:
         return tok
 
     cdef llama_token _sample_row_grammar(self, Context ctx, int32_t row) except -1:
-        """llama_sampler_sample's CPU path, split so that the grammar is asked about the
-        chosen token before it is accepted: llama.cpp aborts the process when a grammar is
-        fed an end-of-generation token it does not allow, which the chain picks when the
-        grammar allows no token at all (every logit is -inf)."""
+        """Sampling with a grammar, as llama.cpp's common sampler does it (rejection
+        sampling): the chain without the grammar picks a token, and the grammar is asked
+        about that one token; only when it refuses is the grammar applied to the whole
+        vocabulary and the token picked again. Masking 50k-150k tokens on every step is
+        what makes grammars slow; most steps the model's own choice is allowed.
+
+        A greedy chain (grammar, greedy) picks with the C argmax. The grammar is always
+        asked before a token is accepted: llama.cpp aborts the process when a grammar
+        is fed a token it does not allow (the chain picks one when the grammar allows
+        no token at all: every logit is -inf)."""
         cdef int32_t n = ctx._n_vocab
-        cdef int32_t i
         cdef const float * logits = llama_get_logits_ith(ctx._ptr, row)
-        cdef llama_token_data * cur
-        cdef llama_token_data_array arr
         cdef llama_token tok
         if logits == NULL:
             raise SamplingError(f"the context has no logits for row {row}")
+        if self._grammar_index == 0 and len(self._names) == 2 and self._names[1] == "greedy":
+            with nogil:
+                tok = _argmax(logits, n)
+        else:
+            tok = self._apply_chain(logits, n, False)
+        if not self._grammar_allows(tok):
+            tok = self._apply_chain(logits, n, True)
+            if not self._grammar_allows(tok):
+                raise GrammarError(
+                    f"the chain chose token {tok}, which the grammar does not allow here: "
+                    "the grammar allows no token at this point")
+        self._accept(tok)
+        return tok
+
+    cdef llama_token _apply_chain(self, const float * logits, int32_t n,
+                                  bint with_grammar) except -1:
+        """Run the chain over all ``n`` logits (skipping the grammar unless
+        ``with_grammar``) and return the token it selects."""
+        cdef int32_t i, k
+        cdef int32_t n_samplers = llama_sampler_chain_n(self._ptr)
+        cdef int32_t skip = -1 if with_grammar else self._grammar_index
+        cdef llama_token_data * cur
+        cdef llama_token_data_array arr
         if self._cur_cap < <size_t>n:
             cur = <llama_token_data *>realloc(self._cur, n * sizeof(llama_token_data))
             if cur == NULL:
@@ -400,20 +428,16 @@ cdef class Sampler:
                     cur[i].id = i
                     cur[i].logit = logits[i]
                     cur[i].p = 0.0
-                llama_sampler_apply(self._ptr, &arr)
+                for k in range(n_samplers):
+                    if k != skip:
+                        llama_sampler_apply(llama_sampler_chain_get(self._ptr, k), &arr)
         except RuntimeError as exc:
             raise SamplingError(f"sampling failed: {exc}") from None
         finally:
             self._busy = False
         if arr.selected < 0 or arr.selected >= <int64_t>arr.size:
             raise SamplingError(f"the sampler chain selected no token (index {arr.selected})")
-        tok = arr.data[arr.selected].id
-        if not self._grammar_allows(tok):
-            raise GrammarError(
-                f"the chain chose token {tok}, which the grammar does not allow here: "
-                "the grammar allows no token at this point")
-        self._accept(tok)
-        return tok
+        return arr.data[arr.selected].id
 
     cdef int _accept(self, llama_token token) except -1:
         try:
@@ -455,6 +479,23 @@ cdef class Sampler:
             raise GrammarError(f"token {token} is not allowed by the grammar at this point")
         self._accept(token)
 
+    def accept_grammar(self, tokens):
+        """Feed ``tokens`` to the chain's grammar only (the other samplers do not see
+        them): text the grammar starts with that is already in the prompt, such as a
+        chat template's assistant header."""
+        self._check()
+        if self._grammar_index < 0:
+            raise InvalidArgumentError("this sampler chain has no grammar")
+        arr = _token_array(list(tokens), self._grammar_n_vocab, "tokens")
+        cdef llama_sampler * grammar = llama_sampler_chain_get(self._ptr, self._grammar_index)
+        for tok in arr:
+            if not self._grammar_allows(tok):
+                raise GrammarError(f"token {tok} is not allowed by the grammar at this point")
+            try:
+                llama_sampler_accept(grammar, tok)
+            except RuntimeError as exc:
+                raise SamplingError(f"the grammar failed on token {tok}: {exc}") from None
+
     def reset(self):
         """Forget accepted tokens (and reseed nothing: the RNG keeps its state)."""
         self._check()
@@ -470,6 +511,7 @@ cdef class Sampler:
         other._names = list(self._names)
         other._selects = self._selects
         other._grammar_index = self._grammar_index
+        other._grammar_n_vocab = self._grammar_n_vocab
         for m in self._models:
             (<Model>m)._pin()
             other._models.append(m)
