@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from fetch_llama_cpp import source_marker  # noqa: E402
 
 DEFAULT_BUILD_DIR = ROOT / "build" / "native"
-BINARIES = ("llamabind-ref", "llama-bench", "llama-simple")
+BINARIES = ("llamabind-ref", "llama-bench", "llama-simple", "llamabind-chat-ref")
 STAMP_NAME = "llamabind-native.stamp.json"
 
 # Set by native/CMakeLists.txt (what to build), never taken from the package's config.

@@ -67,7 +67,7 @@ _READS: dict[str, frozenset[str]] = {
     "const": frozenset({"type", "const"}),
     "enum": frozenset({"type", "enum"}),
     "ref": frozenset({"$ref"}),
-    "alternatives": frozenset(),
+    "alternatives": frozenset({"oneOf", "anyOf"}),
     "allOf": frozenset({"type", "allOf"}),
     "any": frozenset(),
 }
@@ -527,8 +527,9 @@ def _why_unread(key: str, kind: str) -> str:
         return f"next to {kind}, the converter reads nothing else"
     if kind == "any":
         return "this schema has no type the converter can tell, so it allows any value"
-    if kind == "number" and key in ("minimum", "maximum", "exclusiveMinimum",
-                                    "exclusiveMaximum", "multipleOf"):
+    if key == "multipleOf":
+        return "multipleOf is not supported by llama.cpp's converter"
+    if kind == "number" and key in _INTEGER_BOUNDS:
         return ("bounds are supported only for integers (\"type\": \"integer\"), not "
                 "numbers")
     return f"not supported for a {kind} by llama.cpp's converter"

@@ -228,10 +228,18 @@ class ParsedOutput:
         return msg
 
 
-def _tool_calls_of(message: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+def _tool_calls_of(message: Mapping[str, Any], partial: bool = False
+                   ) -> tuple[dict[str, Any], ...]:
+    """The message's tool calls, OpenAI-shaped. In output cut short, a call whose
+    arguments are not complete JSON yet is left out."""
     calls = []
     for call in message.get("tool_calls") or ():
         fn = call.get("function", {})
+        if partial:
+            try:
+                json.loads(fn.get("arguments", ""))
+            except ValueError:
+                continue
         calls.append({"id": call.get("id", ""), "type": "function",
                       "function": {"name": fn.get("name", ""),
                                    "arguments": fn.get("arguments", "")}})
@@ -315,7 +323,7 @@ class GenerationPlan:
                 msg = {"content": self.output_prefix + text}
             content = msg.get("content") or ""
             reasoning = msg.get("reasoning_content") or None
-            calls = _tool_calls_of(msg)
+            calls = _tool_calls_of(msg, partial)
         value = None
         if self.kind == "json" and content is not None:
             value = self._value(content, partial)
@@ -410,7 +418,7 @@ class StreamParser:
         content = msg.get("content") or ""
         value = (self._plan._value(content, partial) if self._plan.kind == "json" else None)
         return ParsedOutput(content=content, reasoning_content=msg.get("reasoning_content")
-                            or None, tool_calls=_tool_calls_of(msg), value=value)
+                            or None, tool_calls=_tool_calls_of(msg, partial), value=value)
 
 
 def _delta(diff: Mapping[str, Any]) -> dict[str, Any]:
