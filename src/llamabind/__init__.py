@@ -7,6 +7,7 @@ Two layers:
 * the high-level API (:class:`LoadedModel`, :class:`Session`, configs and results).
 """
 
+from llamabind import structured, tools
 from llamabind._llama import (
     Batch,
     Context,
@@ -44,11 +45,14 @@ from llamabind.errors import (
     ModelFileError,
     ModelLoadError,
     ModelNotFoundError,
+    OutputParseError,
     QueueFullError,
     SamplingError,
+    SchemaError,
     StateError,
     StateFileNotFoundError,
     TokenizationError,
+    UnsupportedSchemaError,
 )
 
 __version__ = "0.1.0"
@@ -80,15 +84,18 @@ __all__ = [
     "ModelFileError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "OutputParseError",
     "QueueFullError",
     "Sampler",
     "SamplingConfig",
     "SamplingError",
+    "SchemaError",
     "Session",
     "StateError",
     "StateFileNotFoundError",
     "TokenGenerator",
     "TokenizationError",
+    "UnsupportedSchemaError",
     "Vocab",
     "__version__",
     "apply_builtin_chat_template",
@@ -100,5 +107,7 @@ __all__ = [
     "default_model_path",
     "default_threads",
     "devices",
+    "structured",
     "system_info",
+    "tools",
 ]

@@ -29,6 +29,8 @@ cdef class Sampler:
     cdef bint _selects      # the chain ends with a selecting sampler
     cdef int _grammar_index  # position of a grammar sampler in the chain, or -1
     cdef int32_t _grammar_n_vocab  # the vocabulary size of the grammar's model
+    cdef int64_t _grammar_picks     # tokens picked with a grammar in the chain
+    cdef int64_t _grammar_resamples  # of which the grammar refused the first choice
     cdef llama_token_data * _cur  # candidates buffer for sampling with a grammar
     cdef size_t _cur_cap
 
@@ -387,12 +389,14 @@ cdef class Sampler:
         cdef llama_token tok
         if logits == NULL:
             raise SamplingError(f"the context has no logits for row {row}")
+        self._grammar_picks += 1
         if self._grammar_index == 0 and len(self._names) == 2 and self._names[1] == "greedy":
             with nogil:
                 tok = _argmax(logits, n)
         else:
             tok = self._apply_chain(logits, n, False)
         if not self._grammar_allows(tok):
+            self._grammar_resamples += 1
             tok = self._apply_chain(logits, n, True)
             if not self._grammar_allows(tok):
                 raise GrammarError(
@@ -520,4 +524,6 @@ cdef class Sampler:
     def perf(self):
         self._check()
         cdef llama_perf_sampler_data d = llama_perf_sampler(self._ptr)
-        return {"t_sample_ms": d.t_sample_ms, "n_sample": d.n_sample}
+        return {"t_sample_ms": d.t_sample_ms, "n_sample": d.n_sample,
+                "grammar_picks": self._grammar_picks,
+                "grammar_resamples": self._grammar_resamples}
