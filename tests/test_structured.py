@@ -211,3 +211,38 @@ def test_output_parse_error_for_invalid_value() -> None:
         plan.parse('{"n": 3}')
     assert info.value.text == '{"n": 3}'
     assert plan.parse('{"n": 3}', partial=True).value is None
+
+
+def test_window_resampling_is_exact(qwen: llamabind.Model) -> None:
+    """A refused choice picked again over the best tokens gives what llama.cpp's
+    whole-vocabulary mask gives, token for token (greedy, and the sampled chain)."""
+    schema = {"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{3}$"},
+        "n": {"type": "integer", "minimum": 10, "maximum": 99}}, "required": ["code", "n"]}
+    plan = structured.Planner(qwen).plan(json_schema=schema)
+    assert plan is not None
+    prompt = list(qwen.vocab.tokenize("A product code and a count as JSON: "))
+    with llamabind.Context(qwen, n_ctx=256, n_batch=64) as ctx:
+        for sampled in (False, True):
+            runs = []
+            for narrow in (True, False):
+                s = llamabind.Sampler()
+                plan.add_to_sampler(s, qwen)
+                if sampled:
+                    s.add_top_k(40).add_top_p(0.95).add_temperature(0.8).add_dist(seed=5)
+                else:
+                    s.add_greedy()
+                s._resample_over_window(narrow)
+                ctx.memory_clear(False)
+                ctx.eval(prompt)
+                tokens: list[int] = []
+                llamabind.TokenGenerator(ctx, len(prompt), s, max_tokens=40).run(
+                    tokens, bytearray())
+                runs.append((tokens, s.perf()))
+                s.close()
+            (ours, perf), (theirs, full) = runs
+            assert ours == theirs
+            assert perf["grammar_resamples"] == full["grammar_resamples"] > 0
+            assert perf["grammar_full_masks"] <= full["grammar_full_masks"]
+            if not sampled:
+                assert perf["grammar_full_masks"] < full["grammar_full_masks"]

@@ -3,6 +3,12 @@
 # C with the GIL released. Samplers that read the vocabulary (grammar, DRY, infill,
 # logit bias) pin their model so it cannot be freed under them.
 
+# How many of the best tokens a refused choice is picked again from before the whole
+# vocabulary is masked (Sampler._resample).
+cdef enum:
+    _WINDOW = 512
+
+
 cdef uint32_t _resolve_seed(object seed) except? 0xFFFFFFFF:
     if seed is None:
         return LLAMA_DEFAULT_SEED  # llama.cpp draws a random seed
@@ -31,6 +37,10 @@ cdef class Sampler:
     cdef int32_t _grammar_n_vocab  # the vocabulary size of the grammar's model
     cdef int64_t _grammar_picks     # tokens picked with a grammar in the chain
     cdef int64_t _grammar_resamples  # of which the grammar refused the first choice
+    cdef int64_t _grammar_full_masks  # of which the whole vocabulary had to be masked
+    cdef int32_t _top_k             # k of the chain's top_k sampler (0: none)
+    cdef llama_sampler * _window    # top-k over _WINDOW tokens, for narrow resampling
+    cdef bint _narrow               # resample over the window first (see _resample)
     cdef llama_token_data * _cur  # candidates buffer for sampling with a grammar
     cdef size_t _cur_cap
 
@@ -43,6 +53,8 @@ cdef class Sampler:
         self._busy = False
         self._selects = False
         self._grammar_index = -1
+        self._window = NULL
+        self._narrow = True
         self._fork_gen = _fork_generation
 
     def __init__(self, *, perf=False):
@@ -84,6 +96,9 @@ cdef class Sampler:
         self._ptr = NULL
         if ptr != NULL and self._fork_gen == _fork_generation:
             llama_sampler_free(ptr)
+        if self._window != NULL and self._fork_gen == _fork_generation:
+            llama_sampler_free(self._window)
+        self._window = NULL
         free(self._cur)
         self._cur = NULL
         self._cur_cap = 0
@@ -95,6 +110,9 @@ cdef class Sampler:
         if self._ptr != NULL and self._fork_gen == _fork_generation:
             llama_sampler_free(self._ptr)
         self._ptr = NULL
+        if self._window != NULL and self._fork_gen == _fork_generation:
+            llama_sampler_free(self._window)
+        self._window = NULL
         free(self._cur)
         self._cur = NULL
         for m in self._models:
@@ -144,7 +162,10 @@ cdef class Sampler:
         """Keep the ``k`` most likely tokens (``k`` >= 1)."""
         self._check()
         cdef int32_t kk = _int_arg(k, "top_k", 1, 2147483647)
-        return self._add(llama_sampler_init_top_k(kk), "top_k", False)
+        self._add(llama_sampler_init_top_k(kk), "top_k", False)
+        if self._top_k == 0:
+            self._top_k = kk
+        return self
 
     def add_top_p(self, p, min_keep=1):
         """Nucleus sampling: keep the smallest set with cumulative probability >= p."""
@@ -397,13 +418,104 @@ cdef class Sampler:
             tok = self._apply_chain(logits, n, False)
         if not self._grammar_allows(tok):
             self._grammar_resamples += 1
-            tok = self._apply_chain(logits, n, True)
+            tok = self._resample(logits, n)
             if not self._grammar_allows(tok):
                 raise GrammarError(
                     f"the chain chose token {tok}, which the grammar does not allow here: "
                     "the grammar allows no token at this point")
         self._accept(tok)
         return tok
+
+    cdef llama_token _resample(self, const float * logits, int32_t n) except -1:
+        """The grammar refused the chain's choice: pick again among the tokens it
+        allows. llama.cpp masks the whole vocabulary and runs the chain again. The same
+        result costs far less when the chain keeps only its ``k`` best tokens (a greedy
+        chain: k = 1; else its top_k sampler, with only logit-changing samplers before
+        it): the grammar is applied to the _WINDOW best tokens only, and when at least
+        ``k`` of them are allowed, those are the ``k`` best allowed tokens of the whole
+        vocabulary (every other token has a lower logit), so the rest of the chain sees
+        what it would have seen. Otherwise: the whole-vocabulary mask."""
+        cdef int32_t tail = -1
+        cdef int32_t k = 0
+        cdef int32_t i, j, allowed
+        cdef int32_t n_samplers = llama_sampler_chain_n(self._ptr)
+        cdef llama_token_data * cur
+        cdef llama_token_data_array arr
+        cdef llama_sampler * grammar
+        if self._narrow:
+            for i, name in enumerate(self._names):
+                if name == "top_k" or name == "greedy":
+                    tail = i
+                    k = self._top_k if name == "top_k" else 1
+                    break
+                if name not in ("logit_bias", "grammar", "penalties"):
+                    break
+        if tail < 0 or k <= 0 or k > _WINDOW // 2 or n <= _WINDOW:
+            self._grammar_full_masks += 1
+            return self._apply_chain(logits, n, True)
+        if self._window == NULL:
+            self._window = llama_sampler_init_top_k(_WINDOW)
+            if self._window == NULL:
+                raise MemoryError()
+        self._fill(logits, n)
+        cur = self._cur
+        arr.data = cur
+        arr.size = n
+        arr.selected = -1
+        arr.sorted = False
+        grammar = llama_sampler_chain_get(self._ptr, self._grammar_index)
+        self._busy = True
+        try:
+            with nogil:
+                for i in range(tail):
+                    if i != self._grammar_index:
+                        llama_sampler_apply(llama_sampler_chain_get(self._ptr, i), &arr)
+                llama_sampler_apply(self._window, &arr)
+                llama_sampler_apply(grammar, &arr)
+                # keep the allowed tokens, in their order: the window is sorted by
+                # logit, and samplers trust that flag (greedy takes the first token)
+                allowed = 0
+                for j in range(<int32_t>arr.size):
+                    if isfinite(arr.data[j].logit):
+                        arr.data[allowed] = arr.data[j]
+                        allowed += 1
+                arr.size = allowed
+                arr.selected = -1
+                if allowed >= k:
+                    for i in range(tail, n_samplers):
+                        llama_sampler_apply(llama_sampler_chain_get(self._ptr, i), &arr)
+        except RuntimeError as exc:
+            raise SamplingError(f"sampling failed: {exc}") from None
+        finally:
+            self._busy = False
+        if allowed < k:
+            self._grammar_full_masks += 1
+            return self._apply_chain(logits, n, True)
+        if arr.selected < 0 or arr.selected >= <int64_t>arr.size:
+            raise SamplingError(f"the sampler chain selected no token (index {arr.selected})")
+        return arr.data[arr.selected].id
+
+    cdef int _fill(self, const float * logits, int32_t n) except -1:
+        cdef llama_token_data * cur
+        cdef int32_t i
+        if self._cur_cap < <size_t>n:
+            cur = <llama_token_data *>realloc(self._cur, n * sizeof(llama_token_data))
+            if cur == NULL:
+                raise MemoryError()
+            self._cur = cur
+            self._cur_cap = n
+        cur = self._cur
+        with nogil:
+            for i in range(n):
+                cur[i].id = i
+                cur[i].logit = logits[i]
+                cur[i].p = 0.0
+        return 0
+
+    def _resample_over_window(self, bint on):
+        """Test and benchmark hook: with False, a refused choice is always picked again
+        over the whole vocabulary, as llama.cpp does."""
+        self._narrow = on
 
     cdef llama_token _apply_chain(self, const float * logits, int32_t n,
                                   bint with_grammar) except -1:
@@ -516,6 +628,8 @@ cdef class Sampler:
         other._selects = self._selects
         other._grammar_index = self._grammar_index
         other._grammar_n_vocab = self._grammar_n_vocab
+        other._top_k = self._top_k
+        other._narrow = self._narrow
         for m in self._models:
             (<Model>m)._pin()
             other._models.append(m)
@@ -526,4 +640,5 @@ cdef class Sampler:
         cdef llama_perf_sampler_data d = llama_perf_sampler(self._ptr)
         return {"t_sample_ms": d.t_sample_ms, "n_sample": d.n_sample,
                 "grammar_picks": self._grammar_picks,
-                "grammar_resamples": self._grammar_resamples}
+                "grammar_resamples": self._grammar_resamples,
+                "grammar_full_masks": self._grammar_full_masks}
