@@ -17,7 +17,8 @@ anew each time, not timed):
 Each run's time over its tokens is its time per token (decoding included: what a caller
 waits for). The table gives the medians of the rounds and the overhead of the
 constraint; ``resampled`` is the share of tokens where the grammar refused the chain's
-first choice and the whole vocabulary was masked (llama.cpp's rejection sampling).
+first choice (the token was picked again), ``full mask`` the share where that took a
+mask of the whole vocabulary (see Sampler._resample).
 Two samplers: greedy, and the default chain (top-k 40, top-p 0.95, min-p 0.05,
 temperature 0.8, seeded). Timing figures need a quiet machine.
 """
@@ -86,7 +87,7 @@ def bench_model(key: str, schemas: list[tuple[str, dict[str, Any]]], reps: int,
             for sampled in (False, True):
                 con: list[float] = []
                 unc: list[float] = []
-                n_con = n_unc = picks = resamples = 0
+                n_con = n_unc = picks = resamples = masks = 0
                 for _ in range(reps):
                     s = chain(model, sampled, plan)
                     n, t = run_once(ctx, model, prompt, s, max_tokens)
@@ -94,6 +95,7 @@ def bench_model(key: str, schemas: list[tuple[str, dict[str, Any]]], reps: int,
                     perf = s.perf()
                     picks += int(perf["grammar_picks"])
                     resamples += int(perf["grammar_resamples"])
+                    masks += int(perf["grammar_full_masks"])
                     s.close()
                     con.append(t / max(n, 1))
                     n_con = n
@@ -110,7 +112,8 @@ def bench_model(key: str, schemas: list[tuple[str, dict[str, Any]]], reps: int,
                     "ms_per_token_unconstrained": round(u_, 3),
                     "ms_per_token_constrained": round(c, 3),
                     "overhead_pct": round((c / u_ - 1) * 100, 1),
-                    "resampled_pct": round(100 * resamples / max(picks, 1), 1)})
+                    "resampled_pct": round(100 * resamples / max(picks, 1), 1),
+                    "full_masked_pct": round(100 * masks / max(picks, 1), 1)})
                 print(_line(rows[-1]), flush=True)
     finally:
         ctx.close()
@@ -121,7 +124,8 @@ def bench_model(key: str, schemas: list[tuple[str, dict[str, Any]]], reps: int,
 def _line(r: dict[str, Any]) -> str:
     return (f"| {r['model']} | {r['schema']} | {r['sampler']} | {r['tokens']} | "
             f"{r['ms_per_token_unconstrained']:.2f} | {r['ms_per_token_constrained']:.2f} | "
-            f"{r['overhead_pct']:+.1f}% | {r['resampled_pct']:.0f}% |")
+            f"{r['overhead_pct']:+.1f}% | {r['resampled_pct']:.0f}% | "
+            f"{r['full_masked_pct']:.0f}% |")
 
 
 def main() -> None:
@@ -141,8 +145,8 @@ def main() -> None:
     reps = 1 if args.quick else args.reps
     print(f"llamabind {llamabind.__version__}, {reps} round(s), {args.threads} threads")
     print("| model | schema | sampler | tokens | unconstrained ms/tok | constrained ms/tok "
-          "| overhead | resampled |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| overhead | resampled | full mask |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows: list[dict[str, Any]] = []
     for key in args.models.split(","):
         rows += bench_model(key, schemas, reps, args.max_tokens, args.threads)
