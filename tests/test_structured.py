@@ -4,7 +4,7 @@ structured_schemas.py), Pydantic models, response_format; refused and broken sch
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 import jsonschema
 import pydantic
@@ -145,9 +145,11 @@ def test_pydantic_model(loaded_qwen: llamabind.LoadedModel) -> None:
     assert r.finish_reason == "stop"
     assert isinstance(r.parsed, Invoice)
     assert r.parsed == Invoice.model_validate_json(r.message["content"])
-    listed = loaded_qwen.generate("Two lines of an invoice as JSON: ", schema=list[Line],
+    two_lines = Annotated[list[Line], pydantic.Field(min_length=1, max_length=2)]
+    listed = loaded_qwen.generate("Two lines of an invoice as JSON: ", schema=two_lines,
                                   seed=3, max_tokens=160)
-    assert all(isinstance(x, Line) for x in listed.parsed)
+    assert listed.finish_reason == "stop"
+    assert listed.parsed and all(isinstance(x, Line) for x in listed.parsed)
 
 
 def test_pydantic_unsupported_field_refused(loaded_smol: llamabind.LoadedModel) -> None:
