@@ -61,7 +61,7 @@ from fetch_llama_cpp import fetch_source, has_all_parts, source_marker  # noqa: 
 from registry import FetchError  # noqa: E402
 
 DEFAULT_BUILD_DIR = ROOT / "build" / "native"
-BINARIES = ("llamabind-ref", "llama-bench", "llama-simple")
+BINARIES = ("llamabind-ref", "llama-bench", "llama-simple", "llamabind-chat-ref")
 # built on request only (benchmarks); each with the part of the source tree it needs
 EXTRA_TARGETS = {"llama-server": "tools/server/CMakeLists.txt",
                  "llama-batched-bench": "tools/batched-bench/CMakeLists.txt",

@@ -7,6 +7,7 @@ Two layers:
 * the high-level API (:class:`LoadedModel`, :class:`Session`, configs and results).
 """
 
+from llamabind import structured, tools
 from llamabind._llama import (
     Batch,
     Context,
@@ -54,11 +55,14 @@ from llamabind.errors import (
     ModelFileError,
     ModelLoadError,
     ModelNotFoundError,
+    OutputParseError,
     QueueFullError,
     SamplingError,
+    SchemaError,
     StateError,
     StateFileNotFoundError,
     TokenizationError,
+    UnsupportedSchemaError,
 )
 
 __version__ = "0.1.0"
@@ -93,17 +97,20 @@ __all__ = [
     "ModelFileError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "OutputParseError",
     "QueueFullError",
     "Request",
     "Sampler",
     "SamplingConfig",
     "SamplingError",
+    "SchemaError",
     "Session",
     "StateError",
     "StateFileNotFoundError",
     "TokenGenerator",
     "TokenLogprob",
     "TokenizationError",
+    "UnsupportedSchemaError",
     "Vocab",
     "__version__",
     "apply_builtin_chat_template",
@@ -117,5 +124,7 @@ __all__ = [
     "default_threads",
     "devices",
     "set_cpu_budget",
+    "structured",
     "system_info",
+    "tools",
 ]

@@ -14,12 +14,13 @@ context. ``create_session()`` gives a context of your own instead.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from llamabind import _llama
@@ -40,6 +41,7 @@ from llamabind.errors import (
     GenerationCancelled,
     InvalidArgumentError,
 )
+from llamabind.structured import STRUCTURED_OPTIONS, GenerationPlan, Planner
 
 if TYPE_CHECKING:
     import numpy as np
@@ -95,6 +97,10 @@ class GenerationResult:
     stop_sequence: str | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
     queue_ms: float = 0.0
+    # structured output (json_schema/response_format/schema, tools): the parsed value
+    # (the JSON value, or the Pydantic object), and the parsed assistant message
+    parsed: Any = field(default=None, compare=False)
+    chat_message: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def total_tokens(self) -> int:
@@ -115,9 +121,31 @@ class GenerationResult:
         return evaluated / (self.prompt_eval_ms / 1000.0)
 
     @property
-    def message(self) -> dict[str, str]:
-        """The result as an assistant chat message."""
+    def message(self) -> dict[str, Any]:
+        """The result as an assistant chat message (with ``tool_calls`` when the model
+        called tools: OpenAI-shaped, ``content`` None when there is no text)."""
+        if self.chat_message is not None:
+            message: dict[str, Any] = json.loads(json.dumps(self.chat_message))  # a copy
+            return message
         return {"role": "assistant", "content": self.text}
+
+
+def _is_partial(result: GenerationResult, plan: GenerationPlan) -> bool:
+    """Whether the output was cut short: by max_tokens, cancelling, or a stop string
+    of the caller's (a template's own end-of-turn stop is a normal end)."""
+    return result.finish_reason != "stop" or (
+        result.stop_sequence is not None and result.stop_sequence not in plan.stop)
+
+
+def read_structured(result: GenerationResult, plan: GenerationPlan | None) -> GenerationResult:
+    """The result with its output read by the plan: ``parsed`` and, for chat plans,
+    the parsed message. Output cut short (max_tokens, a caller's stop string,
+    cancelled) is read as partial."""
+    if plan is None:
+        return result
+    out = plan.parse(result.text, partial=_is_partial(result, plan))
+    return replace(result, parsed=out.value,
+                   chat_message=out.message if plan.parser is not None else None)
 
 
 # --- options -------------------------------------------------------------------------
@@ -147,18 +175,25 @@ def _configs(options: dict[str, Any]) -> tuple[SamplingConfig, GenerationConfig]
     return s, g
 
 
-def build_sampler(model: _llama.Model, s: SamplingConfig,
-                  n_ctx: int) -> _llama.Sampler | None:
-    """The llama.cpp sampler chain for ``s``, in llama.cpp's own order (its
-    common_sampler): logit bias, grammar, penalties, DRY, top-n-sigma, top-k,
-    typical-p, top-p, min-p, XTC, temperature, then the draw (or mirostat). None means
-    plain greedy decoding (argmax in C)."""
+def _split_structured(options: dict[str, Any]) -> dict[str, Any]:
+    """Take the structured-output options (llamabind.structured.STRUCTURED_OPTIONS:
+    json_schema, response_format, schema, tools, tool_choice...) out of ``options``."""
+    return {k: options.pop(k) for k in STRUCTURED_OPTIONS if k in options}
+
+
+def build_sampler(model: _llama.Model, s: SamplingConfig, n_ctx: int,
+                  plan: GenerationPlan | None = None) -> _llama.Sampler | None:
+    """The llama.cpp sampler chain for ``s`` (and the grammar of a structured-output
+    ``plan``), in llama.cpp's own order (its common_sampler): logit bias, grammar,
+    penalties, DRY, top-n-sigma, top-k, typical-p, top-p, min-p, XTC, temperature, then
+    the draw (or mirostat). None means plain greedy decoding (argmax in C)."""
     bias = dict(s.logit_bias)
     if s.ignore_eos and not s.greedy:
         for tok in _eog_tokens(model):
             bias[tok] = float("-inf")
+    planned = plan is not None and plan.grammar is not None
     if (s.greedy and not bias and s.grammar is None and not s.has_penalties
-            and s.dry_multiplier == 0.0):
+            and s.dry_multiplier == 0.0 and not planned):
         return None
     chain = _llama.Sampler()
     try:
@@ -166,6 +201,8 @@ def build_sampler(model: _llama.Model, s: SamplingConfig,
             chain.add_logit_bias(model, bias)
         if s.grammar is not None:
             chain.add_grammar(model, s.grammar)
+        elif plan is not None:
+            plan.add_to_sampler(chain, model)
         if s.has_penalties:
             chain.add_penalties(model.n_vocab, s.penalty_last_n, s.repeat_penalty,
                                 s.frequency_penalty, s.presence_penalty, n_ctx=n_ctx)
@@ -282,40 +319,40 @@ class Session:
     def generate(self, prompt: str, *, reuse_prefix: bool = False,
                  **options: Any) -> GenerationResult:
         """Generate a completion of ``prompt``; ``options`` are fields of
-        SamplingConfig/GenerationConfig (``temperature=0``, ``max_tokens=16``...)."""
-        s, g = _configs(options)
-        tokens = self.model.tokenize_prompt(prompt, g)
-        run = self._start(tokens, s, g, reuse_prefix)
-        for _ in run:
-            pass
-        assert run.result is not None
-        return run.result
+        SamplingConfig/GenerationConfig (``temperature=0``, ``max_tokens=16``...) and
+        the structured-output options (``json_schema``, ``response_format``,
+        ``schema``)."""
+        return self._finish(self._start(*self.model._request(prompt, options, chat=False),
+                                         reuse_prefix))
 
     def stream(self, prompt: str, *, reuse_prefix: bool = False,
                **options: Any) -> Iterator[str]:
         """Yield the completion as text pieces (stop strings never included); joined
         they equal ``generate(...)``'s text for the same seed."""
-        s, g = _configs(options)
-        tokens = self.model.tokenize_prompt(prompt, g)
-        return iter(self._start(tokens, s, g, reuse_prefix, streaming=True))
+        return iter(self._start(*self.model._request(prompt, options, chat=False),
+                                reuse_prefix, streaming=True))
 
     def chat(self, messages: Sequence[Any], **options: Any) -> GenerationResult:
-        """Answer a chat with the model's own template; the KV cache of the common
-        prefix with the previous call (the earlier turns) is reused."""
-        s, g = _configs(options)
-        run = self._start(self.model.chat_prompt_tokens(messages), s, g, True)
+        """Answer a chat with the model's own template (tools and schemas too); the KV
+        cache of the common prefix with the previous call (the earlier turns) is
+        reused."""
+        return self._finish(self._start(*self.model._request(messages, options, chat=True),
+                                         True))
+
+    def stream_chat(self, messages: Sequence[Any], **options: Any) -> Iterator[str]:
+        return iter(self._start(*self.model._request(messages, options, chat=True), True,
+                                streaming=True))
+
+    @staticmethod
+    def _finish(run: _SessionRun) -> GenerationResult:
         for _ in run:
             pass
         assert run.result is not None
         return run.result
 
-    def stream_chat(self, messages: Sequence[Any], **options: Any) -> Iterator[str]:
-        s, g = _configs(options)
-        tokens = self.model.chat_prompt_tokens(messages)
-        return iter(self._start(tokens, s, g, True, streaming=True))
-
     def _start(self, prompt: list[int], s: SamplingConfig, g: GenerationConfig,
-               reuse_prefix: bool, streaming: bool = False) -> _SessionRun:
+               plan: GenerationPlan | None, reuse_prefix: bool,
+               streaming: bool = False) -> _SessionRun:
         n_prompt = len(prompt)
         if n_prompt == 0:
             raise InvalidArgumentError("the prompt is empty (it produced no tokens)")
@@ -327,17 +364,17 @@ class Session:
                 f"{n_ctx}", n_prompt, n_ctx)
         if self._ctx.closed:
             raise ClosedError("session is closed")
-        sampler = build_sampler(self.model.native, s, n_ctx)
+        sampler = build_sampler(self.model.native, s, n_ctx, plan)
         try:
-            gen = _llama.Generation(self.model.native, n_prompt, sampler,
-                                    max_tokens=g.max_tokens, stop=list(g.stop),
-                                    ignore_eos=s.ignore_eos, logprobs=g.logprobs,
-                                    n_ctx=n_ctx)
+            gen = _llama.Generation(
+                self.model.native, n_prompt, sampler, max_tokens=g.max_tokens,
+                stop=list(g.stop), ignore_eos=s.ignore_eos, logprobs=g.logprobs, n_ctx=n_ctx,
+                preserved_tokens=plan.preserved_tokens if plan is not None else ())
         except BaseException:
             if sampler is not None:
                 sampler.close()
             raise
-        return _SessionRun(self, prompt, gen, sampler, reuse_prefix, streaming)
+        return _SessionRun(self, prompt, gen, sampler, reuse_prefix, streaming, plan)
 
 
 class _SessionRun:
@@ -345,7 +382,9 @@ class _SessionRun:
     streaming); ``result`` is set at the end."""
 
     def __init__(self, session: Session, prompt: list[int], gen: _llama.Generation,
-                 sampler: _llama.Sampler | None, reuse_prefix: bool, streaming: bool) -> None:
+                 sampler: _llama.Sampler | None, reuse_prefix: bool, streaming: bool,
+                 plan: GenerationPlan | None = None) -> None:
+        self.plan = plan
         self.session = session
         self.prompt = prompt
         self.gen = gen
@@ -403,12 +442,12 @@ class _SessionRun:
                     session._cached = prompt + list(gen.tokens[:decoded])
                 if self.sampler is not None:
                     self.sampler.close()
-        self.result = GenerationResult(
+        self.result = read_structured(GenerationResult(
             text=gen.text, prompt_tokens=n_prompt, completion_tokens=gen.n_generated,
             finish_reason=cast("FinishReason", gen.finish_reason), tokens=tuple(gen.tokens),
             prompt_eval_ms=t_prompt * 1000, generation_ms=t_gen * 1000,
             cached_prompt_tokens=kept, stop_sequence=gen.stop_sequence,
-            logprobs=_session_logprobs(session.model, gen.logprobs))
+            logprobs=_session_logprobs(session.model, gen.logprobs)), self.plan)
 
 
 def _session_logprobs(model: LoadedModel,
@@ -481,6 +520,7 @@ class LoadedModel:
         self._embedders: dict[Any, Any] = {}   # pooling -> embed._Embedder
         self._embed_lock = threading.Lock()
         self._template: ChatTemplate | None = None
+        self._planner = Planner(native)
         self._closed = False
 
     @classmethod
@@ -613,6 +653,30 @@ class LoadedModel:
 
     # --- requests ----------------------------------------------------------------
 
+    def _request(self, prompt: Any, options: dict[str, Any], *, chat: bool
+                 ) -> tuple[list[int], SamplingConfig, GenerationConfig,
+                            GenerationPlan | None]:
+        """A request's prompt tokens, configs and structured-output plan. A chat with
+        tools or a schema is rendered by llama.cpp's template handler (tools included);
+        the plan's stop strings join the caller's."""
+        options = dict(options)
+        structured = _split_structured(options)
+        s, g = _configs(options)
+        plan = None
+        if structured:
+            plan = self._planner.plan(messages=prompt if chat else None, grammar=s.grammar,
+                                      **structured)
+        if chat and plan is not None and plan.prompt is not None:
+            tokens = list(self.vocab.tokenize(plan.prompt, add_special=True,
+                                              parse_special=True))
+        elif chat:
+            tokens = self.chat_prompt_tokens(prompt)
+        else:
+            tokens = self.tokenize_prompt(prompt, g)
+        if plan is not None and plan.stop:
+            g = g.with_(stop=g.stop + tuple(x for x in plan.stop if x not in g.stop))
+        return tokens, s, g, plan
+
     def submit(self, prompt: str | Sequence[int], *, n: int = 1,
                queue_timeout: float | None = None, stream: bool = True,
                **options: Any) -> Request:
@@ -622,19 +686,20 @@ class LoadedModel:
         (ContextLengthExceededError), a full queue (QueueFullError, when the queue
         stays full for ``queue_timeout`` seconds; None waits)."""
         self._check_open()
-        s, g = _configs(options)
-        tokens = self.tokenize_prompt(prompt, g)
+        tokens, s, g, plan = self._request(prompt, options, chat=False)
         return self._engine.submit(tokens, s, g, n=n, queue_timeout=queue_timeout,
-                                   stream=stream)
+                                   stream=stream, plan=plan)
 
     def submit_chat(self, messages: Sequence[Any], *, n: int = 1,
                     queue_timeout: float | None = None, stream: bool = True,
                     **options: Any) -> Request:
-        """``submit`` for a chat rendered with the model's own template."""
+        """``submit`` for a chat rendered with the model's own template (with
+        ``tools``/``tool_choice`` or a schema, by llama.cpp's template handlers; the
+        request's ``plan`` reads the output)."""
         self._check_open()
-        s, g = _configs(options)
-        return self._engine.submit(self.chat_prompt_tokens(messages), s, g, n=n,
-                                   queue_timeout=queue_timeout, stream=stream)
+        tokens, s, g, plan = self._request(messages, options, chat=True)
+        return self._engine.submit(tokens, s, g, n=n, queue_timeout=queue_timeout,
+                                   stream=stream, plan=plan)
 
     def generate(self, prompt: str | Sequence[int], **options: Any) -> GenerationResult:
         """Generate a completion; ``options`` are SamplingConfig/GenerationConfig
@@ -652,7 +717,40 @@ class LoadedModel:
         return self.submit_chat(messages, stream=False, **options).result()[0]
 
     def stream_chat(self, messages: Sequence[Any], **options: Any) -> Iterator[str]:
+        """Stream a chat answer as text pieces (the raw output: with tools, the
+        template's tool-call markup too; ``stream_chat_deltas`` parses it)."""
         return _texts(self.submit_chat(messages, **options))
+
+    def stream_chat_deltas(self, messages: Sequence[Any],
+                           **options: Any) -> Iterator[dict[str, Any]]:
+        """Stream a chat answer as OpenAI-shaped deltas: ``{"content": ...}``,
+        ``{"reasoning_content": ...}``, ``{"tool_calls": [{"index", "id", "type",
+        "function": {"name", "arguments"}}]}`` (a call's first delta has its id and
+        name, later ones add to its arguments); the last item is ``{"finish_reason":
+        "stop" | "tool_calls" | "length" | "cancelled"}``. Joined, the deltas give
+        ``chat(...)``'s message for the same seed."""
+        request = self.submit_chat(messages, **options)
+        try:
+            yield from _deltas(request, iter(request))
+        finally:
+            if not request.done:
+                request.cancel()
+
+    async def astream_chat_deltas(self, messages: Sequence[Any],
+                                  **options: Any) -> AsyncIterator[dict[str, Any]]:
+        """``stream_chat_deltas`` for asyncio."""
+        request = self.submit_chat(messages, **options)
+        parser = request.plan.stream_parser() if request.plan is not None else None
+        try:
+            async for event in request:
+                for delta in _feed(parser, event.text):
+                    yield delta
+            result = (await request.aresult())[0]
+            for delta in _end_deltas(parser, request.plan, result):
+                yield delta
+        finally:
+            if not request.done:
+                request.cancel()
 
     def generate_many(self, prompts: Sequence[str | Sequence[int]],
                       **options: Any) -> list[GenerationResult]:
@@ -661,8 +759,8 @@ class LoadedModel:
         if isinstance(prompts, (str, bytes)):
             raise InvalidArgumentError("prompts must be a list of prompts, not a str")
         self._check_open()
-        s, g = _configs(options)
-        token_lists = [self.tokenize_prompt(p, g) for p in prompts]
+        planned = [self._request(p, options, chat=False) for p in prompts]
+        token_lists = [p[0] for p in planned]
         for i, tokens in enumerate(token_lists):
             if len(tokens) >= self.n_ctx:
                 raise ContextLengthExceededError(
@@ -670,8 +768,8 @@ class LoadedModel:
                     len(tokens), self.n_ctx)
         requests: list[Request] = []
         try:
-            for tokens in token_lists:
-                requests.append(self._engine.submit(tokens, s, g, stream=False))
+            for tokens, s, g, plan in planned:
+                requests.append(self._engine.submit(tokens, s, g, stream=False, plan=plan))
             return [r.result()[0] for r in requests]
         except BaseException:
             for r in requests:
@@ -701,15 +799,15 @@ class LoadedModel:
 
         if isinstance(prompts, (str, bytes)):
             raise InvalidArgumentError("prompts must be a list of prompts, not a str")
-        s, g = _configs(options)
-        token_lists = [self.tokenize_prompt(p, g) for p in prompts]
+        planned = [self._request(p, options, chat=False) for p in prompts]
         loop = asyncio.get_running_loop()
         requests: list[Request] = []
         try:
-            for tokens in token_lists:
+            for tokens, s, g, plan in planned:
                 # a full queue makes submit wait: not on the event loop
                 requests.append(await loop.run_in_executor(
-                    None, functools.partial(self._engine.submit, tokens, s, g, stream=False)))
+                    None, functools.partial(self._engine.submit, tokens, s, g, stream=False,
+                                            plan=plan)))
             results = [(await r.aresult())[0] for r in requests]
         except BaseException:
             for r in requests:
@@ -776,6 +874,34 @@ def _merge(cls: Any, given: Any, options: dict[str, Any], name: str) -> Any:
     if not isinstance(given, cls):
         raise InvalidArgumentError(f"{name} must be a {cls.__name__}, got {given!r}")
     return given.with_(**options) if options else given
+
+
+def _feed(parser: Any, text: str) -> list[dict[str, Any]]:
+    if not text:
+        return []
+    if parser is None:
+        return [{"content": text}]
+    deltas: list[dict[str, Any]] = parser.feed(text)
+    return deltas
+
+
+def _end_deltas(parser: Any, plan: GenerationPlan | None,
+                result: GenerationResult) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if parser is not None and plan is not None:
+        out += parser.finish(partial=_is_partial(result, plan))
+    finish: str = result.finish_reason
+    if finish == "stop" and result.message.get("tool_calls"):
+        finish = "tool_calls"
+    out.append({"finish_reason": finish})
+    return out
+
+
+def _deltas(request: Request, events: Iterator[Event]) -> Iterator[dict[str, Any]]:
+    parser = request.plan.stream_parser() if request.plan is not None else None
+    for event in events:
+        yield from _feed(parser, event.text)
+    yield from _end_deltas(parser, request.plan, request.result()[0])
 
 
 def _texts(request: Request) -> Iterator[str]:

@@ -44,6 +44,7 @@ from llamabind.errors import (
 
 if TYPE_CHECKING:
     from llamabind.api import GenerationResult
+    from llamabind.structured import GenerationPlan
 
 __all__ = ["Engine", "Event", "Request", "TokenLogprob"]
 
@@ -114,8 +115,11 @@ class Request:
     any thread. Made by :meth:`LoadedModel.submit`."""
 
     def __init__(self, engine: Engine, prompt: list[int], sampling: SamplingConfig,
-                 generation: GenerationConfig, n: int, stream: bool) -> None:
+                 generation: GenerationConfig, n: int, stream: bool,
+                 plan: GenerationPlan | None = None) -> None:
         self.id = f"req-{next(_request_ids)}"
+        # structured output: how the output is constrained and read (None: plain text)
+        self.plan = plan
         self.prompt = prompt
         self.prompt_tokens = len(prompt)
         self.n = n
@@ -365,7 +369,8 @@ class Engine:
 
     def submit(self, prompt: list[int], sampling: SamplingConfig,
                generation: GenerationConfig, *, n: int = 1,
-               queue_timeout: float | None = None, stream: bool = True) -> Request:
+               queue_timeout: float | None = None, stream: bool = True,
+               plan: GenerationPlan | None = None) -> Request:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.n_parallel:
             raise InvalidArgumentError(
                 f"n must be an int in [1, n_parallel={self.n_parallel}], got {n!r}")
@@ -387,7 +392,7 @@ class Engine:
                 "this model was loaded before os.fork() and cannot be used in the child "
                 "process; load the model again in the child (or use the 'spawn' start "
                 "method)")
-        request = Request(self, prompt, sampling, generation, n, stream)
+        request = Request(self, prompt, sampling, generation, n, stream, plan)
         # the sampler chains are built here, in the caller's thread: a bad grammar or
         # option fails the submit, not the engine
         from llamabind.api import build_sampler
@@ -397,7 +402,7 @@ class Engine:
                 s = sampling
                 if i and sampling.seed is not None:
                     s = sampling.with_(seed=(sampling.seed + i) % 0xFFFFFFFF)
-                samplers.append(build_sampler(self.native, s, self.n_ctx))
+                samplers.append(build_sampler(self.native, s, self.n_ctx, plan))
         except BaseException:
             for smp in samplers:
                 if smp is not None:
@@ -685,7 +690,8 @@ class Engine:
             gens.append(_llama.Generation(
                 self.native, n_prompt, request.samplers[i], max_tokens=g.max_tokens,
                 stop=list(g.stop), ignore_eos=request.sampling.ignore_eos,
-                logprobs=g.logprobs, seq_id=slot.seq_id, n_ctx=self.n_ctx))
+                logprobs=g.logprobs, seq_id=slot.seq_id, n_ctx=self.n_ctx,
+                preserved_tokens=request.plan.preserved_tokens if request.plan else ()))
         request.rids = []
         for i, slot in enumerate(slots):
             self._choices += 1
@@ -942,9 +948,9 @@ class Engine:
         request._push(events or [], done=True, results=results, error=error)
 
     def _result(self, request: Request, gen: _llama.Generation) -> GenerationResult:
-        from llamabind.api import GenerationResult
+        from llamabind.api import GenerationResult, read_structured
         t_first = request.t_first or request.t_done
-        return GenerationResult(
+        return read_structured(GenerationResult(
             text=gen.text, prompt_tokens=request.prompt_tokens,
             completion_tokens=gen.n_generated,
             finish_reason=cast("FinishReason", gen.finish_reason),
@@ -953,7 +959,8 @@ class Engine:
             generation_ms=(request.t_done - t_first) * 1000,
             cached_prompt_tokens=request.cached_tokens, stop_sequence=gen.stop_sequence,
             logprobs=self._logprobs(gen.logprobs) if gen.logprobs is not None else None,
-            queue_ms=((request.t_admit or request.t_done) - request.t_submit) * 1000)
+            queue_ms=((request.t_admit or request.t_done) - request.t_submit) * 1000),
+            request.plan)
 
     def _finish_unstarted(self, request: Request, error: BaseException | None) -> None:
         """End a request that never got a slot (cancelled or refused in the queue)."""

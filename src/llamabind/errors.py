@@ -23,11 +23,14 @@ __all__ = [
     "ModelFileError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "OutputParseError",
     "QueueFullError",
     "SamplingError",
+    "SchemaError",
     "StateError",
     "StateFileNotFoundError",
     "TokenizationError",
+    "UnsupportedSchemaError",
 ]
 
 
@@ -102,6 +105,34 @@ class SamplingError(LlamaError, RuntimeError):
 
 class GrammarError(InvalidArgumentError):
     """A GBNF grammar could not be parsed."""
+
+
+class SchemaError(InvalidArgumentError):
+    """A JSON schema (or Pydantic model, or tool's parameters) cannot be turned into a
+    grammar: it is not valid JSON, a ``$ref`` does not resolve, a bound is not a
+    number..."""
+
+
+class UnsupportedSchemaError(SchemaError):
+    """A JSON schema uses a keyword that llama.cpp's converter would skip, so the output
+    could break it. ``keyword`` names it and ``path`` says where it is (a JSON pointer,
+    ``#/properties/age``); ``schema_best_effort=True`` accepts the schema anyway,
+    constraining what the converter supports."""
+
+    def __init__(self, message: str, keyword: str = "", path: str = "#") -> None:
+        super().__init__(message)
+        self.keyword = keyword
+        self.path = path
+
+
+class OutputParseError(LlamaError, ValueError):
+    """The model's output could not be read as asked: JSON that does not validate
+    against the schema or model, or tool calls that do not follow the chat template's
+    format. ``text`` is the output (None when not known)."""
+
+    def __init__(self, message: str, text: str | None = None) -> None:
+        super().__init__(message)
+        self.text = text
 
 
 class ChatTemplateError(LlamaError, ValueError):

@@ -105,6 +105,17 @@ cdef inline int _check_fork(int generation, str what) except -1:
     return 0
 
 
+cdef extern from "argmax.h" nogil:
+    int32_t llamabind_argmax(const float * x, int32_t n)
+
+
+cdef inline llama_token _argmax(const float * logits, int32_t n) noexcept nogil:
+    """The first index of the largest logit: what llama.cpp's greedy sampler picks
+    (``>`` comparisons, so NaNs are never picked; index 0 if logit 0 is NaN). In C
+    (argmax.h): packed maxima over blocks, then one block scanned for the index."""
+    return llamabind_argmax(logits, n)
+
+
 cdef inline int64_t _now_ns() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)

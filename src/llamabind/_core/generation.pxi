@@ -18,10 +18,6 @@ from cpython.bytearray cimport PyByteArray_AS_STRING
 from libc.math cimport INFINITY, exp, log
 
 
-cdef extern from "argmax.h" nogil:
-    int32_t llamabind_argmax(const float * x, int32_t n)
-
-
 cdef extern from "string.h" nogil:
     void * memmem(const void * haystack, size_t haystacklen, const void * needle,
                   size_t needlelen)
@@ -82,9 +78,11 @@ cdef class Generation:
     """One sequence being generated (the state of the one token loop).
 
     ``Generation(model, pos, sampler=None, *, max_tokens=256, stop=(), ignore_eos=False,
-    logprobs=None, seq_id=0, n_ctx=..., render_special=False)``: ``pos`` is where the
-    first generated token will be decoded (the prompt's length), ``n_ctx`` the
-    positions the sequence may use. ``sampler=None`` is greedy decoding.
+    logprobs=None, seq_id=0, n_ctx=..., render_special=False, preserved_tokens=())``:
+    ``pos`` is where the first generated token will be decoded (the prompt's length),
+    ``n_ctx`` the positions the sequence may use. ``sampler=None`` is greedy decoding.
+    ``preserved_tokens``: special tokens rendered as their text (a tool-call marker a
+    chat parser must see), as all are with ``render_special``.
 
     After a decode that produced logits for this sequence, ``accept(ctx, row)`` picks
     the next token; ``step(ctx)`` decodes the pending token on ``ctx`` and accepts the
@@ -122,11 +120,16 @@ cdef class Generation:
     cdef bint _has_next
     cdef int _logprobs
     cdef readonly list logprobs
+    cdef frozenset _preserved  # special tokens rendered as text (a tool-call marker)
 
     def __init__(self, Model model not None, pos, Sampler sampler=None, *, max_tokens=256,
                  stop=(), ignore_eos=False, logprobs=None, seq_id=0, n_ctx=None,
-                 render_special=False):
+                 render_special=False, preserved_tokens=()):
         model._check_open()
+        self._preserved = frozenset()
+        if preserved_tokens:
+            self._preserved = frozenset(_token_array(list(preserved_tokens), model._n_vocab,
+                                                     "preserved_tokens").tolist())
         self._ignore_eos = _bool_arg(ignore_eos, "ignore_eos")
         self._render_special = _bool_arg(render_special, "render_special")
         self.pos = _int_arg(pos, "pos", 0, 2147483646)
@@ -270,7 +273,8 @@ cdef class Generation:
             return 0
         self.tokens.append(tok)
         self.n_generated += 1
-        piece = _piece(self._vocab, tok, self._render_special, 0)
+        piece = _piece(self._vocab, tok, self._render_special or (
+            bool(self._preserved) and tok in self._preserved), 0)
         self.last_piece = piece
         if self._add_bytes(piece):
             return 0
@@ -415,13 +419,14 @@ cdef class TokenGenerator:
     cdef bint _started
 
     def __init__(self, Context ctx not None, pos, Sampler sampler=None, *,
-                 max_tokens=256, seq_id=0, render_special=False):
+                 max_tokens=256, seq_id=0, render_special=False, preserved_tokens=()):
         ctx._check()
         pos = _int_arg(pos, "pos", 1, 2147483647)
         seq_id = ctx._check_seq(seq_id, False)
         self._gen = Generation(ctx.model, pos, sampler, max_tokens=max_tokens,
                                seq_id=seq_id, n_ctx=ctx._n_ctx,
-                               render_special=render_special)
+                               render_special=render_special,
+                               preserved_tokens=preserved_tokens)
         self._ctx = ctx
         self._started = False
 

@@ -3,6 +3,12 @@
 # C with the GIL released. Samplers that read the vocabulary (grammar, DRY, infill,
 # logit bias) pin their model so it cannot be freed under them.
 
+# How many of the best tokens a refused choice is picked again from before the whole
+# vocabulary is masked (Sampler._resample).
+cdef enum:
+    _WINDOW = 512
+
+
 cdef uint32_t _resolve_seed(object seed) except? 0xFFFFFFFF:
     if seed is None:
         return LLAMA_DEFAULT_SEED  # llama.cpp draws a random seed
@@ -38,6 +44,13 @@ cdef class Sampler:
     cdef int _fork_gen
     cdef bint _selects      # the chain ends with a selecting sampler
     cdef int _grammar_index  # position of a grammar sampler in the chain, or -1
+    cdef int32_t _grammar_n_vocab  # the vocabulary size of the grammar's model
+    cdef int64_t _grammar_picks     # tokens picked with a grammar in the chain
+    cdef int64_t _grammar_resamples  # of which the grammar refused the first choice
+    cdef int64_t _grammar_full_masks  # of which the whole vocabulary had to be masked
+    cdef int32_t _top_k             # k of the chain's top_k sampler (0: none)
+    cdef llama_sampler * _window    # top-k over _WINDOW tokens, for narrow resampling
+    cdef bint _narrow               # resample over the window first (see _resample)
     cdef llama_token_data * _cur  # candidates buffer for sampling with a grammar
     cdef size_t _cur_cap
 
@@ -50,6 +63,8 @@ cdef class Sampler:
         self._busy = False
         self._selects = False
         self._grammar_index = -1
+        self._window = NULL
+        self._narrow = True
         self._fork_gen = _fork_generation
 
     def __init__(self, *, perf=False):
@@ -91,6 +106,9 @@ cdef class Sampler:
         self._ptr = NULL
         if ptr != NULL and self._fork_gen == _fork_generation:
             llama_sampler_free(ptr)
+        if self._window != NULL and self._fork_gen == _fork_generation:
+            llama_sampler_free(self._window)
+        self._window = NULL
         free(self._cur)
         self._cur = NULL
         self._cur_cap = 0
@@ -102,6 +120,9 @@ cdef class Sampler:
         if self._ptr != NULL and self._fork_gen == _fork_generation:
             llama_sampler_free(self._ptr)
         self._ptr = NULL
+        if self._window != NULL and self._fork_gen == _fork_generation:
+            llama_sampler_free(self._window)
+        self._window = NULL
         free(self._cur)
         self._cur = NULL
         for m in self._models:
@@ -154,7 +175,10 @@ cdef class Sampler:
         """Keep the ``k`` most likely tokens (0: all)."""
         self._check()
         cdef int32_t kk = _option(_SamplingConfig, "top_k", k)
-        return self._add(llama_sampler_init_top_k(kk), "top_k", False)
+        self._add(llama_sampler_init_top_k(kk), "top_k", False)
+        if self._top_k == 0 and kk > 0:
+            self._top_k = kk
+        return self
 
     def add_top_p(self, p, min_keep=None):
         """Nucleus sampling: keep the smallest set with cumulative probability >= p."""
@@ -330,6 +354,7 @@ cdef class Sampler:
             llama_sampler_free(smpl)
             raise InvalidArgumentError("this sampler chain already has a grammar")
         self._grammar_index = len(self._names)
+        self._grammar_n_vocab = model._n_vocab
         return self._add(smpl, "grammar", False, model)
 
     def add_infill(self, Model model not None):
@@ -383,18 +408,137 @@ cdef class Sampler:
         return tok
 
     cdef llama_token _sample_row_grammar(self, Context ctx, int32_t row) except -1:
-        """llama_sampler_sample's CPU path, split so that the grammar is asked about the
-        chosen token before it is accepted: llama.cpp aborts the process when a grammar is
-        fed an end-of-generation token it does not allow, which the chain picks when the
-        grammar allows no token at all (every logit is -inf)."""
+        """Sampling with a grammar, as llama.cpp's common sampler does it (rejection
+        sampling): the chain without the grammar picks a token, and the grammar is asked
+        about that one token; only when it refuses is the grammar applied to the whole
+        vocabulary and the token picked again. Masking 50k-150k tokens on every step is
+        what makes grammars slow; most steps the model's own choice is allowed.
+
+        A greedy chain (grammar, greedy) picks with the C argmax. The grammar is always
+        asked before a token is accepted: llama.cpp aborts the process when a grammar
+        is fed a token it does not allow (the chain picks one when the grammar allows
+        no token at all: every logit is -inf)."""
         cdef int32_t n = ctx._n_vocab
-        cdef int32_t i
         cdef const float * logits = llama_get_logits_ith(ctx._ptr, row)
-        cdef llama_token_data * cur
-        cdef llama_token_data_array arr
         cdef llama_token tok
         if logits == NULL:
             raise SamplingError(f"the context has no logits for row {row}")
+        self._grammar_picks += 1
+        if self._grammar_index == 0 and len(self._names) == 2 and self._names[1] == "greedy":
+            with nogil:
+                tok = _argmax(logits, n)
+        else:
+            tok = self._apply_chain(logits, n, False)
+        if not self._grammar_allows(tok):
+            self._grammar_resamples += 1
+            tok = self._resample(logits, n)
+            if not self._grammar_allows(tok):
+                raise GrammarError(
+                    f"the chain chose token {tok}, which the grammar does not allow here: "
+                    "the grammar allows no token at this point")
+        self._accept(tok)
+        return tok
+
+    cdef llama_token _resample(self, const float * logits, int32_t n) except -1:
+        """The grammar refused the chain's choice: pick again among the tokens it
+        allows. llama.cpp masks the whole vocabulary and runs the chain again. The same
+        result costs far less when the chain keeps only its ``k`` best tokens (a greedy
+        chain: k = 1; else its top_k sampler, with only logit-changing samplers before
+        it): the grammar is applied to the _WINDOW best tokens only, and when at least
+        ``k`` of them are allowed, those are the ``k`` best allowed tokens of the whole
+        vocabulary (every other token has a lower logit), so the rest of the chain sees
+        what it would have seen. Otherwise: the whole-vocabulary mask."""
+        cdef int32_t tail = -1
+        cdef int32_t k = 0
+        cdef int32_t i, j, allowed
+        cdef int32_t n_samplers = llama_sampler_chain_n(self._ptr)
+        cdef llama_token_data * cur
+        cdef llama_token_data_array arr
+        cdef llama_sampler * grammar
+        if self._narrow:
+            for i, name in enumerate(self._names):
+                if name == "top_k" or name == "greedy":
+                    tail = i
+                    k = self._top_k if name == "top_k" else 1
+                    break
+                if name not in ("logit_bias", "grammar", "penalties"):
+                    break
+        if tail < 0 or k <= 0 or k > _WINDOW // 2 or n <= _WINDOW:
+            self._grammar_full_masks += 1
+            return self._apply_chain(logits, n, True)
+        if self._window == NULL:
+            self._window = llama_sampler_init_top_k(_WINDOW)
+            if self._window == NULL:
+                raise MemoryError()
+        self._fill(logits, n)
+        cur = self._cur
+        arr.data = cur
+        arr.size = n
+        arr.selected = -1
+        arr.sorted = False
+        grammar = llama_sampler_chain_get(self._ptr, self._grammar_index)
+        self._busy = True
+        try:
+            with nogil:
+                for i in range(tail):
+                    if i != self._grammar_index:
+                        llama_sampler_apply(llama_sampler_chain_get(self._ptr, i), &arr)
+                llama_sampler_apply(self._window, &arr)
+                llama_sampler_apply(grammar, &arr)
+                # keep the allowed tokens, in their order: the window is sorted by
+                # logit, and samplers trust that flag (greedy takes the first token)
+                allowed = 0
+                for j in range(<int32_t>arr.size):
+                    if isfinite(arr.data[j].logit):
+                        arr.data[allowed] = arr.data[j]
+                        allowed += 1
+                arr.size = allowed
+                arr.selected = -1
+                if allowed >= k:
+                    for i in range(tail, n_samplers):
+                        llama_sampler_apply(llama_sampler_chain_get(self._ptr, i), &arr)
+        except RuntimeError as exc:
+            raise SamplingError(f"sampling failed: {exc}") from None
+        finally:
+            self._busy = False
+        if allowed < k:
+            self._grammar_full_masks += 1
+            return self._apply_chain(logits, n, True)
+        if arr.selected < 0 or arr.selected >= <int64_t>arr.size:
+            raise SamplingError(f"the sampler chain selected no token (index {arr.selected})")
+        return arr.data[arr.selected].id
+
+    cdef int _fill(self, const float * logits, int32_t n) except -1:
+        cdef llama_token_data * cur
+        cdef int32_t i
+        if self._cur_cap < <size_t>n:
+            cur = <llama_token_data *>realloc(self._cur, n * sizeof(llama_token_data))
+            if cur == NULL:
+                raise MemoryError()
+            self._cur = cur
+            self._cur_cap = n
+        cur = self._cur
+        with nogil:
+            for i in range(n):
+                cur[i].id = i
+                cur[i].logit = logits[i]
+                cur[i].p = 0.0
+        return 0
+
+    def _resample_over_window(self, bint on):
+        """Test and benchmark hook: with False, a refused choice is always picked again
+        over the whole vocabulary, as llama.cpp does."""
+        self._narrow = on
+
+    cdef llama_token _apply_chain(self, const float * logits, int32_t n,
+                                  bint with_grammar) except -1:
+        """Run the chain over all ``n`` logits (skipping the grammar unless
+        ``with_grammar``) and return the token it selects."""
+        cdef int32_t i, k
+        cdef int32_t n_samplers = llama_sampler_chain_n(self._ptr)
+        cdef int32_t skip = -1 if with_grammar else self._grammar_index
+        cdef llama_token_data * cur
+        cdef llama_token_data_array arr
         if self._cur_cap < <size_t>n:
             cur = <llama_token_data *>realloc(self._cur, n * sizeof(llama_token_data))
             if cur == NULL:
@@ -413,20 +557,16 @@ cdef class Sampler:
                     cur[i].id = i
                     cur[i].logit = logits[i]
                     cur[i].p = 0.0
-                llama_sampler_apply(self._ptr, &arr)
+                for k in range(n_samplers):
+                    if k != skip:
+                        llama_sampler_apply(llama_sampler_chain_get(self._ptr, k), &arr)
         except RuntimeError as exc:
             raise SamplingError(f"sampling failed: {exc}") from None
         finally:
             self._busy = False
         if arr.selected < 0 or arr.selected >= <int64_t>arr.size:
             raise SamplingError(f"the sampler chain selected no token (index {arr.selected})")
-        tok = arr.data[arr.selected].id
-        if not self._grammar_allows(tok):
-            raise GrammarError(
-                f"the chain chose token {tok}, which the grammar does not allow here: "
-                "the grammar allows no token at this point")
-        self._accept(tok)
-        return tok
+        return arr.data[arr.selected].id
 
     cdef int _accept(self, llama_token token) except -1:
         try:
@@ -468,6 +608,23 @@ cdef class Sampler:
             raise GrammarError(f"token {token} is not allowed by the grammar at this point")
         self._accept(token)
 
+    def accept_grammar(self, tokens):
+        """Feed ``tokens`` to the chain's grammar only (the other samplers do not see
+        them): text the grammar starts with that is already in the prompt, such as a
+        chat template's assistant header."""
+        self._check()
+        if self._grammar_index < 0:
+            raise InvalidArgumentError("this sampler chain has no grammar")
+        arr = _token_array(list(tokens), self._grammar_n_vocab, "tokens")
+        cdef llama_sampler * grammar = llama_sampler_chain_get(self._ptr, self._grammar_index)
+        for tok in arr:
+            if not self._grammar_allows(tok):
+                raise GrammarError(f"token {tok} is not allowed by the grammar at this point")
+            try:
+                llama_sampler_accept(grammar, tok)
+            except RuntimeError as exc:
+                raise SamplingError(f"the grammar failed on token {tok}: {exc}") from None
+
     def reset(self):
         """Forget accepted tokens (and reseed nothing: the RNG keeps its state)."""
         self._check()
@@ -483,6 +640,9 @@ cdef class Sampler:
         other._names = list(self._names)
         other._selects = self._selects
         other._grammar_index = self._grammar_index
+        other._grammar_n_vocab = self._grammar_n_vocab
+        other._top_k = self._top_k
+        other._narrow = self._narrow
         for m in self._models:
             (<Model>m)._pin()
             other._models.append(m)
@@ -491,4 +651,7 @@ cdef class Sampler:
     def perf(self):
         self._check()
         cdef llama_perf_sampler_data d = llama_perf_sampler(self._ptr)
-        return {"t_sample_ms": d.t_sample_ms, "n_sample": d.n_sample}
+        return {"t_sample_ms": d.t_sample_ms, "n_sample": d.n_sample,
+                "grammar_picks": self._grammar_picks,
+                "grammar_resamples": self._grammar_resamples,
+                "grammar_full_masks": self._grammar_full_masks}
