@@ -145,10 +145,10 @@ begin "fetch test models and tokenizer vocabularies"
 "$py" models/fetch_models.py
 "$py" scripts/fetch_llama_cpp.py --vocab
 
-begin "build native llama.cpp reference tool (llamabind-ref)"
-# only the tool the tests run: llama-bench (with llama-common, most of a native build)
-# and llama-simple are the benchmarks', built when they ask for them
-export LLAMABIND_NATIVE_TARGETS=${LLAMABIND_NATIVE_TARGETS:-llamabind-ref}
+begin "build native llama.cpp reference tools (llamabind-ref, llamabind-chat-ref)"
+# only the tools the tests run (the chat reference links llama-common, as llama-server
+# does); llama-bench and llama-simple are the benchmarks', built when they ask for them
+export LLAMABIND_NATIVE_TARGETS=${LLAMABIND_NATIVE_TARGETS:-llamabind-ref,llamabind-chat-ref}
 "$py" scripts/build_native.py
 
 begin "pytest (CPU build)"
