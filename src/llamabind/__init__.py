@@ -38,7 +38,6 @@ from llamabind.config import (
     ModelConfig,
     SamplingConfig,
 )
-from llamabind.engine import Event, Request, TokenLogprob
 from llamabind.errors import (
     BackendError,
     ChatTemplateError,
@@ -64,6 +63,8 @@ from llamabind.errors import (
     TokenizationError,
     UnsupportedSchemaError,
 )
+from llamabind.requests import Request
+from llamabind.results import Event, TokenLogprob
 
 __version__ = "0.1.0"
 

@@ -18,15 +18,11 @@ go to a prompt cache in RAM (LRU, limited in bytes) that later requests draw on.
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import itertools
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -41,45 +37,25 @@ from llamabind.errors import (
     LlamaError,
     QueueFullError,
 )
+from llamabind.requests import Request, close_samplers
+from llamabind.results import (
+    Event,
+    FinishReason,
+    GenerationResult,
+    read_structured,
+    token_logprobs,
+)
+from llamabind.sampling import build_sampler
 
 if TYPE_CHECKING:
-    from llamabind.api import GenerationResult
     from llamabind.structured import GenerationPlan
 
-__all__ = ["Engine", "Event", "Request", "TokenLogprob"]
-
-FinishReason = Literal["stop", "length", "cancelled"]
+__all__ = ["Engine"]
 
 # A slot's cells are saved to the prompt cache when it gives up at least this many.
 _MIN_CACHED_TOKENS = 32
 # An idle scheduler thread ends after this long.
 _IDLE_EXIT_S = 5.0
-_request_ids = itertools.count(1)
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprob:
-    """A generated token's log-probability under the model (before sampling), and the
-    ``top`` most likely tokens at that place as (token, text, logprob)."""
-
-    token: int
-    text: str
-    logprob: float
-    top: tuple[tuple[int, str, float], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """What one choice of a request produced since the last event: new text (stop
-    strings never included, UTF-8 held back until complete), the new token ids, their
-    log-probabilities when asked for, and on the choice's last event its
-    finish_reason."""
-
-    index: int
-    text: str
-    tokens: tuple[int, ...]
-    logprobs: tuple[TokenLogprob, ...] | None
-    finish_reason: FinishReason | None
 
 
 class _Slot:
@@ -107,167 +83,6 @@ class _PrefillJob:
         self.seq_id = seq_id
         self.outputs = outputs
         self.done = 0
-
-
-class Request:
-    """A submitted generation: iterate it for :class:`Event` objects (``for`` or
-    ``async for``), or wait for ``result()`` / ``await aresult()``; ``cancel()`` from
-    any thread. Made by :meth:`LoadedModel.submit`."""
-
-    def __init__(self, engine: Engine, prompt: list[int], sampling: SamplingConfig,
-                 generation: GenerationConfig, n: int, stream: bool,
-                 plan: GenerationPlan | None = None) -> None:
-        self.id = f"req-{next(_request_ids)}"
-        # structured output: how the output is constrained and read (None: plain text)
-        self.plan = plan
-        self.prompt = prompt
-        self.prompt_tokens = len(prompt)
-        self.n = n
-        self.sampling = sampling
-        self.generation = generation
-        self._engine = engine
-        self._stream = stream
-        self._cond = threading.Condition(threading.Lock())
-        self._events: collections.deque[Event] = collections.deque()
-        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._done = False
-        self._error: BaseException | None = None
-        self._results: list[GenerationResult] | None = None
-        self._cancelled = False
-        # engine-side state (touched by the scheduler thread only)
-        self.gens: list[_llama.Generation] = []
-        self.samplers: list[_llama.Sampler | None] = []
-        self.slots: list[_Slot | None] = []   # each choice's slot (None: finished, preempted)
-        self.jobs: list[_PrefillJob] = []
-        self.resume: list[tuple[np.ndarray, int]] | None = None  # (tokens, choice) to redo
-        self.rids: list[int] = []         # each choice's id in a recorded schedule
-        self.paused = False               # preempted, waiting to come back
-        self.paused_at = 0                # requests ended when it was paused
-        self.cached_tokens = 0
-        self.reported: list[int] = []     # tokens of each choice already sent as events
-        self.t_submit = time.perf_counter()
-        self.t_admit = 0.0
-        self.t_first = 0.0
-        self.t_done = 0.0
-        self.admitted_at = 0
-
-    # --- the caller's side ---------------------------------------------------------
-
-    def cancel(self) -> None:
-        """Stop the request: its choices end within one engine step with
-        finish_reason "cancelled", and their KV cells are freed."""
-        if not self._cancelled and not self._done:
-            self._cancelled = True
-            self._engine._cancel(self)
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    def __iter__(self) -> Iterator[Event]:
-        while True:
-            with self._cond:
-                while not self._events and not self._done:
-                    self._cond.wait()
-                if self._events:
-                    event = self._events.popleft()
-                elif self._error is not None:
-                    raise self._error
-                else:
-                    return
-            yield event
-
-    async def _wait_async(self) -> None:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        with self._cond:
-            if self._events or self._done:
-                return
-            self._async_waiters.append((loop, future))
-        await future
-
-    async def _aiter(self) -> AsyncIterator[Event]:
-        while True:
-            with self._cond:
-                if self._events:
-                    event: Event | None = self._events.popleft()
-                elif self._done:
-                    if self._error is not None:
-                        raise self._error
-                    return
-                else:
-                    event = None
-            if event is None:
-                await self._wait_async()
-                continue
-            yield event
-
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self._aiter()
-
-    def result(self, timeout: float | None = None) -> list[GenerationResult]:
-        """The results, one per choice (by index), when the request is done. A
-        KeyboardInterrupt while waiting cancels the request."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            with self._cond:
-                while not self._done:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
-                    self._cond.wait(remaining)
-        except BaseException:
-            if not self._done:
-                self.cancel()
-            raise
-        if self._error is not None:
-            raise self._error
-        assert self._results is not None
-        return self._results
-
-    async def aresult(self) -> list[GenerationResult]:
-        """``result()`` for asyncio: cancelling the awaiting task cancels the request."""
-        try:
-            while not self._done:
-                await self._wait_async()
-        except BaseException:
-            if not self._done:
-                self.cancel()
-            raise
-        if self._error is not None:
-            raise self._error
-        assert self._results is not None
-        return self._results
-
-    # --- the engine's side -----------------------------------------------------------
-
-    def _push(self, events: list[Event], done: bool = False,
-              results: list[GenerationResult] | None = None,
-              error: BaseException | None = None) -> None:
-        with self._cond:
-            if self._stream:
-                self._events.extend(events)
-            if done:
-                self._done = True
-                self._results = results
-                self._error = error
-            self._cond.notify_all()
-            waiters, self._async_waiters = self._async_waiters, []
-        for loop, future in waiters:
-            try:
-                loop.call_soon_threadsafe(_resolve, future)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
-
-    def __repr__(self) -> str:
-        state = "done" if self._done else ("cancelled" if self._cancelled else "pending")
-        return (f"<llamabind.Request {self.id} {state} prompt_tokens={self.prompt_tokens} "
-                f"n={self.n}>")
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class _PromptCache:
@@ -395,7 +210,6 @@ class Engine:
         request = Request(self, prompt, sampling, generation, n, stream, plan)
         # the sampler chains are built here, in the caller's thread: a bad grammar or
         # option fails the submit, not the engine
-        from llamabind.api import build_sampler
         samplers: list[_llama.Sampler | None] = []
         try:
             for i in range(n):
@@ -413,14 +227,14 @@ class Engine:
         with self._lock:
             while True:
                 if self._closed:
-                    _close_samplers(request)
+                    close_samplers(request)
                     raise ClosedError("the model is closed")
                 free = self.n_parallel - sum(r.n for r in self._running)
                 if len(self._queue) < self.config.max_queue + max(0, free):
                     break
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    _close_samplers(request)
+                    close_samplers(request)
                     raise QueueFullError(
                         f"the request queue is full ({len(self._queue)} waiting, limit "
                         f"{self.config.max_queue})", len(self._queue), self.config.max_queue)
@@ -835,7 +649,8 @@ class Engine:
                 if text or new_tokens or fin is not None:
                     logprobs = None
                     if gen.logprobs is not None:
-                        logprobs = self._logprobs(gen.logprobs[request.reported[i]:])
+                        logprobs = token_logprobs(self.native.vocab,
+                                                  gen.logprobs[request.reported[i]:])
                     events.append(Event(i, text, tuple(new_tokens), logprobs,
                                         cast("FinishReason | None", fin)))
                     request.reported[i] = len(gen.tokens) if fin is None else -1
@@ -845,15 +660,6 @@ class Engine:
             self._end_request(request, events=events)
         elif events:
             request._push(events)
-
-    def _logprobs(self, records: list[Any]) -> tuple[TokenLogprob, ...]:
-        vocab = self.native.vocab
-        out = []
-        for tok, lp, top in records:
-            out.append(TokenLogprob(
-                tok, vocab.detokenize([tok]), float(lp),
-                tuple((t, vocab.detokenize([t]), float(v)) for t, v in top)))
-        return tuple(out)
 
     def _preempt(self) -> None:
         """The KV cache had no room for the step: idle slots give up the cells they
@@ -940,7 +746,7 @@ class Engine:
                 slot.tokens = request.prompt + list(gen.tokens[:decoded])
             slot.busy = False
             slot.last_used = now
-        _close_samplers(request)
+        close_samplers(request)
         with self._lock:
             if request in self._running:
                 self._running.remove(request)
@@ -948,7 +754,6 @@ class Engine:
         request._push(events or [], done=True, results=results, error=error)
 
     def _result(self, request: Request, gen: _llama.Generation) -> GenerationResult:
-        from llamabind.api import GenerationResult, read_structured
         t_first = request.t_first or request.t_done
         return read_structured(GenerationResult(
             text=gen.text, prompt_tokens=request.prompt_tokens,
@@ -958,16 +763,15 @@ class Engine:
             if request.t_admit else 0.0,
             generation_ms=(request.t_done - t_first) * 1000,
             cached_prompt_tokens=request.cached_tokens, stop_sequence=gen.stop_sequence,
-            logprobs=self._logprobs(gen.logprobs) if gen.logprobs is not None else None,
+            logprobs=token_logprobs(self.native.vocab, gen.logprobs),
             queue_ms=((request.t_admit or request.t_done) - request.t_submit) * 1000),
             request.plan)
 
     def _finish_unstarted(self, request: Request, error: BaseException | None) -> None:
         """End a request that never got a slot (cancelled or refused in the queue)."""
-        _close_samplers(request)
+        close_samplers(request)
         results = None
         if error is None:
-            from llamabind.api import GenerationResult
             results = [GenerationResult(
                 text="", prompt_tokens=request.prompt_tokens, completion_tokens=0,
                 finish_reason="cancelled", tokens=(), prompt_eval_ms=0.0,
@@ -978,7 +782,3 @@ class Engine:
         request._push(events, done=True, results=results, error=error)
 
 
-def _close_samplers(request: Request) -> None:
-    for sampler in request.samplers:
-        if sampler is not None and not sampler.closed:
-            sampler.close()
