@@ -291,3 +291,32 @@ def test_teacher_forced_logits_match_cpu_build(key: str, vulkan_forced: dict[str
         assert c[pick] >= c.max() - NEAR_TIE, (
             f"{key} step {step}: Vulkan picks {pick}, which the CPU rates "
             f"{c.max() - c[pick]:.3f} below its best {int(c.argmax())}")
+
+
+def test_engine_decodes_two_sequences_on_vulkan(vulkan_device: dict[str, object]) -> None:
+    """The batching engine on Vulkan: two requests decoded together in one context on
+    the Vulkan device (every layer offloaded). Each gives the tokens it gives alone on
+    the same device, or parts from them only where two tokens are within float noise
+    (a batch of two sums in another order than one alone), and both run in the same
+    steps."""
+    path = _model_path("smollm2")
+    prompts = [PROMPTS["smollm2"], "Once upon a time, in a small village,"]
+    with llamabind.LoadedModel.load(path, n_gpu_layers=-1, n_ctx=256, n_parallel=2,
+                                    devices=[str(vulkan_device["name"])]) as model:
+        alone = [model.generate(p, temperature=0, max_tokens=12, logprobs=5)
+                 for p in prompts]
+        steps = model.stats()["steps"]
+        both = model.generate_many(prompts, temperature=0, max_tokens=12)
+        # together: about 12 steps for 24 tokens (fewer than one step per token)
+        assert model.stats()["steps"] - steps < 24
+    assert "Paris" in alone[0].text
+    for one, two in zip(alone, both, strict=True):
+        assert two.completion_tokens == 12
+        if two.tokens == one.tokens:
+            continue
+        d = next(i for i, (a, b) in enumerate(zip(one.tokens, two.tokens, strict=True))
+                 if a != b)
+        assert one.logprobs is not None
+        top = {t: lp for t, _, lp in one.logprobs[d].top}
+        assert two.tokens[d] in top and one.logprobs[d].logprob - top[two.tokens[d]] < 0.5, (
+            one.tokens, two.tokens)
