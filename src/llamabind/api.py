@@ -486,7 +486,8 @@ class LoadedModel:
             raise InvalidArgumentError(f"context must be a ContextConfig, got {context!r}")
         layers = config.n_gpu_layers
         if layers is None:
-            layers = -1 if _has_gpu() else 0
+            # RPC workers' devices count as GPUs (ggml gives them that type)
+            layers = -1 if config.rpc_servers or _has_gpu() else 0
         callback: Callable[[float], bool | None] | None
         if progress is True:
             callback = _ProgressBar(os.path.basename(config.path)) if sys.stderr.isatty() \
@@ -499,7 +500,8 @@ class LoadedModel:
             config.path, n_gpu_layers=layers, main_gpu=config.main_gpu,
             split_mode=config.split_mode, tensor_split=config.tensor_split,
             use_mmap=config.use_mmap, use_mlock=config.use_mlock,
-            vocab_only=config.vocab_only, progress=callback)
+            vocab_only=config.vocab_only, progress=callback,
+            rpc_servers=config.rpc_servers or None)
         return cls(native, config, context)
 
     # --- lifetime ----------------------------------------------------------------

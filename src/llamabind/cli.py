@@ -19,6 +19,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=None,
                    help="layers to offload (default: all with a GPU backend, else 0)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (physical cores)")
+    _rpc_arg(p)
+
+
+def _rpc_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT,...",
+                   help="ggml RPC workers (`llamabind rpc-server`) to offload layers to")
+
+
+def _rpc_servers(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(s for s in (args.rpc or "").split(",") if s)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -38,7 +48,7 @@ def _load(args: argparse.Namespace) -> Any:
     return LoadedModel.load(args.model, n_gpu_layers=args.n_gpu_layers,
                             context=ContextConfig(context_length=args.n_ctx,
                                                   threads=args.threads),
-                            progress=True)
+                            rpc_servers=_rpc_servers(args), progress=True)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,7 +116,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import llamabind
 
-    info: dict[str, Any] = {"build": llamabind.build_info()}
+    info: dict[str, Any] = {"build": llamabind.build_info(rpc_servers=_rpc_servers(args))}
     if args.model or not args.build_only:
         path = args.model or llamabind.default_model_path()
         if os.path.exists(path):
@@ -186,11 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--build-only", action="store_true", help="no model information")
     p.add_argument("--metadata", action="store_true", help="include all GGUF metadata")
     p.add_argument("--json", action="store_true")
+    _rpc_arg(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("bench", help="benchmark against native llama.cpp (benchmarks/)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
+
+    from llamabind.rpc import add_command as add_rpc_server_command
+
+    add_rpc_server_command(sub)
 
     args = parser.parse_args(argv)
     try:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
+from llamabind._llama import _rpc_parse_servers
 from llamabind.errors import InvalidArgumentError
 
 __all__ = [
@@ -74,7 +75,9 @@ class ModelConfig(_Config):
     """How to load a model.
 
     ``n_gpu_layers=None`` offloads every layer when a GPU backend with a GPU device is
-    present, and none otherwise; ``-1`` always means all layers.
+    present, or ``rpc_servers`` are given, and none otherwise; ``-1`` always means all
+    layers. ``rpc_servers``: ``"host:port"`` of ggml RPC workers (``llamabind
+    rpc-server``) whose devices take layers, before this machine's GPUs.
     """
 
     path: str
@@ -85,6 +88,7 @@ class ModelConfig(_Config):
     split_mode: Literal["none", "layer", "row"] = "layer"
     tensor_split: tuple[float, ...] | None = None
     vocab_only: bool = False
+    rpc_servers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         path: Any = self.path
@@ -112,6 +116,11 @@ class ModelConfig(_Config):
                         or not math.isfinite(v) or v < 0):
                     raise _fail(self, "tensor_split", split, "a sequence of non-negative numbers")
             object.__setattr__(self, "tensor_split", tuple(float(v) for v in values))
+        try:
+            servers = _rpc_parse_servers(self.rpc_servers)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"{type(self).__name__}.{exc}") from None
+        object.__setattr__(self, "rpc_servers", servers)
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,18 @@ cdef class Model:
     model can serve any number of contexts in any number of threads. ``close()`` (or
     a ``with`` block) frees its memory at once when nothing uses it; contexts still
     open keep it alive until they close.
+
+    ``rpc_servers=["host:port", ...]`` offloads layers to ggml RPC workers
+    (``llamabind rpc-server``) as devices placed before this machine's GPUs;
+    ``n_gpu_layers`` layers go to those devices, split by ``tensor_split`` (one weight
+    per device, the workers' first), the rest stay on this CPU. A worker that cannot be
+    reached, or is from another build, raises BackendError; one that goes away later
+    makes every use of the model raise BackendError.
+
+    ``use_extra_bufts=False`` keeps the CPU's weights in ggml's plain layout (llama.cpp's
+    ``--no-repack``): by default some quantised weights are repacked for faster CPU
+    kernels, which sum in another order, so the logits differ slightly from a worker's
+    (a worker never repacks) or from a build without those kernels.
     """
 
     cdef llama_model * _ptr
@@ -71,6 +83,8 @@ cdef class Model:
     cdef object _load_exc
     cdef readonly str path
     cdef readonly bint vocab_only
+    cdef readonly tuple rpc_servers   # the workers' endpoints, normalised
+    cdef tuple _rpc_failures          # ggml's failure count per worker after the load
 
     def __cinit__(self):
         self._ptr = NULL
@@ -78,12 +92,15 @@ cdef class Model:
         self._pins = 0
         self._closed = True
         self._fork_gen = _fork_generation
+        self.rpc_servers = ()
+        self._rpc_failures = ()
 
     def __init__(self, path, *, n_gpu_layers=0, main_gpu=0, split_mode="layer",
                  tensor_split=None, use_mmap=True, use_mlock=False,
                  vocab_only=False, check_tensors=False, kv_overrides=None,
-                 devices=None, progress=None):
+                 devices=None, progress=None, rpc_servers=None, use_extra_bufts=True):
         use_mmap = _bool_arg(use_mmap, "use_mmap")
+        use_extra_bufts = _bool_arg(use_extra_bufts, "use_extra_bufts")
         use_mlock = _bool_arg(use_mlock, "use_mlock")
         vocab_only = _bool_arg(vocab_only, "vocab_only")
         check_tensors = _bool_arg(check_tensors, "check_tensors")
@@ -99,6 +116,12 @@ cdef class Model:
             raise InvalidArgumentError(
                 f"n_gpu_layers must be -1 (all) or >= 0, got {n_gpu_layers}")
         main_gpu = _int_arg(main_gpu, "main_gpu", 0, 1 << 16)
+        endpoints = _rpc_parse_servers(rpc_servers)
+        if endpoints and n_gpu_layers == 0:
+            raise InvalidArgumentError(
+                f"rpc_servers={list(endpoints)!r} with n_gpu_layers=0 would put no layer on "
+                "the workers: give n_gpu_layers (-1: all; fewer keeps the first layers on "
+                "this CPU)")
         if progress is not None and not callable(progress):
             raise InvalidArgumentError(f"progress must be callable or None, got {progress!r}")
         _ensure_backend()
@@ -109,6 +132,7 @@ cdef class Model:
         params.split_mode = _SPLIT_MODES[split_mode]
         params.vocab_only = vocab_only
         params.check_tensors = check_tensors
+        params.use_extra_bufts = use_extra_bufts
         if use_mmap and use_mlock:
             params.load_mode = LLAMA_LOAD_MODE_MMAP_MLOCK
         elif use_mmap:
@@ -142,9 +166,13 @@ cdef class Model:
                 params.kv_overrides = overrides
             # what llama.cpp would abort on, with the overrides applied
             _check_model_file(fspath, vocab_only, dict(kv_overrides) if kv_overrides else None)
-            if devices is not None:
+            if endpoints:
+                devs = _rpc_model_devices(endpoints, devices, n_dev_max)
+                params.devices = devs
+            elif devices is not None:
                 devs = _device_list(devices)
                 params.devices = devs
+            failures = _rpc_failure_counts(endpoints)
             self._progress = progress
             self._load_exc = None
             state.model = <PyObject *>self
@@ -155,6 +183,17 @@ cdef class Model:
             _take_recent_errors()
             with nogil:
                 ptr = llama_model_load_from_file(c_path, params)
+            if endpoints:
+                lost = _rpc_lost(endpoints, failures)
+                if lost:
+                    if ptr != NULL:
+                        with nogil:
+                            llama_model_free(ptr)
+                        ptr = NULL
+                    raise BackendError(
+                        f"the connection to RPC worker {', '.join(lost)} failed while "
+                        f"{fspath!r} was loading: start the worker again and reload")
+                failures = _rpc_failure_counts(endpoints)
         finally:
             free(split)
             free(overrides)
@@ -174,6 +213,8 @@ cdef class Model:
         self._n_vocab = llama_vocab_n_tokens(self._vocab)
         self._closed = False
         self.vocab_only = vocab_only
+        self.rpc_servers = endpoints
+        self._rpc_failures = failures
         self._fork_gen = _fork_generation
 
     # --- lifetime ------------------------------------------------------------------
@@ -207,6 +248,19 @@ cdef class Model:
             _check_fork(self._fork_gen, "model")
         return 0
 
+    cdef int _check_rpc(self) except -1:
+        """BackendError when a connection to one of the model's RPC workers failed since
+        the load: its layers there are gone (a restarted worker starts empty)."""
+        if not self.rpc_servers:
+            return 0
+        lost = _rpc_lost(self.rpc_servers, self._rpc_failures)
+        if lost:
+            raise BackendError(
+                f"the connection to RPC worker {', '.join(lost)} failed: the layers of "
+                f"{self.path!r} there are lost; close the model and load it again once "
+                "the worker is back")
+        return 0
+
     def close(self):
         """Free the model now, or as soon as the contexts still using it close."""
         self._closed = True
@@ -235,7 +289,8 @@ cdef class Model:
 
     def __repr__(self):
         state = "closed" if self._closed else "open"
-        return f"<llamabind.Model {self.path!r} {state}>"
+        workers = f" rpc_servers={list(self.rpc_servers)!r}" if self.rpc_servers else ""
+        return f"<llamabind.Model {self.path!r} {state}{workers}>"
 
     # --- information ---------------------------------------------------------------
 
@@ -445,26 +500,52 @@ cdef llama_model_kv_override * _make_kv_overrides(object overrides) except NULL:
     return arr
 
 
-cdef ggml_backend_dev_t * _device_list(object names) except NULL:
-    names = list(names)
+cdef list _device_addresses(object names):
+    cdef list out = []
+    cdef ggml_backend_dev_t dev
+    for name in list(names):
+        bname = _utf8(name, "devices item")
+        dev = ggml_backend_dev_by_name(bname)
+        if dev == NULL:
+            known = [d["name"] for d in globals()["devices"]()]
+            raise InvalidArgumentError(f"no device named {name!r}; devices: {known}")
+        out.append(<uintptr_t>dev)
+    return out
+
+
+cdef ggml_backend_dev_t * _device_array(list addresses) except NULL:
+    """A NULL-terminated, malloc'ed copy of the device addresses, for llama.cpp."""
+    cdef Py_ssize_t i, n = len(addresses)
     cdef ggml_backend_dev_t * devs = <ggml_backend_dev_t *>malloc(
-        (len(names) + 1) * sizeof(ggml_backend_dev_t))
+        (n + 1) * sizeof(ggml_backend_dev_t))
     if devs == NULL:
         raise MemoryError()
-    cdef ggml_backend_dev_t dev
-    try:
-        for i, name in enumerate(names):
-            bname = _utf8(name, "devices item")
-            dev = ggml_backend_dev_by_name(bname)
-            if dev == NULL:
-                known = [d["name"] for d in globals()["devices"]()]
-                raise InvalidArgumentError(f"no device named {name!r}; devices: {known}")
-            devs[i] = dev
-        devs[len(names)] = NULL
-    except BaseException:
-        free(devs)
-        raise
+    for i in range(n):
+        devs[i] = <ggml_backend_dev_t><uintptr_t>addresses[i]
+    devs[n] = NULL
     return devs
+
+
+cdef ggml_backend_dev_t * _device_list(object names) except NULL:
+    return _device_array(_device_addresses(names))
+
+
+cdef ggml_backend_dev_t * _rpc_model_devices(tuple endpoints, object names,
+                                             size_t n_dev_max) except NULL:
+    """The workers' devices first (llama.cpp's own order: fewer network transfers),
+    then the local ones: those named, or the GPUs llama.cpp would choose itself."""
+    local = _device_addresses(names) if names is not None else _local_default_devices()
+    remote = [address for _, address in _rpc_connect(endpoints)]
+    if len(remote) + len(local) > n_dev_max:
+        raise InvalidArgumentError(
+            f"rpc_servers={list(endpoints)!r} offer {len(remote)} devices, and this machine "
+            f"{len(local)}: llama.cpp takes at most {n_dev_max}")
+    return _device_array(remote + local)
+
+
+cdef list _rpc_lost(tuple endpoints, tuple counts):
+    return [endpoint for endpoint, before, now in
+            zip(endpoints, counts, _rpc_failure_counts(endpoints)) if now != before]
 
 
 cdef int _check_model_file(str path, bint vocab_only, dict overrides) except -1:
