@@ -7,6 +7,7 @@ Imported by tests/test_rpc.py and by the child processes it starts.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import struct
@@ -35,14 +36,20 @@ def free_port() -> int:
 class Worker:
     """A ``python -m llamabind rpc-server`` process on 127.0.0.1."""
 
-    def __init__(self, port: int | None = None, threads: int = 1) -> None:
+    def __init__(self, port: int | None = None, threads: int = 1,
+                 cache_env: dict[str, str] | None = None) -> None:
+        """``cache_env``: run with ``--cache`` and these environment variables added."""
         self.port = port or free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "llamabind", "rpc-server", "-p", str(self.port),
+               "-t", str(threads)]
+        env = None
+        if cache_env is not None:
+            cmd.append("--cache")
+            env = dict(os.environ, **cache_env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llamabind", "rpc-server", "-p", str(self.port),
-             "-t", str(threads)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=env)
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 60.0) -> None:

@@ -96,21 +96,21 @@ def test_split_across_two_workers_and_cpu_matches_local(
 
 
 def test_high_level_load_offloads_all_layers_to_workers(
-        loaded_smol: llamabind.LoadedModel, workers: list[Worker],
-        caplog: pytest.LogCaptureFixture) -> None:
+        smol_path: str, workers: list[Worker], caplog: pytest.LogCaptureFixture) -> None:
     """LoadedModel.load with rpc_servers and no n_gpu_layers: every layer goes to the
     workers (their devices count as GPUs); SmolLM2's Q4_1 weights are never repacked,
     so the defaults give the local tokens."""
-    want = loaded_smol.generate(PROMPT, temperature=0, max_tokens=12)
+    # one thread: on a busy 2-core machine, two threads of a context spin at ggml's
+    # barriers while the other waits for a core (measured here: 7x slower)
+    context = llamabind.ContextConfig(threads=1)
+    with llamabind.LoadedModel.load(smol_path, n_gpu_layers=0, context=context) as local:
+        want = local.generate(PROMPT, temperature=0, max_tokens=12)
+        n_layer = local.native.n_layer
     caplog.set_level(logging.INFO, logger="llamabind")
-    # one thread: this 2-core machine is shared, and two threads of a context spin at
-    # ggml's barriers while the other waits for a core
-    with llamabind.LoadedModel.load(loaded_smol.config.path,
-                                    rpc_servers=[w.endpoint for w in workers],
-                                    context=llamabind.ContextConfig(threads=1)) as split:
+    with llamabind.LoadedModel.load(smol_path, rpc_servers=[w.endpoint for w in workers],
+                                    context=context) as split:
         assert split.config.rpc_servers == tuple(w.endpoint for w in workers)
         got = split.generate(PROMPT, temperature=0, max_tokens=12)
-    n_layer = loaded_smol.native.n_layer
     assert any(f"offloaded {n_layer + 1}/{n_layer + 1} layers" in r.getMessage()
                for r in caplog.records)
     assert got.tokens == want.tokens
@@ -210,6 +210,7 @@ def test_worker_failing_at_each_stage_of_a_load_is_a_backend_error(smol_path: st
 
 KILLED_MID_GENERATION = r'''
 import sys
+import threading
 sys.path.insert(0, TESTS)
 import llamabind
 from _rpc_workers import Worker
@@ -252,9 +253,18 @@ got = reloaded.generate("The capital of France is", temperature=0, max_tokens=8)
 report(step="reloaded", same=list(got) == list(want))
 model.close()
 
-# exit with the worker dead and the models still open: must not hang
-next(iter(reloaded.stream("Once", temperature=0, max_tokens=4)))
-worker.kill()
+# killed from another thread while the client most likely waits inside a decode
+no_eog = {t: float("-inf") for t in range(reloaded.vocab.n_tokens) if reloaded.vocab.is_eog(t)}
+timer = threading.Timer(0.5, worker.kill)
+timer.start()
+try:
+    reloaded.generate("Once upon a time", temperature=0, max_tokens=5000, logit_bias=no_eog)
+    report(step="killed in a decode", outcome="finished")
+except llamabind.LlamaError as exc:
+    report(step="killed in a decode", outcome=type(exc).__name__)
+timer.join()
+
+# exit with the worker dead and the model still open: must not hang
 report(step="exit")
 '''
 
@@ -272,6 +282,7 @@ def test_worker_killed_mid_generation_then_back(smol_path: str) -> None:
     assert steps["again"]["outcome"] == "BackendError"
     assert steps["old model"]["outcome"] == "BackendError"
     assert steps["reloaded"]["same"] is True
+    assert steps["killed in a decode"]["outcome"] == "BackendError"
     assert "exit" in steps
 
 
@@ -349,6 +360,21 @@ def test_rpc_server_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--port must be in [1, 65535], got 0" in err
     assert "--threads must be >= 1, got 0" in err
     assert "--host 'not an address'" in err
+
+
+@pytest.mark.model
+def test_rpc_server_cache_keeps_large_tensors(smol_path: str, tmp_path: Path) -> None:
+    """With --cache, a tensor over ggml's 10 MiB threshold (SmolLM2's output weights,
+    17 MB) is written to the cache directory when a client first sends it."""
+    worker = Worker(cache_env={"LLAMA_CACHE": str(tmp_path)})
+    try:
+        with llamabind.Model(smol_path, rpc_servers=[worker.endpoint], n_gpu_layers=-1):
+            pass
+    finally:
+        rc, err = worker.stop()
+    assert rc == 0, err
+    cached = list((tmp_path / "rpc").iterdir())
+    assert cached and all(f.stat().st_size > 10 * 2**20 for f in cached), cached
 
 
 def test_rpc_server_cache_is_llama_cpps(monkeypatch: pytest.MonkeyPatch,

@@ -530,24 +530,6 @@ cdef ggml_backend_dev_t * _device_list(object names) except NULL:
     return _device_array(_device_addresses(names))
 
 
-cdef ggml_backend_dev_t * _rpc_model_devices(tuple endpoints, object names,
-                                             size_t n_dev_max) except NULL:
-    """The workers' devices first (llama.cpp's own order: fewer network transfers),
-    then the local ones: those named, or the GPUs llama.cpp would choose itself."""
-    local = _device_addresses(names) if names is not None else _local_default_devices()
-    remote = [address for _, address in _rpc_connect(endpoints)]
-    if len(remote) + len(local) > n_dev_max:
-        raise InvalidArgumentError(
-            f"rpc_servers={list(endpoints)!r} offer {len(remote)} devices, and this machine "
-            f"{len(local)}: llama.cpp takes at most {n_dev_max}")
-    return _device_array(remote + local)
-
-
-cdef list _rpc_lost(tuple endpoints, tuple counts):
-    return [endpoint for endpoint, before, now in
-            zip(endpoints, counts, _rpc_failure_counts(endpoints)) if now != before]
-
-
 cdef int _check_model_file(str path, bint vocab_only, dict overrides) except -1:
     from llamabind._gguf import check_model_file
     check_model_file(path, vocab_only=vocab_only, overrides=overrides)

@@ -67,7 +67,8 @@ def _rpc_parse_servers(servers):
     if not isinstance(servers, (list, tuple)):
         raise InvalidArgumentError(
             f"rpc_servers must be a list of 'host:port' strings, got {servers!r}")
-    if len(servers) > GGML_RPC_MAX_SERVERS:
+    # (a build without the backend has no limit to check: loading says it has no backend)
+    if GGML_RPC_MAX_SERVERS and len(servers) > GGML_RPC_MAX_SERVERS:
         raise InvalidArgumentError(
             f"rpc_servers names {len(servers)} workers; ggml's RPC backend takes at most "
             f"{GGML_RPC_MAX_SERVERS}: {list(servers)!r}")
@@ -213,6 +214,25 @@ cdef tuple _rpc_failure_counts(tuple endpoints):
         b_endpoint = endpoint.encode()
         counts.append(ggml_backend_rpc_endpoint_failures(b_endpoint))
     return tuple(counts)
+
+
+cdef ggml_backend_dev_t * _rpc_model_devices(tuple endpoints, object names,
+                                             size_t n_dev_max) except NULL:
+    """The workers' devices first (llama.cpp's own order: fewer network transfers),
+    then the local ones: those named, or the GPUs llama.cpp would choose itself."""
+    local = _device_addresses(names) if names is not None else _local_default_devices()
+    remote = [address for _, address in _rpc_connect(endpoints)]
+    if len(remote) + len(local) > n_dev_max:
+        raise InvalidArgumentError(
+            f"rpc_servers={list(endpoints)!r} offer {len(remote)} devices, and this machine "
+            f"{len(local)}: llama.cpp takes at most {n_dev_max}")
+    return _device_array(remote + local)
+
+
+cdef list _rpc_lost(tuple endpoints, tuple counts):
+    """The endpoints whose connection failed since ``counts`` were taken."""
+    return [endpoint for endpoint, before, now in
+            zip(endpoints, counts, _rpc_failure_counts(endpoints)) if now != before]
 
 
 cdef list _local_default_devices():
