@@ -47,8 +47,10 @@ class Worker:
         if cache_env is not None:
             cmd.append("--cache")
             env = dict(os.environ, **cache_env)
+        # ggml prints two lines per client connection to stdout: not kept, lest a full
+        # pipe block the worker
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True, env=env)
         self._wait_ready()
 
@@ -61,9 +63,9 @@ class Worker:
             except llamabind.BackendError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.kill()
-                    out, err = self.proc.communicate()
+                    _, err = self.proc.communicate()
                     raise RuntimeError(f"rpc-server on {self.endpoint} did not start: "
-                                       f"{out}{err}") from None
+                                       f"{err}") from None
                 time.sleep(0.1)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> tuple[int, str]:

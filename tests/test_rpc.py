@@ -116,6 +116,27 @@ def test_high_level_load_offloads_all_layers_to_workers(
     assert got.tokens == want.tokens
 
 
+@pytest.mark.model
+def test_models_in_one_process_share_a_workers_connection(smol_path: str,
+                                                          workers: list[Worker]) -> None:
+    """ggml keeps one connection per worker, shared by the models of a process, and a
+    worker serves one connection at a time: a second model (or a device listing) on a
+    worker this process already uses must not wait for a probe answer that cannot come
+    (it did: 5 s, then BackendError 'busy with another client')."""
+    endpoint = workers[0].endpoint
+    first = llamabind.Model(smol_path, rpc_servers=[endpoint], n_gpu_layers=-1)
+    try:
+        assert [d["description"] for d in llamabind.devices(rpc_servers=[endpoint])
+                if d["backend"] == "RPC"] == [endpoint]
+        with llamabind.Model(smol_path, rpc_servers=[endpoint], n_gpu_layers=-1) as second:
+            assert greedy(second, 8) == greedy(first, 8)
+    finally:
+        first.close()
+    # no model holds the connection any more: the next load probes the worker again
+    with llamabind.Model(smol_path, rpc_servers=[endpoint], n_gpu_layers=-1) as third:
+        assert len(greedy(third, 8)) == 8
+
+
 def test_devices_and_info_list_the_workers(workers: list[Worker],
                                            capsys: pytest.CaptureFixture[str]) -> None:
     local = llamabind.devices()
@@ -284,6 +305,40 @@ def test_worker_killed_mid_generation_then_back(smol_path: str) -> None:
     assert steps["reloaded"]["same"] is True
     assert steps["killed in a decode"]["outcome"] == "BackendError"
     assert "exit" in steps
+
+
+FORKED = r'''
+import os, sys
+sys.path.insert(0, TESTS)
+import llamabind
+from _rpc_workers import Worker
+
+worker = Worker()
+model = llamabind.Model(PATH, rpc_servers=[worker.endpoint], n_gpu_layers=-1)
+pid = os.fork()
+if pid == 0:
+    try:
+        llamabind.Model(PATH, rpc_servers=[worker.endpoint], n_gpu_layers=-1)
+        code = 1
+    except llamabind.ForkError:
+        code = 0
+    except BaseException:
+        code = 2
+    os._exit(code)
+_, status = os.waitpid(pid, 0)
+report(child=os.waitstatus_to_exitcode(status))
+model.close()
+worker.stop()
+'''
+
+
+@pytest.mark.model
+def test_forked_child_cannot_reuse_the_parents_worker_connection(smol_path: str) -> None:
+    """The child inherits ggml's connection object without its thread: using it would
+    hang, so loading on that worker in the child is a ForkError."""
+    outcome = run_python(f"TESTS = {TESTS!r}\nPATH = {smol_path!r}\n" + FORKED, timeout=120)
+    assert outcome.kind == "ok", outcome.describe()
+    assert [r["child"] for r in outcome.reports if "child" in r] == [0]
 
 
 # --- bad input ---------------------------------------------------------------------

@@ -216,6 +216,8 @@ cdef class Model:
         self.rpc_servers = endpoints
         self._rpc_failures = failures
         self._fork_gen = _fork_generation
+        if endpoints:
+            _rpc_hold(endpoints, failures)
 
     # --- lifetime ------------------------------------------------------------------
 
@@ -239,6 +241,8 @@ cdef class Model:
         if ptr != NULL and self._fork_gen == _fork_generation:
             with nogil:
                 llama_model_free(ptr)
+            if self.rpc_servers:
+                _rpc_release(self.rpc_servers)
 
     cdef inline int _check_open(self) except -1:
         if self._closed or self._ptr == NULL:

@@ -29,6 +29,13 @@ cdef int _RPC_CMD_HELLO = 14
 cdef int _RPC_CAPS_SIZE = 24
 cdef int _RPC_HELLO_REPLY_SIZE = 4 + 24
 
+# The workers this process is connected to through loaded models. ggml keeps one
+# connection per endpoint, shared by every model on it, and a worker serves one
+# connection at a time: a probe of such a worker would wait for this very process, so
+# it is skipped while the connection is held and has not failed since.
+# endpoint -> [fork generation, models loaded, ggml's failure count at the last load]
+cdef dict _rpc_held = {}
+
 
 def rpc_protocol_version():
     """The ggml RPC protocol version this build speaks, e.g. ``(7, 0, 0)``; ``None``
@@ -158,6 +165,40 @@ cdef tuple _rpc_probe(str endpoint):
     return address
 
 
+cdef bint _rpc_connection_held(str endpoint) except -1:
+    entry = _rpc_held.get(endpoint)
+    if entry is None or entry[1] == 0:
+        return False
+    if entry[0] != _fork_generation:
+        raise ForkError(
+            f"this process was forked while a model used RPC worker {endpoint}: ggml's "
+            "connection to it belongs to the parent process (and would hang here); load "
+            "models on it in a process that did not inherit one")
+    return entry[2] == _rpc_failure_counts((endpoint,))[0]
+
+
+cdef int _rpc_hold(tuple endpoints, tuple failures) except -1:
+    """A model on these workers loaded: their connections are held."""
+    for endpoint, count in zip(endpoints, failures):
+        entry = _rpc_held.get(endpoint)
+        if entry is None or entry[0] != _fork_generation:
+            entry = _rpc_held[endpoint] = [_fork_generation, 0, count]
+        entry[1] += 1
+        entry[2] = count
+    return 0
+
+
+cdef void _rpc_release(tuple endpoints) noexcept:
+    """A model on these workers was freed (in the process that loaded it)."""
+    try:
+        for endpoint in endpoints:
+            entry = _rpc_held.get(endpoint)
+            if entry is not None and entry[0] == _fork_generation and entry[1] > 0:
+                entry[1] -= 1
+    except BaseException:
+        pass
+
+
 cdef int _rpc_require_backend() except -1:
     _ensure_backend()
     if not llama_supports_rpc():
@@ -178,7 +219,11 @@ cdef list _rpc_connect(tuple endpoints):
     cdef const char * c_endpoint
     cdef size_t i, n
     for endpoint in endpoints:
-        address = _rpc_probe(endpoint)
+        if _rpc_connection_held(endpoint):
+            host, _, port = endpoint.rpartition(":")
+            address = (_socket.gethostbyname(host), int(port))
+        else:
+            address = _rpc_probe(endpoint)
         if address in seen:
             raise InvalidArgumentError(
                 f"rpc_servers {seen[address]!r} and {endpoint!r} are the same worker "
