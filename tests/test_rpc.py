@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,6 +164,29 @@ def test_unreachable_worker_is_a_backend_error_naming_it(smol_path: str) -> None
         llamabind.Model(smol_path, rpc_servers=[endpoint], n_gpu_layers=-1)
     with pytest.raises(llamabind.BackendError, match=r"nosuch\.invalid"):
         llamabind.devices(rpc_servers=["nosuch.invalid:50052"])
+
+
+def test_a_server_that_is_no_worker_is_refused(smol_path: str) -> None:
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    endpoint = f"127.0.0.1:{server.getsockname()[1]}"
+
+    def answer_like_http() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(64)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    thread = threading.Thread(target=answer_like_http, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(llamabind.BackendError, match="not an RPC worker") as info:
+            llamabind.devices(rpc_servers=[endpoint])
+    finally:
+        thread.join(30)
+        server.close()
+    assert endpoint in str(info.value)
 
 
 @pytest.mark.parametrize("version", [(6, 0, 0), (8, 0, 0), (7, 99, 0)])
@@ -378,6 +402,10 @@ def test_same_worker_under_two_names_and_no_offloaded_layer_are_refused(
             workers[0].endpoint, f"localhost:{workers[0].port}"])
     with pytest.raises(llamabind.InvalidArgumentError, match="n_gpu_layers"):
         llamabind.Model(smol_path, rpc_servers=[workers[0].endpoint])
+    # a weight for this CPU: two workers are two devices
+    with pytest.raises(llamabind.InvalidArgumentError, match=r"3 weights for 2 devices"):
+        llamabind.Model(smol_path, n_gpu_layers=-1, tensor_split=[1, 1, 1],
+                        rpc_servers=[w.endpoint for w in workers])
     config = llamabind.ModelConfig(path=smol_path, rpc_servers=[workers[0].endpoint])
     assert config.rpc_servers == (workers[0].endpoint,)
 

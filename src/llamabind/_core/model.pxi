@@ -167,7 +167,7 @@ cdef class Model:
             # what llama.cpp would abort on, with the overrides applied
             _check_model_file(fspath, vocab_only, dict(kv_overrides) if kv_overrides else None)
             if endpoints:
-                devs = _rpc_model_devices(endpoints, devices, n_dev_max)
+                devs = _rpc_model_devices(endpoints, devices, n_dev_max, tensor_split)
                 params.devices = devs
             elif devices is not None:
                 devs = _device_list(devices)

@@ -153,6 +153,10 @@ cdef tuple _rpc_probe(str endpoint):
             f"an RPC worker, or one from a different build that refuses protocol {ours}; "
             f"{same_build}")
     size = _struct.unpack("=Q", reply[:8])[0]
+    if size > 4096:
+        raise BackendError(
+            f"{where} answered the RPC HELLO with something that is no RPC reply "
+            f"({reply[:16]!r}...): it is not an RPC worker")
     if size != _RPC_HELLO_REPLY_SIZE or len(reply) < 8 + 3:
         raise BackendError(
             f"{where} answered the RPC HELLO with a {size}-byte reply where protocol "
@@ -262,15 +266,25 @@ cdef tuple _rpc_failure_counts(tuple endpoints):
 
 
 cdef ggml_backend_dev_t * _rpc_model_devices(tuple endpoints, object names,
-                                             size_t n_dev_max) except NULL:
+                                             size_t n_dev_max, object tensor_split) except NULL:
     """The workers' devices first (llama.cpp's own order: fewer network transfers),
     then the local ones: those named, or the GPUs llama.cpp would choose itself."""
     local = _device_addresses(names) if names is not None else _local_default_devices()
     remote = [address for _, address in _rpc_connect(endpoints)]
-    if len(remote) + len(local) > n_dev_max:
+    cdef size_t n = len(remote) + len(local)
+    if n > n_dev_max:
         raise InvalidArgumentError(
             f"rpc_servers={list(endpoints)!r} offer {len(remote)} devices, and this machine "
             f"{len(local)}: llama.cpp takes at most {n_dev_max}")
+    if tensor_split is not None and len(tensor_split) > n:
+        # llama.cpp would ignore the extra weights; a weight meant for this CPU is the
+        # likely mistake (the CPU takes what n_gpu_layers leaves, not a share)
+        listed = [ggml_backend_dev_name(<ggml_backend_dev_t><uintptr_t>a).decode()
+                  for a in remote + local]
+        raise InvalidArgumentError(
+            f"tensor_split={list(tensor_split)!r} has {len(tensor_split)} weights for "
+            f"{n} devices {listed}: this CPU is not one of them (it keeps the first layers "
+            "when n_gpu_layers leaves some)")
     return _device_array(remote + local)
 
 
