@@ -5,12 +5,13 @@
 The module is built from one file per object (uvloop's layout): each ``.pxi`` under
 ``_core/`` holds one class, and they are included here so that they share one
 extension module and one statically linked copy of llama.cpp. Extern declarations
-live only in ``_core/llama.pxd`` and ``_core/ggml.pxd``.
+live only in ``_core/llama.pxd``, ``_core/ggml.pxd`` and ``_core/ggml_rpc.pxd``.
 """
 
 include "_core/common.pxi"
 include "_core/log.pxi"
 include "_core/backend.pxi"
+include "_core/rpc.pxi"
 include "_core/model.pxi"
 include "_core/vocab.pxi"
 include "_core/batch.pxi"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -27,9 +28,10 @@ def build_config() -> dict[str, Any]:
     return data
 
 
-def build_info() -> dict[str, Any]:
+def build_info(rpc_servers: Sequence[str] | None = None) -> dict[str, Any]:
     """llama.cpp version and commit, the backends compiled in, the devices found now
-    (name, type, memory), the CPU features in use, and the build options."""
+    (name, type, memory; with ``rpc_servers``, also those RPC workers' devices), the
+    CPU features in use, and the build options."""
     config = build_config()
     native = _llama.native_info()
     return {
@@ -38,7 +40,8 @@ def build_info() -> dict[str, Any]:
         "llama_cpp_version": native["llama_cpp_version"],
         "ggml_version": native["ggml_version"],
         "backends": _llama.backends(),
-        "devices": _llama.devices(),
+        "devices": _llama.devices(rpc_servers=rpc_servers or None),
+        "rpc_protocol": _llama.rpc_protocol_version(),
         "cpu_features": [k for k, v in _llama.cpu_features().items() if v],
         "system_info": _llama.system_info(),
         "supports_gpu_offload": native["supports_gpu_offload"],

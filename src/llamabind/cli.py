@@ -44,7 +44,7 @@ def _add_options(p: argparse.ArgumentParser, cls: type, title: str,
             kwargs.update(choices=spec.choices)
         elif f.name == "stop":
             kwargs.update(action="append", metavar="TEXT")
-        elif f.name in ("tensor_split", "devices"):
+        elif f.name in ("tensor_split", "devices", "rpc_servers"):
             kwargs.update(type=_comma_list(float if f.name == "tensor_split" else str),
                           metavar="A,B,...")
         else:
@@ -67,6 +67,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     _add_options(p, ModelConfig, "model")
     _add_options(p, ContextConfig, "context")
     _add_options(p, EngineConfig, "engine")
+
+
+def _rpc_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpc", dest="rpc_servers", default=None, metavar="HOST:PORT,...",
+                   type=_comma_list(str),
+                   help="ggml RPC workers (`llamabind rpc-server`) whose devices to list")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -161,7 +167,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import llamabind
 
-    info: dict[str, Any] = {"build": llamabind.build_info()}
+    info: dict[str, Any] = {"build": llamabind.build_info(rpc_servers=args.rpc_servers or ())}
     if args.model or not args.build_only:
         path = args.model or llamabind.default_model_path()
         if os.path.exists(path):
@@ -241,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--build-only", action="store_true", help="no model information")
     p.add_argument("--metadata", action="store_true", help="include all GGUF metadata")
     p.add_argument("--json", action="store_true")
+    _rpc_arg(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("bench", help="benchmark against native llama.cpp (benchmarks/)")
@@ -250,6 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llamabind.server.command import add_parser as add_serve_parser
 
     add_serve_parser(sub)  # `llamabind serve` (its code lives in llamabind.server)
+
+    from llamabind.rpc import add_command as add_rpc_server_command
+
+    add_rpc_server_command(sub)
 
     args = parser.parse_args(argv)
     try:

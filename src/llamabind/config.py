@@ -260,6 +260,15 @@ def _devices(name: str, value: Any) -> tuple[str, ...]:
     return _str_tuple(name, value)
 
 
+def _rpc_servers(name: str, value: Any) -> tuple[str, ...]:
+    # the endpoint rules live with the RPC backend's code (the core module)
+    from llamabind._llama import _rpc_parse_servers
+
+    if value is None:
+        return ()
+    return _rpc_parse_servers(value)
+
+
 def _kv_overrides(name: str, value: Any) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise _bad(name, value, "a mapping of metadata key -> int, float, bool or str")
@@ -406,6 +415,14 @@ class ModelConfig(_Config):
     devices: tuple[str, ...] | None = _param(
         None, "custom", optional=True, convert=_devices, cli=("-dev", "--device"),
         doc="backend devices to use, by name (None: all)")
+    rpc_servers: tuple[str, ...] = _param(
+        (), "custom", convert=_rpc_servers, cli=("--rpc",),
+        doc="'host:port' of ggml RPC workers (`llamabind rpc-server`) whose devices take "
+            "layers, before this machine's GPUs; with them, n_gpu_layers=None means all")
+    use_extra_bufts: bool = _param(
+        True, "bool",
+        doc="repack some quantised weights for faster CPU kernels (False: llama.cpp's "
+            "--no-repack; the logits then equal an RPC worker's, which never repacks)")
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,14 @@ cdef dict _DEVICE_TYPES = {
 }
 
 
-def devices():
-    """The devices ggml found at run time: name, description, type, backend, memory."""
+def devices(rpc_servers=None):
+    """The devices ggml found at run time: name, description, type, backend, memory.
+
+    ``rpc_servers=["host:port", ...]`` adds the devices of those RPC workers (backend
+    ``"RPC"``, the endpoint as description; ggml gives them the type ``"gpu"``),
+    connecting to each; an unreachable worker raises BackendError.
+    """
+    endpoints = _rpc_parse_servers(rpc_servers)
     _ensure_backend()
     cdef size_t i, free_mem, total_mem
     cdef ggml_backend_dev_t dev
@@ -79,6 +85,8 @@ def devices():
             "memory_free": free_mem,
             "memory_total": total_mem,
         })
+    if endpoints:
+        out.extend(_rpc_device_info(endpoints, len(out)))
     return out
 
 

@@ -262,6 +262,7 @@ cdef class Context:
             raise InvalidArgumentError(
                 f"model {model.path!r} was loaded with vocab_only=True: it has no weights "
                 "to run a context on")
+        model._check_rpc()
         model._pin()
         cdef llama_context_params params = llama_context_default_params()
         params.n_ctx = n_ctx
@@ -286,6 +287,7 @@ cdef class Context:
             _take_recent_errors()
             with nogil:
                 ptr = llama_init_from_model(model._ptr, params)
+            model._check_rpc()
             if ptr == NULL:
                 details = "; ".join(_take_recent_errors()) or "no details logged"
                 raise ContextCreationError(
@@ -606,6 +608,7 @@ cdef class Context:
         the batch (nothing was decoded) instead of raising."""
         global _sigint_seen, _decodes_running
         cdef int32_t rc
+        cdef bint remote
         cdef int32_t n_out = self._validate_batch(b)
         cdef bint relay = False
         cdef int want = self._threads if b.n_tokens == 1 else self._threads_batch
@@ -616,6 +619,9 @@ cdef class Context:
             raise GenerationCancelled("cancelled before the decode started")
         if _exiting:
             raise GenerationCancelled("the interpreter is exiting")
+        remote = bool(self.model.rpc_servers)
+        if remote:
+            self.model._check_rpc()
         if (long_running and b.n_tokens > 1
                 and threading.current_thread() is threading.main_thread()
                 and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler):
@@ -637,6 +643,10 @@ cdef class Context:
                     rc = llama_encode(self._ptr, b[0])
                 else:
                     rc = llama_decode(self._ptr, b[0])
+                if remote and rc == 0:
+                    # results computed on a worker arrive asynchronously: wait for
+                    # them here, so that a worker lost on the way is seen below
+                    llama_synchronize(self._ptr)
                 llamabind_gate_leave(taken)
         finally:
             _decodes_running -= 1
@@ -644,6 +654,12 @@ cdef class Context:
             if relay:
                 sigaction(SIGINT, &_python_sigint, NULL)
                 self._abort.watch_sigint = False
+        if remote:
+            try:
+                self.model._check_rpc()
+            except BackendError:
+                self._last_n_tokens = 0
+                raise
         if rc == 2 or (rc != 0 and self._abort.cancel):
             self._last_n_tokens = 0
             if self._abort.cancel:

@@ -100,6 +100,14 @@ cdef extern from "ggml-backend.h" nogil:
         GGML_BACKEND_DEVICE_TYPE_ACCEL
         GGML_BACKEND_DEVICE_TYPE_META
 
+    struct ggml_backend_dev_props:
+        const char * name
+        const char * description
+        size_t memory_free
+        size_t memory_total
+        ggml_backend_dev_type type
+        const char * device_id
+
     const char * ggml_backend_dev_name(ggml_backend_dev_t device)
     const char * ggml_backend_dev_description(ggml_backend_dev_t device)
     void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total)
@@ -111,4 +119,8 @@ cdef extern from "ggml-backend.h" nogil:
     size_t ggml_backend_dev_count()
     ggml_backend_dev_t ggml_backend_dev_get(size_t index)
     ggml_backend_dev_t ggml_backend_dev_by_name(const char * name)
+    void ggml_backend_dev_get_props(ggml_backend_dev_t device, ggml_backend_dev_props * props)
+    ggml_backend_buffer_type_t ggml_backend_dev_buffer_type(ggml_backend_dev_t device)
+    size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg)
+    ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index)
     void ggml_backend_load_all()

@@ -59,6 +59,18 @@ cdef class Model:
     model can serve any number of contexts in any number of threads. ``close()`` (or
     a ``with`` block) frees its memory at once when nothing uses it; contexts still
     open keep it alive until they close.
+
+    ``rpc_servers=["host:port", ...]`` offloads layers to ggml RPC workers
+    (``llamabind rpc-server``) as devices placed before this machine's GPUs;
+    ``n_gpu_layers`` layers go to those devices, split by ``tensor_split`` (one weight
+    per device, the workers' first), the rest stay on this CPU. A worker that cannot be
+    reached, or is from another build, raises BackendError; one that goes away later
+    makes every use of the model raise BackendError.
+
+    ``use_extra_bufts=False`` keeps the CPU's weights in ggml's plain layout (llama.cpp's
+    ``--no-repack``): by default some quantised weights are repacked for faster CPU
+    kernels, which sum in another order, so the logits differ slightly from a worker's
+    (a worker never repacks) or from a build without those kernels.
     """
 
     cdef llama_model * _ptr
@@ -71,6 +83,8 @@ cdef class Model:
     cdef object _load_exc
     cdef readonly str path
     cdef readonly bint vocab_only
+    cdef readonly tuple rpc_servers   # the workers' endpoints, normalised
+    cdef tuple _rpc_failures          # ggml's failure count per worker after the load
 
     def __cinit__(self):
         self._ptr = NULL
@@ -78,6 +92,8 @@ cdef class Model:
         self._pins = 0
         self._closed = True
         self._fork_gen = _fork_generation
+        self.rpc_servers = ()
+        self._rpc_failures = ()
 
     def __init__(self, path, *, progress=None, **options):
         """``Model(path, n_gpu_layers=..., ...)``: the options are the fields of
@@ -93,8 +109,15 @@ cdef class Model:
         fspath, cpath = _path_bytes(cfg.path, "path")
         self.path = fspath
         n_gpu_layers = cfg.n_gpu_layers
+        endpoints = cfg.rpc_servers
         if n_gpu_layers is None:
-            n_gpu_layers = -1 if _has_gpu_device() else 0
+            # RPC workers' devices count as GPUs (ggml gives them that type)
+            n_gpu_layers = -1 if endpoints or _has_gpu_device() else 0
+        elif endpoints and n_gpu_layers == 0:
+            raise InvalidArgumentError(
+                f"rpc_servers={list(endpoints)!r} with n_gpu_layers=0 would put no layer on "
+                "the workers: give n_gpu_layers (-1: all; fewer keeps the first layers on "
+                "this CPU)")
         main_gpu = cfg.main_gpu
         split_mode = cfg.split_mode
         tensor_split = cfg.tensor_split
@@ -104,6 +127,7 @@ cdef class Model:
         check_tensors = cfg.check_tensors
         kv_overrides = cfg.kv_overrides
         devices = cfg.devices
+        use_extra_bufts = cfg.use_extra_bufts
         if progress is not None and not callable(progress):
             raise InvalidArgumentError(f"progress must be callable or None, got {progress!r}")
         _ensure_backend()
@@ -114,6 +138,7 @@ cdef class Model:
         params.split_mode = _SPLIT_MODES[split_mode]
         params.vocab_only = vocab_only
         params.check_tensors = check_tensors
+        params.use_extra_bufts = use_extra_bufts
         if use_mmap and use_mlock:
             params.load_mode = LLAMA_LOAD_MODE_MMAP_MLOCK
         elif use_mmap:
@@ -147,9 +172,13 @@ cdef class Model:
                 params.kv_overrides = overrides
             # what llama.cpp would abort on, with the overrides applied
             _check_model_file(fspath, vocab_only, dict(kv_overrides) if kv_overrides else None)
-            if devices is not None:
+            if endpoints:
+                devs = _rpc_model_devices(endpoints, devices, n_dev_max, tensor_split)
+                params.devices = devs
+            elif devices is not None:
                 devs = _device_list(devices)
                 params.devices = devs
+            failures = _rpc_failure_counts(endpoints)
             self._progress = progress
             self._load_exc = None
             state.model = <PyObject *>self
@@ -160,6 +189,17 @@ cdef class Model:
             _take_recent_errors()
             with nogil:
                 ptr = llama_model_load_from_file(c_path, params)
+            if endpoints:
+                lost = _rpc_lost(endpoints, failures)
+                if lost:
+                    if ptr != NULL:
+                        with nogil:
+                            llama_model_free(ptr)
+                        ptr = NULL
+                    raise BackendError(
+                        f"the connection to RPC worker {', '.join(lost)} failed while "
+                        f"{fspath!r} was loading: start the worker again and reload")
+                failures = _rpc_failure_counts(endpoints)
         finally:
             free(split)
             free(overrides)
@@ -179,7 +219,11 @@ cdef class Model:
         self._n_vocab = llama_vocab_n_tokens(self._vocab)
         self._closed = False
         self.vocab_only = vocab_only
+        self.rpc_servers = endpoints
+        self._rpc_failures = failures
         self._fork_gen = _fork_generation
+        if endpoints:
+            _rpc_hold(endpoints, failures)
 
     # --- lifetime ------------------------------------------------------------------
 
@@ -203,6 +247,8 @@ cdef class Model:
         if ptr != NULL and self._fork_gen == _fork_generation:
             with nogil:
                 llama_model_free(ptr)
+            if self.rpc_servers:
+                _rpc_release(self.rpc_servers)
 
     cdef inline int _check_open(self) except -1:
         if self._closed or self._ptr == NULL:
@@ -210,6 +256,19 @@ cdef class Model:
                               "model is not loaded")
         if self._fork_gen != _fork_generation:
             _check_fork(self._fork_gen, "model")
+        return 0
+
+    cdef int _check_rpc(self) except -1:
+        """BackendError when a connection to one of the model's RPC workers failed since
+        the load: its layers there are gone (a restarted worker starts empty)."""
+        if not self.rpc_servers:
+            return 0
+        lost = _rpc_lost(self.rpc_servers, self._rpc_failures)
+        if lost:
+            raise BackendError(
+                f"the connection to RPC worker {', '.join(lost)} failed: the layers of "
+                f"{self.path!r} there are lost; close the model and load it again once "
+                "the worker is back")
         return 0
 
     def close(self):
@@ -240,7 +299,8 @@ cdef class Model:
 
     def __repr__(self):
         state = "closed" if self._closed else "open"
-        return f"<llamabind.Model {self.path!r} {state}>"
+        workers = f" rpc_servers={list(self.rpc_servers)!r}" if self.rpc_servers else ""
+        return f"<llamabind.Model {self.path!r} {state}{workers}>"
 
     # --- information ---------------------------------------------------------------
 
@@ -455,26 +515,34 @@ cdef bint _has_gpu_device() except -1:
     return any(d["type"] in ("gpu", "igpu") for d in devices())
 
 
-cdef ggml_backend_dev_t * _device_list(object names) except NULL:
-    names = list(names)
+cdef list _device_addresses(object names):
+    cdef list out = []
+    cdef ggml_backend_dev_t dev
+    for name in list(names):
+        bname = _utf8(name, "devices item")
+        dev = ggml_backend_dev_by_name(bname)
+        if dev == NULL:
+            known = [d["name"] for d in globals()["devices"]()]
+            raise InvalidArgumentError(f"no device named {name!r}; devices: {known}")
+        out.append(<uintptr_t>dev)
+    return out
+
+
+cdef ggml_backend_dev_t * _device_array(list addresses) except NULL:
+    """A NULL-terminated, malloc'ed copy of the device addresses, for llama.cpp."""
+    cdef Py_ssize_t i, n = len(addresses)
     cdef ggml_backend_dev_t * devs = <ggml_backend_dev_t *>malloc(
-        (len(names) + 1) * sizeof(ggml_backend_dev_t))
+        (n + 1) * sizeof(ggml_backend_dev_t))
     if devs == NULL:
         raise MemoryError()
-    cdef ggml_backend_dev_t dev
-    try:
-        for i, name in enumerate(names):
-            bname = _utf8(name, "devices item")
-            dev = ggml_backend_dev_by_name(bname)
-            if dev == NULL:
-                known = [d["name"] for d in globals()["devices"]()]
-                raise InvalidArgumentError(f"no device named {name!r}; devices: {known}")
-            devs[i] = dev
-        devs[len(names)] = NULL
-    except BaseException:
-        free(devs)
-        raise
+    for i in range(n):
+        devs[i] = <ggml_backend_dev_t><uintptr_t>addresses[i]
+    devs[n] = NULL
     return devs
+
+
+cdef ggml_backend_dev_t * _device_list(object names) except NULL:
+    return _device_array(_device_addresses(names))
 
 
 cdef int _check_model_file(str path, bint vocab_only, dict overrides) except -1:
