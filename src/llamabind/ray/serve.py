@@ -131,30 +131,34 @@ def openai_app(model_path: str | os.PathLike[str] | None = None, *, num_replicas
 
 
 def serve_openai(model_path: str | os.PathLike[str] | None = None, *, num_replicas: int = 1,
-                 host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/",
+                 host: str | None = None, port: int | None = None, route_prefix: str = "/",
                  app_name: str = "llamabind", blocking: bool = False,
                  **options: Any) -> DeploymentHandle:
     """Run :func:`openai_app` on the Ray cluster and return once every replica has
     loaded the model (``blocking=True``: then serve until Ctrl+C).
 
     The API is at ``http://HOST:PORT{route_prefix}/v1`` (``route_prefix="/llm"``:
-    ``/llm/v1/chat/completions``). ``host``/``port`` are those of Serve's HTTP proxy,
-    set when Serve starts on the cluster: a Serve already running keeps its own.
-    ``host`` is 127.0.0.1 by default (this machine only); ``0.0.0.0`` listens on every
-    interface (then set ``api_key``). ``options``: those of :func:`openai_app`.
-    Stop it with ``ray.serve.delete(app_name)`` or ``ray.serve.shutdown()``.
+    ``/llm/v1/chat/completions``), where HOST:PORT is Serve's HTTP proxy: 127.0.0.1:8000
+    (this machine only) unless ``host``/``port`` say otherwise (``host="0.0.0.0"``:
+    every interface; then set ``api_key``). They are applied when Serve starts on the
+    cluster: a Serve already running keeps its own (Ray logs a warning that says so).
+    ``options``: those of :func:`openai_app`. Stop it with
+    ``ray.serve.delete(app_name)`` or ``ray.serve.shutdown()``.
     """
     serve = require("ray.serve")
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535:
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)
+                             or not 0 < port <= 65535):
         raise InvalidArgumentError(f"port must be in [1, 65535], got {port!r}")
-    if not isinstance(host, str) or not host:
+    if host is not None and (not isinstance(host, str) or not host):
         raise InvalidArgumentError(f"host must be a non-empty str, got {host!r}")
     if not isinstance(route_prefix, str) or not route_prefix.startswith("/"):
         raise InvalidArgumentError(f"route_prefix must start with '/', got {route_prefix!r}")
     if not isinstance(app_name, str) or not app_name:
         raise InvalidArgumentError(f"app_name must be a non-empty str, got {app_name!r}")
     application = openai_app(model_path, num_replicas=num_replicas, **options)
-    serve.start(http_options={"host": host, "port": port})
+    http = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if http:
+        serve.start(http_options=http)
     handle: DeploymentHandle = serve.run(application, name=app_name,
                                          route_prefix=route_prefix, blocking=blocking)
     return handle
