@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import jsonschema
 import numpy as np
 import openai
 import pytest
@@ -325,6 +326,43 @@ def test_sampling_options(client: openai.OpenAI, eog_ban: dict[str, float],
     assert chat.usage.completion_tokens == 2
 
 
+# --- structured output --------------------------------------------------------------
+
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                         "population": {"type": "integer", "minimum": 0}},
+        "required": ["city", "population"], "additionalProperties": False}
+
+
+def test_response_format_json_schema(client: openai.OpenAI,
+                                     ref: llamabind.LoadedModel) -> None:
+    """A json_schema answer parses and validates, and equals the library's (greedy);
+    streamed, its deltas join to the same text; on /v1/completions too."""
+    rf: Any = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY,
+                                                      "strict": True}}
+    want = ref.chat(CHAT, response_format=rf, temperature=0, max_tokens=48)
+    r = client.chat.completions.create(model=ALIAS, messages=CHAT, response_format=rf,
+                                       temperature=0, max_tokens=48)
+    (choice,) = r.choices
+    assert choice.finish_reason == want.finish_reason == "stop"
+    assert choice.message.content == want.message["content"]
+    jsonschema.validate(json.loads(choice.message.content), CITY)
+    assert choice.message.tool_calls is None
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (want.prompt_tokens,
+                                                                  want.completion_tokens)
+    chunks = list(client.chat.completions.create(
+        model=ALIAS, messages=CHAT, response_format=rf, temperature=0, max_tokens=48,
+        stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.message["content"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == \
+        ["stop"]
+    prompt = "A city and its population, as JSON: "
+    plain = ref.generate(prompt, response_format=rf, temperature=0, max_tokens=48)
+    c = client.completions.create(model=ALIAS, prompt=prompt, temperature=0, max_tokens=48,
+                                  extra_body={"response_format": rf})
+    assert c.choices[0].text == plain.text
+    jsonschema.validate(json.loads(c.choices[0].text), CITY)
+
+
 # --- embeddings, tokenize ---------------------------------------------------------------
 
 
@@ -369,6 +407,7 @@ def test_tokenize_detokenize(http: httpx.Client, ref: llamabind.LoadedModel) -> 
 # --- bad requests ---------------------------------------------------------------------
 
 _CHAT_OK = {"model": ALIAS, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 BAD_REQUESTS: list[tuple[str, Any, int, str | None, str]] = [
     # (path, body (bytes: sent as is), status, param, a piece of the message)
     ("/v1/chat/completions", b"{not json", 400, None, "not valid JSON"),
@@ -397,12 +436,50 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None, str]] = [
     ("/v1/chat/completions", {**_CHAT_OK, "top_logprobs": 21, "logprobs": True}, 400,
      "top_logprobs", "21"),
     ("/v1/chat/completions", {**_CHAT_OK, "model": "gpt-4o"}, 400, "model", "gpt-4o"),
-    ("/v1/chat/completions", {**_CHAT_OK, "response_format": {"type": "json_object"}}, 400,
-     "response_format", "response_format"),
+    # structured output and tools: the shape, then the schemas (llama.cpp's converter),
+    # then what the library checks (names, tool_choice, tool messages)
+    ("/v1/chat/completions", {**_CHAT_OK, "response_format": {"type": "yaml"}}, 400,
+     "response_format.type", "'yaml'"),
+    ("/v1/chat/completions", {**_CHAT_OK, "response_format": {"type": "json_schema"}}, 400,
+     "response_format.json_schema", "missing"),
+    ("/v1/chat/completions", {**_CHAT_OK, "response_format": {"type": "json_schema",
+     "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+         "a": {"type": "number", "minimum": 0}}}}}}, 400,
+     "response_format.json_schema.schema", "'minimum' at #/properties/a/minimum"),
+    ("/v1/chat/completions", {**_CHAT_OK, "response_format": {"type": "json_schema",
+     "json_schema": {"name": "x", "schema": {"type": "foo"}}}}, 400,
+     "response_format.json_schema.schema", "unrecognized type foo"),
     ("/v1/chat/completions", {**_CHAT_OK, "tools": [{"type": "function", "function": {
-        "name": "f"}}]}, 400, "tools", "tools"),
-    ("/v1/chat/completions", {**_CHAT_OK, "tool_choice": "auto"}, 400, "tool_choice",
-     "tool_choice"),
+        "description": "no name"}}]}, 400, "tools[0].function.name", "missing"),
+    ("/v1/chat/completions", {**_CHAT_OK, "tools": [{"type": "function", "function": {
+        "name": "a b"}}]}, 400, "tools[0].function.name", "'a b'"),
+    ("/v1/chat/completions", {**_CHAT_OK, "tools": [_TOOL, _TOOL]}, 400, "tools[1]",
+     "two tools"),
+    ("/v1/chat/completions", {**_CHAT_OK, "tools": [{"type": "retrieval"}]}, 400,
+     "tools[0].type", "'function'"),
+    ("/v1/chat/completions", {**_CHAT_OK, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {
+            "to": {"type": "string", "format": "email"}}}}}]}, 400,
+     "tools[0].function.parameters", "'format' at #/properties/to/format"),
+    ("/v1/chat/completions", {**_CHAT_OK, "tools": [_TOOL], "tool_choice": {
+        "type": "function", "function": {"name": "nope"}}}, 400, "tool_choice", "'nope'"),
+    ("/v1/chat/completions", {**_CHAT_OK, "tools": [_TOOL], "tool_choice": "always"}, 400,
+     "tool_choice", "'always'"),
+    ("/v1/chat/completions", {**_CHAT_OK, "tool_choice": "required"}, 400, "tool_choice",
+     "'tools'"),
+    ("/v1/chat/completions", {**_CHAT_OK, "tools": [_TOOL], "response_format": {
+        "type": "json_object"}}, 400, "tools", "combined"),
+    ("/v1/chat/completions", {**_CHAT_OK, "functions": [{"name": "f"}]}, 400, "functions",
+     "'tools'"),
+    ("/v1/chat/completions", {**_CHAT_OK, "messages": [
+        {"role": "tool", "tool_call_id": "c", "content": "1"}]}, 400, "messages[0]", "'tools'"),
+    ("/v1/chat/completions", {**_CHAT_OK, "tools": [_TOOL], "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                                            "tool_calls": [{"id": "c", "type": "function",
+                                                            "function": {"arguments": "{}"}}]}]},
+     400, "messages[1].tool_calls[0].function.name", "must be a str"),
+    ("/v1/chat/completions", {**_CHAT_OK, "tools": [_TOOL], "messages": [
+        {"role": "tool", "content": "1"}]}, 400, "messages[0]", "tool_call_id"),
     ("/v1/chat/completions", {**_CHAT_OK, "stream_options": {"include_usage": True}}, 400,
      "stream_options", "stream"),
     ("/v1/chat/completions", {**_CHAT_OK, "messages": [{"role": "wizard", "content": "x"}]},
@@ -425,6 +502,12 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None, str]] = [
      "best_of"),
     ("/v1/completions", {"model": ALIAS, "prompt": "x", "logprobs": 30}, 400, "logprobs",
      "30"),
+    ("/v1/completions", {"model": ALIAS, "prompt": "x", "tools": [_TOOL]}, 400, "tools",
+     "chat"),
+    ("/v1/completions", {"model": ALIAS, "prompt": "x", "response_format": {
+        "type": "json_schema", "json_schema": {"schema": {"type": "array",
+                                                          "uniqueItems": True}}}}, 400,
+     "response_format.json_schema.schema", "'uniqueItems'"),
     ("/v1/embeddings", {"model": ALIAS, "input": [[1, 2]]}, 400, "input", "token-id"),
     ("/v1/embeddings", {"model": ALIAS, "input": "x", "encoding_format": "int8"}, 400,
      "encoding_format", "int8"),

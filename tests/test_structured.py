@@ -215,6 +215,25 @@ def test_output_parse_error_for_invalid_value() -> None:
     assert plan.parse('{"n": 3}', partial=True).value is None
 
 
+def test_output_parse_error_leaves_the_engine_running(
+        loaded_smol: llamabind.LoadedModel) -> None:
+    """Output the grammar allows but the validator refuses fails that request only:
+    the engine (and every later request) goes on."""
+    class Never(pydantic.BaseModel):
+        n: Annotated[int, pydantic.Field(ge=0, le=9)]
+
+        @pydantic.field_validator("n")
+        @classmethod
+        def never(cls, v: int) -> int:
+            raise ValueError("refused")
+
+    with pytest.raises(OutputParseError, match="refused"):
+        loaded_smol.generate("A JSON object: ", schema=Never, temperature=0, max_tokens=32)
+    assert loaded_smol.generate("Hello", temperature=0, max_tokens=2).finish_reason in (
+        "stop", "length")
+    assert loaded_smol.stats()["requests_failed"] >= 1
+
+
 def test_window_resampling_is_exact(qwen: llamabind.Model) -> None:
     """A refused choice picked again over the best tokens gives what llama.cpp's
     whole-vocabulary mask gives, token for token (greedy, and the sampled chain)."""

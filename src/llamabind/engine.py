@@ -35,6 +35,7 @@ from llamabind.errors import (
     GenerationCancelled,
     InvalidArgumentError,
     LlamaError,
+    OutputParseError,
     QueueFullError,
 )
 from llamabind.requests import Request, close_samplers
@@ -720,12 +721,17 @@ class Engine:
         request.t_done = now
         results = None
         if error is None:
-            results = []
             for gen in request.gens:
                 if gen.finish_reason is None or cancelled:
                     gen.finish("cancelled")
-                results.append(self._result(request, gen))
                 self._stats["completion_tokens_total"] += gen.n_generated
+            try:
+                results = [self._result(request, gen) for gen in request.gens]
+            except OutputParseError as exc:
+                # the output does not read as the plan asks (e.g. a Pydantic validator
+                # the grammar cannot express): this request fails, the engine goes on
+                results, error = None, exc
+                self._stats["requests_failed"] += 1
             if cancelled and request._stream:
                 events = [Event(i, gen.take_text(), tuple(gen.tokens[request.reported[i]:]),
                                 None, "cancelled")

@@ -2,8 +2,9 @@
 
 Everything the server asks of the model goes through the protocols below, which are
 the engine's request-level API (``LoadedModel.submit``/``submit_chat``, request events,
-``cancel()``, ``stats()``, ``aembed``, ``tokenize``/``detokenize``). ``load_model`` and
-``engine_of`` are the two places that name a concrete class.
+results and structured-output plan, ``cancel()``, ``stats()``, ``aembed``,
+``tokenize``/``detokenize``). ``load_model`` and ``engine_of`` are the two places that
+name a concrete class.
 
 The engine is the LoadedModel itself: these protocols name what the server uses of it.
 """
@@ -11,9 +12,13 @@ The engine is the LoadedModel itself: these protocols name what the server uses 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from llamabind.api import GenerationResult
+    from llamabind.structured import GenerationPlan
 
 __all__ = ["Engine", "EngineEvent", "EngineRequest", "TokenLogprob", "engine_of", "load_model"]
 
@@ -49,8 +54,14 @@ class EngineRequest(Protocol):
     def prompt_tokens(self) -> int: ...
     @property
     def n(self) -> int: ...
+    @property
+    def done(self) -> bool: ...
+    @property
+    def plan(self) -> GenerationPlan | None: ...
     def cancel(self) -> None: ...
     def __aiter__(self) -> AsyncIterator[Any]: ...
+    def result(self, timeout: float | None = None) -> list[GenerationResult]: ...
+    async def aresult(self) -> list[GenerationResult]: ...
 
 
 class Engine(Protocol):

@@ -8,6 +8,11 @@ are decoded together, a client that disconnects has its generation cancelled, a 
 queue answers 429 with Retry-After. Responses follow the OpenAI API's schema (ids,
 ``created``, exact ``usage``, ``finish_reason``, ``system_fingerprint`` carrying the
 llama.cpp commit, server-sent events ending in ``data: [DONE]``).
+
+``tools`` and ``response_format`` go to the library as they are (it plans the prompt,
+the grammar and the reading of the output with llama.cpp's template handlers); the
+request's plan reads each choice on its own: ``message.tool_calls`` and finish_reason
+"tool_calls", or streamed ``delta.tool_calls``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from llamabind.errors import InvalidArgumentError, LlamaError
+from llamabind.api import _is_partial
+from llamabind.errors import InvalidArgumentError, LlamaError, OutputParseError
 from llamabind.server import _engine
 from llamabind.server.asgi import (
     DONE,
@@ -53,6 +59,7 @@ from llamabind.server.schemas import (
     parse_body,
 )
 from llamabind.server.state import ServerState
+from llamabind.structured import GenerationPlan, StreamParser
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 
@@ -234,6 +241,8 @@ class _Api:
                         choice.finish_reason = ev.finish_reason
                         if ev.finish_reason == "cancelled":
                             self._cancel_all(reqs)()
+        except OutputParseError:
+            pass  # raised after the last events: the output is all here (see _replies)
         except LlamaError as exc:
             self._cancel_all(reqs)()
             raise self.state.engine_error(exc, what) from None
@@ -344,8 +353,10 @@ class _Api:
         messages = body.engine_messages()
         n = self._check_n(body.n)
         options = body.engine_options(st.engine.n_ctx)
+        # the tools' and response_format's schemas compile here: in the submit thread
         req = await st.submit(lambda: st.engine.submit_chat(
-            messages, n=n, logprobs=k, queue_timeout=0, **options), "messages")
+            messages, n=n, logprobs=k, queue_timeout=0, **options,
+            **body.structured_options()), "messages")
         cid = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
         head = {"id": cid, "object": "chat.completion", "created": created,
@@ -358,27 +369,46 @@ class _Api:
         except _Cancelled:
             return self._cancelled_response()
         out = []
-        for c in choices:
+        for c, (message, finish) in zip(choices, await self._replies(req, choices),
+                                        strict=True):
             logprobs = None
             if k is not None:
                 logprobs = {"content": [self._logprob_entry(lp) for lp in c.logprobs]}
-            out.append({"index": c.index, "message": {"role": "assistant",
-                                                      "content": "".join(c.text)},
-                        "logprobs": logprobs, "finish_reason": c.finish_reason})
+            out.append({"index": c.index, "message": message, "logprobs": logprobs,
+                        "finish_reason": finish})
         usage = self._usage(req.prompt_tokens, sum(c.completion_tokens for c in choices))
         return Response(json_bytes({**head, "choices": out, "usage": usage}),
                         media_type="application/json")
 
+    async def _replies(self, req: _engine.EngineRequest, choices: list[_Choice]
+                       ) -> list[tuple[dict[str, Any], str | None]]:
+        """Each choice's assistant message and finish_reason: its text, or for a
+        structured request the message its result read (tool calls, finish_reason
+        "tool_calls"). A choice the library could not read is sent as its text."""
+        plan = req.plan
+        if plan is None:
+            return [({"role": "assistant", "content": "".join(c.text)}, c.finish_reason)
+                    for c in choices]
+        try:
+            results = await req.aresult()
+            messages = [results[c.index].message for c in choices]
+        except OutputParseError as exc:
+            log.warning("a reply could not be read as the request asked: %s", exc)
+            messages = [_read_alone(plan, c) for c in choices]
+        return [(m, "tool_calls" if c.finish_reason == "stop" and m.get("tool_calls")
+                 else c.finish_reason) for m, c in zip(messages, choices, strict=True)]
+
     async def _stream(self, reqs: list[_engine.EngineRequest], n: int, t0: float,
                       what: str, head: dict[str, Any], include_usage: bool,
                       opening: list[dict[str, Any]],
-                      piece: Callable[[_Choice, Any], dict[str, Any] | None],
-                      finish: Callable[[_Choice, str], dict[str, Any]],
+                      piece: Callable[[_Choice, Any], list[dict[str, Any]]],
+                      finish: Callable[[_Choice, str], list[dict[str, Any]]],
                       ) -> AsyncGenerator[bytes, None]:
-        """The server-sent events of a generation: ``opening`` choice objects, one
-        ``piece(choice, event)`` per event that has one, ``finish(choice, reason)`` per
-        choice, the usage chunk when asked for, ``[DONE]``. A generation cancelled by a
-        stopping server or failing in the engine ends with an error event instead."""
+        """The server-sent events of a generation: ``opening`` choice objects, the
+        choice objects ``piece(choice, event)`` makes of each event and
+        ``finish(choice, reason)`` of each choice's end, the usage chunk when asked for,
+        ``[DONE]``. A generation cancelled by a stopping server or failing in the engine
+        ends with an error event instead."""
         extra = {"usage": None} if include_usage else {}
         completion = 0
         try:
@@ -393,12 +423,14 @@ class _Api:
                                                      "generation was cancelled", 503)
                         return  # else the client has gone: nobody reads on
                     completion += len(ev.tokens)
-                    chunk = piece(choice, ev)
-                    if chunk is not None:
+                    for chunk in piece(choice, ev):
                         yield sse({**head, "choices": [chunk], **extra})
                     if ev.finish_reason is not None:
-                        yield sse({**head, "choices": [finish(choice, ev.finish_reason)],
-                                   **extra})
+                        for chunk in finish(choice, ev.finish_reason):
+                            yield sse({**head, "choices": [chunk], **extra})
+        except OutputParseError as exc:
+            # raised after the last events: all was streamed, as text where unreadable
+            log.warning("a streamed reply could not be read as the request asked: %s", exc)
         except LlamaError as exc:
             self._cancel_all(reqs)()
             err = self.state.engine_error(exc, what)
@@ -419,44 +451,96 @@ class _Api:
     def _chat_stream(self, req: _engine.EngineRequest, n: int, head: dict[str, Any],
                      include_usage: bool, t0: float,
                      k: int | None) -> AsyncGenerator[bytes, None]:
-        def piece(choice: _Choice, ev: Any) -> dict[str, Any] | None:
-            if not ev.text and not (k is not None and ev.logprobs):
-                return None
-            logprobs = None
-            if k is not None:
-                logprobs = {"content": [self._logprob_entry(lp) for lp in ev.logprobs or ()]}
-            return {"index": choice.index, "delta": {"content": ev.text},
-                    "logprobs": logprobs, "finish_reason": None}
+        plan = req.plan
+        parsers: dict[int, StreamParser] = {}   # each choice's reader of its plan's output
+        ended: list[tuple[int, str]] = []
 
-        def finish(choice: _Choice, reason: str) -> dict[str, Any]:
-            return {"index": choice.index, "delta": {}, "logprobs": None,
-                    "finish_reason": reason}
+        def piece(choice: _Choice, ev: Any) -> list[dict[str, Any]]:
+            lp = k is not None and bool(ev.logprobs)
+            if plan is None:
+                deltas = [{"content": ev.text}] if ev.text or lp else []
+            else:
+                if choice.index not in parsers:
+                    parsers[choice.index] = plan.stream_parser()
+                deltas = parsers[choice.index].feed(ev.text) if ev.text else []
+                if not deltas and lp:
+                    deltas = [{}]   # tokens of markup whose delta comes later
+            chunks = [{"index": choice.index, "delta": d, "logprobs": None,
+                       "finish_reason": None} for d in deltas]
+            if chunks and k is not None:
+                chunks[0]["logprobs"] = {
+                    "content": [self._logprob_entry(x) for x in ev.logprobs or ()]}
+            return chunks
 
-        opening = [{"index": i, "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None, "finish_reason": None} for i in range(n)]
+        def finish(choice: _Choice, reason: str) -> list[dict[str, Any]]:
+            if plan is None:
+                return [{"index": choice.index, "delta": {}, "logprobs": None,
+                         "finish_reason": reason}]
+            # a choice's last deltas depend on how its output ended, which its result
+            # tells; with n > 1 the results come when the last choice ends
+            ended.append((choice.index, reason))
+            if not req.done:
+                return []
+            chunks: list[dict[str, Any]] = []
+            for index, why in ended:
+                parser = parsers.get(index) or plan.stream_parser()
+                chunks += self._end_chunks(req, plan, parser, index, why)
+            ended.clear()
+            return chunks
+
+        first = {"role": "assistant",
+                 "content": None if plan is not None and plan.kind == "tools" else ""}
+        opening = [{"index": i, "delta": first, "logprobs": None, "finish_reason": None}
+                   for i in range(n)]
         head = {**head, "object": "chat.completion.chunk"}
         return self._stream([req], n, t0, "messages", head, include_usage, opening, piece,
                             finish)
+
+    def _end_chunks(self, req: _engine.EngineRequest, plan: GenerationPlan,
+                    parser: StreamParser, index: int, reason: str) -> list[dict[str, Any]]:
+        """The last deltas of a streamed choice and its finish chunk (finish_reason
+        "tool_calls" when it called tools), read as the library reads the output."""
+        try:
+            result = req.result()[index]    # the request is done: at once
+        except OutputParseError:
+            result = None                   # one of its choices is unreadable
+        partial = _is_partial(result, plan) if result is not None else reason != "stop"
+        try:
+            deltas = parser.finish(partial=partial)
+        except OutputParseError as exc:
+            log.warning("a streamed reply could not be read as the request asked: %s", exc)
+            deltas = []
+        if result is not None:
+            calls = bool(result.message.get("tool_calls"))
+        else:
+            calls = parser.result is not None and bool(parser.result.tool_calls)
+        chunks: list[dict[str, Any]] = [
+            {"index": index, "delta": d, "logprobs": None, "finish_reason": None}
+            for d in deltas]
+        chunks.append({"index": index, "delta": {}, "logprobs": None,
+                       "finish_reason": "tool_calls" if reason == "stop" and calls
+                       else reason})
+        return chunks
 
     def _completion_stream(self, reqs: list[_engine.EngineRequest], n: int,
                            head: dict[str, Any], include_usage: bool, t0: float,
                            want_lp: bool, echo: list[str]) -> AsyncGenerator[bytes, None]:
         offsets: dict[int, int] = {}
 
-        def piece(choice: _Choice, ev: Any) -> dict[str, Any] | None:
+        def piece(choice: _Choice, ev: Any) -> list[dict[str, Any]]:
             if not ev.text and not (want_lp and ev.logprobs):
-                return None
+                return []
             logprobs = None
             if want_lp:
                 start = offsets.get(choice.index, 0)
                 logprobs = self._legacy_logprobs(ev.logprobs or (), start)
                 offsets[choice.index] = start + sum(len(lp.text) for lp in ev.logprobs or ())
-            return {"index": choice.index, "text": ev.text, "logprobs": logprobs,
-                    "finish_reason": None}
+            return [{"index": choice.index, "text": ev.text, "logprobs": logprobs,
+                     "finish_reason": None}]
 
-        def finish(choice: _Choice, reason: str) -> dict[str, Any]:
-            return {"index": choice.index, "text": "", "logprobs": None,
-                    "finish_reason": reason}
+        def finish(choice: _Choice, reason: str) -> list[dict[str, Any]]:
+            return [{"index": choice.index, "text": "", "logprobs": None,
+                     "finish_reason": reason}]
 
         opening = [{"index": p * n + i, "text": text, "logprobs": None, "finish_reason": None}
                    for p, text in enumerate(echo) for i in range(n)]
@@ -482,7 +566,8 @@ class _Api:
             for prompt in body.prompts:
                 reqs.append(await st.submit(
                     lambda p=prompt: st.engine.submit(  # type: ignore[misc]
-                        p, n=n, logprobs=body.logprobs, queue_timeout=0, **options),
+                        p, n=n, logprobs=body.logprobs, queue_timeout=0, **options,
+                        **body.structured_options()),
                     "prompt"))
         except BaseException:
             for r in reqs:
@@ -525,6 +610,15 @@ class _Api:
             offset += len(lp.text)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
                 "text_offset": offsets}
+
+def _read_alone(plan: GenerationPlan, choice: _Choice) -> dict[str, Any]:
+    """One choice's message as the plan reads its text; its text when it cannot."""
+    text = "".join(choice.text)
+    try:
+        return plan.parse(text, partial=choice.finish_reason != "stop").message
+    except OutputParseError:
+        return {"role": "assistant", "content": text}
+
 
 def create_app(model: Any, *, api_key: str | None = None, alias: str | None = None,
                cors_origins: Sequence[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,

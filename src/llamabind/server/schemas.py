@@ -2,10 +2,16 @@
 
 Each model parses the JSON body strictly (a string is not a number, a float is not an
 int) and checks every range; a failure becomes a 400 whose error object names the field
-(``param``) and the value. Fields the server does not implement yet (``tools``,
-``response_format``...) are declared so that a request using them is refused by name
-instead of being silently ignored; other unknown fields are ignored, as OpenAI's and
-llama-server's servers do.
+(``param``) and the value. Fields the server does not implement (``functions``,
+``suffix``...) are declared so that a request using them is refused by name instead of
+being silently ignored; other unknown fields are ignored, as OpenAI's and llama-server's
+servers do.
+
+``tools`` and ``response_format`` are checked here for their shape; their JSON schemas
+are compiled by llama.cpp's converter (:func:`llamabind.structured.json_schema_to_grammar`)
+before the request is queued, so a schema it cannot enforce is a 400 naming the field,
+the keyword and where it is. The rest (tool names, ``tool_choice`` naming a tool, the
+tool messages) is checked by the library, whose errors name the field too.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from llamabind.errors import SchemaError, UnsupportedSchemaError
 
 __all__ = [
     "ChatRequest",
@@ -70,6 +78,68 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None      # always: the grammar enforces the schema
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    # json_object with a schema: llama-server's extension
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+
+    def library_form(self, best_effort: bool) -> dict[str, Any] | None:
+        """``response_format`` as the library takes it (None for text), its schema
+        compiled first: a schema llama.cpp cannot enforce is a 400 naming the field."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            if self.schema_ is None:
+                return {"type": "json_object"}
+            check_schema(self.schema_, "response_format.schema", best_effort)
+            return {"type": "json_object", "schema": self.schema_}
+        if self.json_schema is None:
+            raise RequestError("missing required parameter 'response_format.json_schema' "
+                               "(type 'json_schema' needs {\"name\": ..., \"schema\": {...}})",
+                               param="response_format.json_schema")
+        # no schema: any JSON object, as an empty schema means to the library
+        schema = self.json_schema.schema_ or {}
+        check_schema(schema, "response_format.json_schema.schema", best_effort)
+        return {"type": "json_schema", "json_schema": {"schema": schema}}
+
+
+class FunctionDefinition(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None      # always: the grammar enforces the parameters
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+def check_schema(schema: dict[str, Any], param: str, best_effort: bool) -> None:
+    """Compile ``schema`` with llama.cpp's converter (after llamabind's check of the
+    keywords it would skip); a 400 naming ``param`` when it cannot."""
+    from llamabind.structured import json_schema_to_grammar
+
+    try:
+        json_schema_to_grammar(schema, best_effort=best_effort)
+    except UnsupportedSchemaError as exc:
+        # the message names the keyword and where it is in the schema
+        raise RequestError(f"'{param}': {exc}".replace(
+            "schema_best_effort=True", '"schema_best_effort": true'), param=param,
+            code="unsupported_schema") from None
+    except SchemaError as exc:
+        raise RequestError(f"'{param}' is not a JSON schema llama.cpp can use: {exc}",
+                           param=param, code="invalid_schema") from None
+
+
 class _Sampling(_Body):
     """What chat and text completions share."""
 
@@ -89,10 +159,11 @@ class _Sampling(_Body):
     n: int = Field(1, ge=1, le=128)
     stop: Any = None
     user: str | None = None
-    # not implemented yet: a request that uses them is refused by name
-    response_format: Any = None
-    tools: Any = None
-    tool_choice: Any = None
+    response_format: ResponseFormat | None = None
+    # llamabind's: constrain only what llama.cpp's converter supports of a schema
+    # instead of refusing one with keywords it would skip
+    schema_best_effort: bool = False
+    # OpenAI's deprecated function calling: refused by name (use tools)
     functions: Any = None
     function_call: Any = None
 
@@ -123,20 +194,12 @@ class _Sampling(_Body):
         return value
 
     def refuse_unsupported(self) -> None:
-        """400 for fields whose feature is not implemented (structured output, tools)."""
-        rf = self.response_format
-        if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-            raise RequestError("'response_format' is not supported by this server yet "
-                               "(structured output)", param="response_format",
-                               code="unsupported_parameter")
-        for name in ("tools", "functions", "function_call"):
-            if getattr(self, name) not in (None, []):
-                raise RequestError(f"'{name}' is not supported by this server yet "
-                                   "(tool calling)", param=name, code="unsupported_parameter")
-        if self.tool_choice not in (None, "none"):
-            raise RequestError("'tool_choice' is not supported by this server yet "
-                               "(tool calling)", param="tool_choice",
-                               code="unsupported_parameter")
+        """400 for fields whose feature is not implemented."""
+        for name in ("functions", "function_call"):
+            if getattr(self, name) is not None:
+                raise RequestError(f"'{name}' (OpenAI's deprecated function calling) is not "
+                                   "supported; use 'tools' and 'tool_choice'", param=name,
+                                   code="unsupported_parameter")
         if self.stream_options is not None and not self.stream:
             raise RequestError("'stream_options' is only allowed when 'stream' is true",
                                param="stream_options")
@@ -172,12 +235,62 @@ class _Sampling(_Body):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def structured_options(self) -> dict[str, Any]:
+        """The library's structured-output options of this request (none for plain
+        text). Compiles the schemas: run it off the event loop."""
+        rf = self.response_format
+        form = rf.library_form(self.schema_best_effort) if rf is not None else None
+        if form is None:
+            return {}
+        return {"response_format": form, "schema_best_effort": self.schema_best_effort}
+
 
 class ChatRequest(_Sampling):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0, le=1 << 24)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, value: Any) -> Any:
+        if value in ("auto", "none", "required"):
+            return value
+        if (isinstance(value, dict) and value.get("type") == "function"
+                and isinstance(value.get("function"), dict)
+                and isinstance(value["function"].get("name"), str)):
+            return {"type": "function", "function": {"name": value["function"]["name"]}}
+        raise ValueError("must be 'auto', 'none', 'required' or {\"type\": \"function\", "
+                         "\"function\": {\"name\": ...}}")
+
+    @property
+    def structured(self) -> bool:
+        """Whether the chat goes through llama.cpp's template handlers (tools, or a
+        JSON response_format), which also read tool calls and results in the messages."""
+        return bool(self.tools) or (self.response_format is not None
+                                    and self.response_format.type != "text")
+
+    def structured_options(self) -> dict[str, Any]:
+        opts = super().structured_options()
+        if self.tools:
+            for i, tool in enumerate(self.tools):
+                if tool.function.parameters is not None:
+                    check_schema(tool.function.parameters, f"tools[{i}].function.parameters",
+                                 self.schema_best_effort)
+            opts["tools"] = [tool.model_dump(exclude_none=True) for tool in self.tools]
+            opts["schema_best_effort"] = self.schema_best_effort
+            if self.tool_choice is not None:
+                opts["tool_choice"] = self.tool_choice
+            if self.parallel_tool_calls is not None:
+                opts["parallel_tool_calls"] = self.parallel_tool_calls
+        elif self.tool_choice not in (None, "none"):
+            # as OpenAI: nothing to choose from ("none" and parallel_tool_calls are moot)
+            raise RequestError("'tool_choice' is only allowed when 'tools' are given",
+                               param="tool_choice")
+        return opts
 
     def max_new_tokens(self, n_ctx: int) -> int:
         if self.max_completion_tokens is not None:
@@ -190,24 +303,40 @@ class ChatRequest(_Sampling):
                                param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def engine_messages(self) -> list[dict[str, str]]:
-        """The messages as ``{"role", "content"}`` text dicts for the chat template."""
-        out: list[dict[str, str]] = []
+    def engine_messages(self) -> list[dict[str, Any]]:
+        """The messages for the chat template: ``{"role", "content"}`` with the content
+        as text; for a structured chat also the assistant's ``tool_calls`` (content
+        None when it has only calls) and the tool results' ``tool_call_id``/``name``,
+        which llama.cpp's template handlers render (the library checks them)."""
+        structured = self.structured
+        roles = ("system", "developer", "user", "assistant", "tool")
+        out: list[dict[str, Any]] = []
         for i, m in enumerate(self.messages):
             role = m.get("role")
-            if role not in ("system", "developer", "user", "assistant"):
-                if role in ("tool", "function"):
-                    raise RequestError(f"messages[{i}].role {role!r} needs tool calling, which "
-                                       "this server does not support yet",
-                                       param=f"messages[{i}].role")
-                raise RequestError(f"messages[{i}].role must be 'system', 'developer', 'user' "
-                                   f"or 'assistant', got {role!r}", param=f"messages[{i}].role")
-            if m.get("tool_calls"):
-                raise RequestError(f"messages[{i}].tool_calls needs tool calling, which this "
-                                   "server does not support yet",
-                                   param=f"messages[{i}].tool_calls")
-            out.append({"role": "system" if role == "developer" else role,
-                        "content": _content_text(m.get("content"), i)})
+            if role not in roles:
+                hint = " ('function' is OpenAI's deprecated form of 'tool')" \
+                    if role == "function" else ""
+                raise RequestError(f"messages[{i}].role must be 'system', 'developer', 'user', "
+                                   f"'assistant' or 'tool', got {role!r}{hint}",
+                                   param=f"messages[{i}].role")
+            calls = m.get("tool_calls")
+            if not structured and (role == "tool" or calls):
+                # the plain template path renders text turns only; llama.cpp's handlers
+                # (which a request with tools goes through) render calls and results
+                what = "a tool result" if role == "tool" else "tool calls"
+                raise RequestError(f"messages[{i}] carries {what}: send the conversation's "
+                                   "'tools' with it", param=f"messages[{i}]")
+            msg: dict[str, Any] = {"role": "system" if role == "developer" else role}
+            content = m.get("content")
+            if content is None and role == "assistant" and calls:
+                msg["content"] = None
+            else:
+                msg["content"] = _content_text(content, i)
+            if structured:
+                for key in ("tool_calls", "tool_call_id", "name"):
+                    if m.get(key) is not None and (key != "name" or role == "tool"):
+                        msg[key] = m[key]
+            out.append(msg)
         return out
 
 
@@ -243,6 +372,9 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=128)
     suffix: str | None = None
+    # chat only: refused by name here
+    tools: Any = None
+    tool_choice: Any = None
 
     @field_validator("prompt")
     @classmethod
@@ -272,6 +404,10 @@ class CompletionRequest(_Sampling):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
+        for name in ("tools", "tool_choice"):
+            if getattr(self, name) is not None:
+                raise RequestError(f"'{name}' needs a chat: use /v1/chat/completions",
+                                   param=name, code="unsupported_parameter")
         if self.suffix:
             raise RequestError("'suffix' (insertion) is not supported", param="suffix",
                                code="unsupported_parameter")

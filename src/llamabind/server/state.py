@@ -133,9 +133,16 @@ def _cancel_result(future: Any) -> None:
 _OPTION_NAMES = re.compile(
     r"\b(logit_bias|temperature|top_p|min_p|top_k|seed|stop|max_tokens|presence_penalty|"
     r"frequency_penalty|repeat_penalty|logprobs|n)\b")
+# the library's errors about messages and tools start with where the problem is:
+# "messages[1]['tool_calls'][0]['function']['name'] must be a str", "tool_choice names..."
+_LEADING_PATH = re.compile(
+    r"(messages|tools|tool_choice|parallel_tool_calls|response_format)((?:\[\d+\]|\['\w+'\])*)")
 
 
 def guess_param(message: str, default: str) -> str:
     """The request field an engine error names, else ``default``."""
+    lead = _LEADING_PATH.match(message)
+    if lead:
+        return lead.group(1) + re.sub(r"\['(\w+)'\]", r".\1", lead.group(2))
     found = _OPTION_NAMES.search(message)
     return found.group(1) if found else default
