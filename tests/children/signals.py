@@ -208,46 +208,37 @@ async def _asyncio_main(big: LoadedModel, no_eog: dict[int, float]) -> None:
             await asyncio.sleep(0.001)
         return time.monotonic()
 
-    async def cancelled(task: asyncio.Task[Any]) -> float:
-        """Cancel ``task``; the time its CancelledError arrived."""
+    ticker = Ticker()
+    tick_task = asyncio.create_task(ticker.run())
+
+    async def cancel_agenerate(tag: str, settle: float, text: str, **kw: Any) -> None:
+        """Start agenerate, cancel it after ``settle`` seconds: when CancelledError came,
+        when the worker thread stopped, and how the event loop ticked meanwhile."""
+        ticker.max_gap, ticks0 = 0.0, ticker.ticks
+        task = asyncio.create_task(big.agenerate(text, **kw))
+        await asyncio.sleep(settle)
+        assert not task.done()
+        gap, ticks = ticker.max_gap, ticker.ticks - ticks0
+        t0 = time.monotonic()
         task.cancel()
         try:
             await task
             raise AssertionError("agenerate was not cancelled")
         except asyncio.CancelledError:
-            return time.monotonic()
-
-    ticker = Ticker()
-    tick_task = asyncio.create_task(ticker.run())
+            t_raised = time.monotonic()
+        t_stopped = await until_pool_has(1)
+        say(tag, raised=t_raised - t0, stopped=t_stopped - t0, max_gap=gap, ticks=ticks)
 
     # a normal agenerate gives the synchronous result
     got = await big.agenerate(SHORT, max_tokens=8, temperature=0)
     say("agenerate", same=got.tokens == want_short.tokens)
 
     # cancel agenerate during the long prompt evaluation
-    ticker.max_gap, ticks0 = 0.0, ticker.ticks
-    task = asyncio.create_task(big.agenerate(LONG_TEXT, max_tokens=4, temperature=0))
-    await asyncio.sleep(1.0)
-    assert not task.done()
-    gap_eval, ticks_eval = ticker.max_gap, ticker.ticks - ticks0
-    t0 = time.monotonic()
-    t_raised = await cancelled(task)
-    t_stopped = await until_pool_has(1)
-    say("agenerate-eval-cancelled", raised=t_raised - t0, stopped=t_stopped - t0,
-        max_gap=gap_eval, ticks=ticks_eval)
-
+    await cancel_agenerate("agenerate-eval-cancelled", 1.0, LONG_TEXT, max_tokens=4,
+                           temperature=0)
     # cancel agenerate during generation; the loop keeps ticking meanwhile
-    ticker.max_gap, ticks0 = 0.0, ticker.ticks
-    task = asyncio.create_task(big.agenerate(SHORT, max_tokens=100000, temperature=0,
-                                             logit_bias=no_eog))
-    await asyncio.sleep(1.5)
-    assert not task.done()
-    gap_generate, ticks_generate = ticker.max_gap, ticker.ticks - ticks0
-    t0 = time.monotonic()
-    t_raised = await cancelled(task)
-    t_stopped = await until_pool_has(1)
-    say("agenerate-gen-cancelled", raised=t_raised - t0, stopped=t_stopped - t0,
-        max_gap=gap_generate, ticks=ticks_generate)
+    await cancel_agenerate("agenerate-gen-cancelled", 1.5, SHORT, max_tokens=100000,
+                           temperature=0, logit_bias=no_eog)
 
     # astream: pieces arrive while the loop keeps ticking; cancelling the consuming
     # task stops the generation
