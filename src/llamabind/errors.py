@@ -23,6 +23,7 @@ __all__ = [
     "ModelFileError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "QueueFullError",
     "SamplingError",
     "StateError",
     "StateFileNotFoundError",
@@ -130,3 +131,14 @@ class ContextLengthExceededError(LlamaError, ValueError):
 
 class GenerationCancelled(LlamaError):
     """Work was stopped by ``cancel()`` before it finished."""
+
+
+class QueueFullError(LlamaError, RuntimeError):
+    """The model's request queue is full (or stayed full for the time the caller was
+    willing to wait); ``queued`` is how many requests were waiting, ``limit`` the
+    queue's size. Retry later."""
+
+    def __init__(self, message: str, queued: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.queued = queued
+        self.limit = limit
