@@ -26,16 +26,17 @@ and 2.4 s before the refusal); llamabind hands ggml only the first 128 MiB of a 
 (``test_absurd_count_is_refused_within_bounded_memory``).
 
 llamabind must check what ggml accepts and llama.cpp then aborts (GGML_ASSERT /
-GGML_ABORT) or hangs on (each measured with the check switched off): a pipe or device
-(ggml would block reading it), tensor data cut off by the end of the file (llama.cpp
-reports it, but only after mapping the file), norm weights and biases that are not f32
-(abort at the first decode, ``binary_op: unsupported types``), a vocabulary with the
-same token text twice (abort), a WordPiece vocabulary with BYTE tokens (abort), an
-RWKV vocabulary whose tokenizer never ends (hang), and hyperparameters llama.cpp
-asserts on (zero or too many layers, expert counts, a negative norm epsilon, nextn
-layers); the hyperparameter checks apply the load's ``kv_overrides``. A file without
-tensors (loaded as a full model) or without ``general.architecture`` is refused here
-too, with a clearer message than llama.cpp's.
+GGML_ABORT) or hangs on (each measured with the check switched off): a pipe (ggml
+would block reading it), norm weights and biases not in f32 (abort at the first
+decode, ``binary_op: unsupported types``), the same token text twice (abort), BYTE
+tokens in a WordPiece vocabulary (abort), an RWKV vocabulary whose tokenizer never
+ends (hang), and the hyperparameters llama.cpp asserts on (zero or too many layers,
+expert counts, a negative norm epsilon, nextn layers), with the load's
+``kv_overrides`` applied. Three more are refused here although llama.cpp reports them
+itself, for a clearer typed error: tensor data cut off by the end of the file (a
+truncated download), a file without tensors loaded as a full model, a file without
+``general.architecture``. A zero-size tensor passes ggml and the check; llama.cpp
+refuses its shape (test_damaged_models.py, ``tensor_dim_zero``).
 """
 
 from __future__ import annotations
