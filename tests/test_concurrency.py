@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-from _rel_helpers import Child, record
+from _subproc import Child, record
 
 import llamabind
 from llamabind import (
@@ -198,6 +198,22 @@ def test_loaded_model_generate_from_many_threads(shared, reference) -> None:
     assert shared.stats()["requests_running"] == 0 and shared.stats()["kv_cells_used"] == 0
 
 
+def _eval_in_thread(ctx: Context, tokens: list[int]) -> tuple[threading.Thread, list[object]]:
+    """Start ``ctx.eval(tokens)`` in another thread; what it returns or raises lands in
+    the list."""
+    outcome: list[object] = []
+
+    def long_eval() -> None:
+        try:
+            outcome.append(ctx.eval(tokens))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=long_eval, daemon=True)
+    worker.start()
+    return worker, outcome
+
+
 # --- one context, two threads -------------------------------------------------------------
 
 def test_core_context_used_by_two_threads_raises(shared: LoadedModel) -> None:
@@ -211,16 +227,7 @@ def test_core_context_used_by_two_threads_raises(shared: LoadedModel) -> None:
         expected = fresh.logits().copy()
 
     ctx = Context(model, **kw)
-    outcome: list[object] = []
-
-    def long_eval() -> None:
-        try:
-            outcome.append(ctx.eval(tokens))
-        except BaseException as exc:
-            outcome.append(exc)
-
-    worker = threading.Thread(target=long_eval, daemon=True)
-    worker.start()
+    worker, outcome = _eval_in_thread(ctx, tokens)
     try:
         _wait_until_busy(ctx, worker)
         # every operation from this thread is refused while the other one decodes
@@ -314,16 +321,7 @@ def test_close_context_while_another_thread_decodes(shared: LoadedModel) -> None
     model = shared.native
     tokens = _long_tokens(shared, 3000)
     ctx = Context(model, n_ctx=4096, n_batch=512, n_threads=1)
-    outcome: list[BaseException | int] = []
-
-    def long_eval() -> None:
-        try:
-            outcome.append(ctx.eval(tokens))
-        except BaseException as exc:
-            outcome.append(exc)
-
-    worker = threading.Thread(target=long_eval, daemon=True)
-    worker.start()
+    worker, outcome = _eval_in_thread(ctx, tokens)
     _wait_until_busy(ctx, worker)
     t0 = time.perf_counter()
     ctx.close()                 # returns at once; the decode is cancelled
@@ -343,78 +341,12 @@ def test_close_context_while_another_thread_decodes(shared: LoadedModel) -> None
     record("concurrency.context_close_decode_stopped_s", round(stopped, 4), "s")
 
 
-CLOSE_MODEL_CHILD = r'''
-import threading
-import llamabind
-from llamabind import ClosedError, ContextConfig, LoadedModel
-
-path = sys.argv[1]
-cfg = ContextConfig(n_ctx=256, n_batch=64, n_ubatch=64, n_threads=1)
-rss0 = rss_kb()
-model = LoadedModel.load(path, context=cfg, use_mmap=True)
-vocab = model.vocab
-eog = [t for t in range(vocab.n_tokens) if vocab.is_eog(t)]
-opts = dict(temperature=0, max_tokens=120, logit_bias={t: float("-inf") for t in eog})
-prompt = "Write a long story about a dragon."
-expected = model.generate(prompt, **opts).text    # what an undisturbed run gives
-assert mapped(path)
-
-own = model.create_session()
-started = {"own": threading.Event(), "pooled": threading.Event()}
-results = {}
-
-def consume(name, stream):
-    pieces = []
-    try:
-        for piece in stream:
-            pieces.append(piece)
-            if len(pieces) == 3:
-                started[name].set()
-        results[name] = ("finished", "".join(pieces), len(pieces))
-    except BaseException as exc:
-        results[name] = (type(exc).__name__, str(exc), len(pieces))
-    finally:
-        started[name].set()
-
-workers = [
-    threading.Thread(target=consume, args=("own", own.stream(prompt, **opts)), daemon=True),
-    threading.Thread(target=consume, args=("pooled", model.stream(prompt, **opts)), daemon=True),
-]
-for w in workers:
-    w.start()
-for e in started.values():
-    e.wait(120)
-t0 = time.monotonic()
-model.close()
-close_s = time.monotonic() - t0
-for w in workers:
-    w.join(300)
-    assert not w.is_alive(), "a generating thread did not finish after model.close()"
-after = {}
-for name, call in [("generate", lambda: model.generate("Hi", max_tokens=1)),
-                   ("create_session", model.create_session),
-                   ("own_session", lambda: own.generate("Hi", max_tokens=1))]:
-    try:
-        call()
-        after[name] = "ok"
-    except ClosedError as exc:
-        after[name] = "ClosedError"
-    except BaseException as exc:
-        after[name] = type(exc).__name__ + ": " + str(exc)
-still_mapped_with_open_session = mapped(path)
-own.close()
-say("result", close_s=close_s, results=results, expected=expected, after=after,
-    still_mapped_with_open_session=still_mapped_with_open_session,
-    mapped_after=mapped(path), rss0=rss0, rss_end=rss_kb())
-'''
-
-
 def test_close_model_while_other_threads_generate(smol_path: str) -> None:
     """model.close() while two threads generate (one on its own session, one through
     the engine): close returns, the session's generation finishes correctly, the
     engine's ends with ClosedError, later calls get ClosedError, and the model's memory
     is released once the last session closes."""
-    with Child(CLOSE_MODEL_CHILD, smol_path) as child:
+    with Child("concurrency", smol_path) as child:
         res = child.expect("result", timeout=300)
         assert child.wait(60) == 0, child.describe()
     kind, text, n = res["results"]["own"]

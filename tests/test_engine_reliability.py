@@ -15,9 +15,19 @@ from typing import Any
 
 import pytest
 from _native import NativeRef, native_fixture  # noqa: F401
-from _rel_helpers import record, rss_kb
+from _subproc import record
 
 from llamabind import InvalidArgumentError, LoadedModel
+
+
+def rss_kb() -> int:
+    """This process's resident memory (kB), from /proc."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc/self/status")
+
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 

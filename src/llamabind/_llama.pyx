@@ -1,5 +1,9 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, cdivision=True
 # cython: embedsignature=True
+# Bounds checks and negative indices stay on (Cython's defaults): a function turns
+# them off with @cython.boundscheck(False) / @cython.wraparound(False) only where a
+# measurement shows a difference, and says so in a comment. Off for the whole module,
+# obj[-1] on a list silently read the memory before it.
 """llamabind's compiled core: llama.cpp's C API, one class per llama.cpp object.
 
 The module is built from one file per object (uvloop's layout): each ``.pxi`` under

@@ -41,7 +41,6 @@ cdef void _log_line(int level, str line) noexcept:
         pass
 
 
-@cython.wraparound(True)
 cdef void _log_text(int level, const char * text) noexcept:
     try:
         state = _log_state
