@@ -152,10 +152,10 @@ cdef class Context:
                 ptr = llama_init_from_model(model._ptr, params)
             model._check_rpc()
             if ptr == NULL:
-                details = "; ".join(_take_recent_errors()) or "no details logged"
-                raise ContextCreationError(
+                raise _native_error(
+                    ContextCreationError,
                     f"llama.cpp could not create a context (n_ctx={n_ctx}, n_batch={n_batch}, "
-                    f"n_seq_max={n_seq_max}): {details}")
+                    f"n_seq_max={n_seq_max})")
             self._one = llama_batch_init(1, 0, 1)
             self._out_rows = <int8_t *>malloc(max(n_batch, 1))
             if self._one.token == NULL or self._out_rows == NULL:

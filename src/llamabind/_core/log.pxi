@@ -77,6 +77,19 @@ def _take_recent_errors():
     return list(recent) if recent else []
 
 
+cdef object _native_error(type cls, str what, str fallback="no details logged",
+                          object extra=None):
+    """The one mapping of a failed llama.cpp call (a NULL, a 0 or a false result) to a
+    Python exception: ``cls("{what}: {details}")``, the details being the warning and
+    error lines llama.cpp logged on this thread during the call (the caller forgets
+    older ones with _take_recent_errors() before it), or ``fallback``. ``extra`` is the
+    exception's second argument (the path, for ModelLoadError)."""
+    details = "; ".join(_take_recent_errors()) or fallback
+    if extra is None:
+        return cls(f"{what}: {details}")
+    return cls(f"{what}: {details}", extra)
+
+
 cdef void _log_discard(ggml_log_level level, const char * text,
                        void * user_data) noexcept nogil:
     pass

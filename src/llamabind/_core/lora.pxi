@@ -29,8 +29,8 @@ cdef class LoraAdapter:
             raise
         if ptr == NULL:
             model._unpin()
-            details = "; ".join(_take_recent_errors()) or "no details logged"
-            raise ModelLoadError(f"could not load LoRA adapter {fspath!r}: {details}", fspath)
+            raise _native_error(ModelLoadError, f"could not load LoRA adapter {fspath!r}",
+                                extra=fspath)
         self._ptr = ptr
         self.model = model
         self.path = fspath

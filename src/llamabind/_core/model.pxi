@@ -228,8 +228,8 @@ cdef class Model:
                     llama_model_free(ptr)
             raise exc
         if ptr == NULL:
-            details = "; ".join(_take_recent_errors()) or "no details logged"
-            raise ModelLoadError(f"llama.cpp could not load model {fspath!r}: {details}", fspath)
+            raise _native_error(ModelLoadError, f"llama.cpp could not load model {fspath!r}",
+                                extra=fspath)
         self._ptr = ptr
         self._vocab = llama_model_get_vocab(ptr)
         self._n_vocab = llama_vocab_n_tokens(self._vocab)

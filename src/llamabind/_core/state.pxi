@@ -104,8 +104,8 @@ cdef int _load_state(Context self, object data, object seq_id) except -1:
             else:
                 got = llama_state_seq_set_data(self._ptr, &view[0], n, seq)
         if got == 0:
-            details = "; ".join(_take_recent_errors()) or "invalid or incompatible state"
-            raise StateError(f"could not restore state ({n} bytes): {details}")
+            raise _native_error(StateError, f"could not restore state ({n} bytes)",
+                                "invalid or incompatible state")
         self._last_n_tokens = 0
         self._out_capacity = max(self._out_capacity, 1 << 30) if whole else self._out_capacity
     finally:
@@ -171,8 +171,8 @@ cdef list _load_state_file(Context self, object path, object seq_id, object max_
             else:
                 ok = llama_state_seq_load_file(self._ptr, c, seq, &view[0], cap, &count) != 0
         if not ok:
-            details = "; ".join(_take_recent_errors()) or "invalid or incompatible file"
-            raise StateError(f"could not load state file {fspath!r}: {details}")
+            raise _native_error(StateError, f"could not load state file {fspath!r}",
+                                "invalid or incompatible file")
         self._last_n_tokens = 0
         self._out_capacity = 1 << 30
         return out[:count].tolist()
