@@ -17,7 +17,7 @@ import struct
 # ggml asks for a few bytes at a time (a length, then a string): the reader serves
 # them from a window of the file, refilled by one pread() when a read leaves it.
 cdef enum:
-    _WINDOW = 1 << 20
+    _GGUF_WINDOW = 1 << 20
 
 
 cdef struct _FileWindow:
@@ -51,10 +51,10 @@ cdef size_t _window_refill_read(_FileWindow * w, unsigned char * out, uint64_t o
             memcpy(out + done, w.buf + (pos - w.start), take)
             done += take
             continue
-        if n - done >= _WINDOW:
+        if n - done >= _GGUF_WINDOW:
             got = pread(w.fd, out + done, n - done, <off_t>pos)
         else:
-            got = pread(w.fd, w.buf, _WINDOW, <off_t>pos)
+            got = pread(w.fd, w.buf, _GGUF_WINDOW, <off_t>pos)
             if got > 0:
                 w.start = pos
                 w.filled = got
@@ -135,7 +135,7 @@ cdef class GGUFFile:
         w.fd = fd
         w.start = 0
         w.filled = 0
-        w.buf = <unsigned char *>malloc(_WINDOW)
+        w.buf = <unsigned char *>malloc(_GGUF_WINDOW)
         if w.buf == NULL:
             raise MemoryError()
         _take_recent_errors()

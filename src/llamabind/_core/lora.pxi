@@ -30,7 +30,7 @@ cdef class LoraAdapter:
         if ptr == NULL:
             model._unpin()
             raise _native_error(ModelLoadError, f"could not load LoRA adapter {fspath!r}",
-                                extra=fspath)
+                                "no details logged", fspath)
         self._ptr = ptr
         self.model = model
         self.path = fspath

@@ -229,7 +229,7 @@ cdef class Model:
             raise exc
         if ptr == NULL:
             raise _native_error(ModelLoadError, f"llama.cpp could not load model {fspath!r}",
-                                extra=fspath)
+                                "no details logged", fspath)
         self._ptr = ptr
         self._vocab = llama_model_get_vocab(ptr)
         self._n_vocab = llama_vocab_n_tokens(self._vocab)
