@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -166,10 +167,37 @@ def test_eight_threads_over_a_thousand_generations(shared, reference) -> None:
     record("concurrency.wall_s", round(elapsed, 2), "s")
 
 
-def test_loaded_model_generate_from_many_threads(shared, reference) -> None:
+@pytest.fixture(scope="module")
+def reference_top(shared: LoadedModel) -> list[tuple[tuple[int, ...], Any]]:
+    """Each job alone in a session again, with the 20 most likely tokens at each place."""
+    with shared.create_session() as session:
+        return [(r.tokens, r.logprobs) for r in
+                (session.generate(prompt, max_tokens=MAX_TOKENS, logprobs=20, **opts)
+                 for prompt, opts in JOBS)]
+
+
+def _parts_only_where_batching_may(got: tuple[int, ...], alone: tuple[int, ...],
+                                   top: Any, greedy: bool) -> bool:
+    """A batched run may pick another token than the run alone only where float noise
+    can decide: batches of other shapes sum in another order (llama.cpp does not promise
+    bit-equal logits). Greedy: the two best tokens alone were within 0.25 in
+    log-probability; sampled: the token picked is among the 20 most likely alone (a
+    token of another request, or garbage, is not)."""
+    d = next((i for i, (a, b) in enumerate(zip(alone, got, strict=False)) if a != b), None)
+    if d is None:
+        return len(got) == len(alone)
+    ranked = {token: logprob for token, _, logprob in top[d].top}
+    if got[d] not in ranked:
+        return False
+    return not greedy or top[d].logprob - ranked[got[d]] < 0.25
+
+
+def test_loaded_model_generate_from_many_threads(shared, reference, reference_top) -> None:
     """The engine: LoadedModel.generate/stream from 8 threads at once, decoded together,
-    give what each gives alone in a session."""
+    give what each gives alone in a session (but where float noise decides a pick: see
+    _parts_only_where_batching_may), and streams join to their results' text."""
     errors: list[str] = []
+    parted: list[int] = []
     count = [0]
 
     def worker(k: int) -> None:
@@ -179,13 +207,22 @@ def test_loaded_model_generate_from_many_threads(shared, reference) -> None:
                 prompt, opts = JOBS[j]
                 tokens, text = reference[j]
                 if n % 4 == 3:
-                    got = "".join(shared.stream(prompt, max_tokens=MAX_TOKENS, **opts))
-                    ok = got == text
+                    events = list(shared.submit(prompt, max_tokens=MAX_TOKENS, **opts))
+                    got = tuple(t for ev in events for t in ev.tokens)
+                    got_text = "".join(ev.text for ev in events)
+                    ok = got_text == shared.detokenize(got) if got != tokens else \
+                        got_text == text
                 else:
                     r = shared.generate(prompt, max_tokens=MAX_TOKENS, **opts)
-                    ok = r.tokens == tokens and r.text == text
+                    got = r.tokens
+                    ok = r.text == text if got == tokens else True
+                if got != tokens:
+                    parted.append(j)
+                    ok = ok and _parts_only_where_batching_may(
+                        got, reference_top[j][0], reference_top[j][1],
+                        opts["temperature"] == 0)
                 if not ok:
-                    errors.append(f"thread {k} job {j} differs from the sequential run")
+                    errors.append(f"thread {k} job {j}: {got} against {tokens} alone")
                 count[0] += 1
         except BaseException as exc:
             errors.append(f"thread {k}: {type(exc).__name__}: {exc}")
@@ -193,6 +230,7 @@ def test_loaded_model_generate_from_many_threads(shared, reference) -> None:
     run_threads([lambda k=k: worker(k) for k in range(8)], timeout=300)
     assert not errors, errors[:10]
     assert count[0] == 64
+    assert len(parted) < 64 // 4, parted     # noise decides seldom, not as a rule
     r = shared.generate(JOBS[0][0], max_tokens=MAX_TOKENS, **JOBS[0][1])
     assert r.tokens == reference[0][0]
     assert shared.stats()["requests_running"] == 0 and shared.stats()["kv_cells_used"] == 0
@@ -220,8 +258,8 @@ def test_core_context_used_by_two_threads_raises(shared: LoadedModel) -> None:
     model = shared.native
     tokens = _long_tokens(shared, 3000)
     short = shared.tokenize("The capital of France is")
-    kw = {"n_ctx": LONG.context_length, "n_batch": LONG.batch_size,
-          "n_ubatch": LONG.ubatch_size, "n_threads": 1}
+    kw = {"n_ctx": LONG.n_ctx, "n_batch": LONG.n_batch,
+          "n_ubatch": LONG.n_ubatch, "n_threads": 1}
     with Context(model, **kw) as fresh:
         fresh.eval(short)
         expected = fresh.logits().copy()
