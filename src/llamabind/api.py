@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING, Any
 from llamabind import _llama
 from llamabind.chat import ChatTemplate, validate_messages
 from llamabind.config import (
+    SPECULATIVE_OPTIONS,
     ContextConfig,
     EngineConfig,
     GenerationConfig,
     ModelConfig,
     SamplingConfig,
+    check_option,
 )
 from llamabind.engine import Engine
 from llamabind.errors import (
@@ -104,13 +106,20 @@ class LoadedModel:
 
     def __init__(self, native: _llama.Model, config: ModelConfig,
                  context_config: ContextConfig,
-                 engine_config: EngineConfig | None = None) -> None:
+                 engine_config: EngineConfig | None = None, *,
+                 draft: _llama.Model | None = None, owns_draft: bool = False,
+                 speculative: dict[str, Any] | None = None) -> None:
         self.native = native
         self.config = config
         self.context_config = context_config
         self.engine_config = engine_config or EngineConfig()
         self.vocab = native.vocab
-        self._engine = Engine(native, context_config, self.engine_config)
+        # speculative decoding: the draft model (checked against this vocabulary), and
+        # the speculative options every request gets unless it gives its own
+        self.draft_model = draft
+        self._owns_draft = owns_draft
+        self._speculative = dict(speculative or {})
+        self._engine = Engine(native, context_config, self.engine_config, draft=draft)
         self._embedders: dict[Any, Any] = {}   # pooling -> embed._Embedder
         self._embed_lock = threading.Lock()
         self._template: ChatTemplate | None = None
@@ -122,23 +131,36 @@ class LoadedModel:
              config: ModelConfig | None = None, context: ContextConfig | None = None,
              engine: EngineConfig | None = None,
              progress: bool | Callable[[float], bool | None] | None = None,
+             draft: LoadedModel | str | os.PathLike[str] | None = None,
              **options: Any) -> LoadedModel:
         """Load a model. ``path=None`` is the default small model. ``options``: any
         field of ModelConfig (n_gpu_layers, use_mmap...), ContextConfig (n_ctx,
         n_threads, n_batch...) or EngineConfig (n_parallel, max_queue...) by name; or
         whole configs as ``config=``/``context=``/``engine=``. ``progress=True`` draws a
-        progress bar on a terminal's stderr."""
+        progress bar on a terminal's stderr.
+
+        Speculative decoding: ``draft`` is a draft model (a LoadedModel, or a path loaded
+        with this model's n_gpu_layers and devices) whose vocabulary must match this
+        one's (InvalidArgumentError if not); with it, requests use
+        ``spec_type="draft-simple"`` unless they say otherwise. The speculative options
+        (spec_type, draft_max, draft_min, draft_p_min, spec_ngram_size_n,
+        spec_ngram_size_min) given here are the defaults of every request."""
         groups: dict[type, dict[str, Any]] = {ModelConfig: {}, ContextConfig: {},
                                               EngineConfig: {}}
+        speculative: dict[str, Any] = {}
         for name, value in options.items():
+            if name in SPECULATIVE_OPTIONS:
+                speculative[name] = check_option(GenerationConfig, name, value)
+                continue
             for owner in groups:
                 if name in owner.names():  # type: ignore[attr-defined]
                     groups[owner][name] = value
                     break
             else:
-                raise InvalidArgumentError(
-                    f"unknown option {name!r}; options: "
-                    f"{sorted(ModelConfig.names() | ContextConfig.names() | EngineConfig.names())}")
+                known = (ModelConfig.names() | ContextConfig.names() | EngineConfig.names()
+                         | SPECULATIVE_OPTIONS)
+                raise InvalidArgumentError(f"unknown option {name!r}; options: {sorted(known)}")
+        GenerationConfig(**speculative)  # the rules between them (draft_min <= draft_max)
         m_opts = groups[ModelConfig]
         if config is None:
             config = ModelConfig(path=os.fspath(path) if path is not None
@@ -155,8 +177,28 @@ class LoadedModel:
             callback = None
         else:
             callback = progress
-        native = _llama.Model(config, progress=callback)
-        return cls(native, config, context, engine)
+        draft_native, owns_draft = _draft_model(draft, config)
+        try:
+            native = _llama.Model(config, progress=callback)
+        except BaseException:
+            if owns_draft and draft_native is not None:
+                draft_native.close()
+            raise
+        if draft_native is not None:
+            try:
+                _llama.check_draft_vocab(native, draft_native)
+            except BaseException:
+                native.close()
+                if owns_draft:
+                    draft_native.close()
+                raise
+            speculative.setdefault("spec_type", "draft-simple")
+        elif speculative.get("spec_type") == "draft-simple":
+            native.close()
+            raise InvalidArgumentError(
+                "spec_type='draft-simple' needs a draft model: load(path, draft=...)")
+        return cls(native, config, context, engine, draft=draft_native,
+                   owns_draft=owns_draft, speculative=speculative)
 
     # --- lifetime ----------------------------------------------------------------
 
@@ -170,6 +212,8 @@ class LoadedModel:
         for emb in embedders.values():
             emb.ctx.close()
         self.native.close()
+        if self._owns_draft and self.draft_model is not None:
+            self.draft_model.close()
 
     @property
     def closed(self) -> bool:
@@ -254,6 +298,9 @@ class LoadedModel:
         tools or a schema is rendered by llama.cpp's template handler (tools included);
         the plan's stop strings join the caller's."""
         options = dict(options)
+        if self._speculative and "generation" not in options:
+            for name, value in self._speculative.items():
+                options.setdefault(name, value)
         structured = split_structured(options)
         s, g = configs_from(options)
         plan = None
@@ -460,6 +507,21 @@ class LoadedModel:
         add_bos = bool(self.vocab.add_bos) and not (
             template.bos_token and text.startswith(template.bos_token))
         return list(self.vocab.tokenize(text, add_special=add_bos, parse_special=True))
+
+
+def _draft_model(draft: Any, config: ModelConfig) -> tuple[_llama.Model | None, bool]:
+    """The native draft model of ``load(draft=...)`` and whether the LoadedModel owns
+    it (it was loaded from a path)."""
+    if draft is None:
+        return None, False
+    if isinstance(draft, LoadedModel):
+        draft._check_open()
+        return draft.native, False
+    if isinstance(draft, (str, os.PathLike)):
+        return _llama.Model(ModelConfig(path=os.fspath(draft), n_gpu_layers=config.n_gpu_layers,
+                                        devices=config.devices)), True
+    raise InvalidArgumentError(
+        f"draft must be a LoadedModel or the path of a GGUF file, got {draft!r}")
 
 
 def _merge(cls: Any, given: Any, options: dict[str, Any], name: str) -> Any:

@@ -31,6 +31,7 @@ __all__ = [
     "ModelConfig",
     "SamplingConfig",
     "Spec",
+    "SpecType",
     "check_option",
     "spec_of",
 ]
@@ -39,6 +40,7 @@ FlashAttn = Literal["auto", "on", "off"]
 KVType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]
 SplitMode = Literal["none", "layer", "row", "tensor"]
 Pooling = Literal["none", "mean", "cls", "last", "rank"]
+SpecType = Literal["none", "ngram-simple", "draft-simple"]
 
 KV_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0",
                              "q5_1", "iq4_nl")
@@ -577,6 +579,44 @@ class GenerationConfig(_Config):
     logprobs: int | None = _param(None, "int", lo=0, hi=20, optional=True,
                                   doc="log-probabilities of each token and of the k most "
                                       "likely alternatives")
+    # speculative decoding: the same tokens, fewer passes over the weights
+    spec_type: SpecType = _param(
+        "none", "choice", choices=("none", "ngram-simple", "draft-simple"),
+        cli=("--spec-type",),
+        doc="speculative decoding: 'ngram-simple' drafts from the prompt and the output "
+            "(prompt lookup), 'draft-simple' with the draft model given to load(draft=...); "
+            "the target model's sampler picks every token, so the output is the same")
+    draft_max: int = _param(16, "int", lo=0, hi=256, cli=("--draft-max", "--spec-draft-n-max"),
+                            doc="tokens drafted at most per step (0: no drafting)")
+    draft_min: int = _param(0, "int", lo=0, hi=256, cli=("--draft-min", "--spec-draft-n-min"),
+                            doc="a shorter draft is not tried")
+    draft_p_min: float = _param(
+        0.75, "float", lo=0.0, hi=1.0, cli=("--draft-p-min", "--spec-draft-p-min"),
+        doc="the draft model stops drafting at a token it gives a lower probability")
+    spec_ngram_size_n: int = _param(
+        3, "int", lo=1, hi=64, cli=("--spec-ngram-size-n",),
+        doc="prompt lookup: the longest n-gram looked up (shorter ones down to "
+            "spec_ngram_size_min are tried when it is not found)")
+    spec_ngram_size_min: int = _param(
+        1, "int", lo=1, hi=64, cli=("--spec-ngram-size-min",),
+        doc="prompt lookup: the shortest n-gram looked up")
+
+    def _check_together(self) -> None:
+        if self.draft_min > self.draft_max:
+            raise _bad("draft_min", self.draft_min, f"at most draft_max={self.draft_max}")
+        if self.spec_ngram_size_min > self.spec_ngram_size_n:
+            raise _bad("spec_ngram_size_min", self.spec_ngram_size_min,
+                       f"at most spec_ngram_size_n={self.spec_ngram_size_n}")
+
+    @property
+    def speculative(self) -> bool:
+        return self.spec_type != "none" and self.draft_max > 0
+
+
+# the options of speculative decoding (GenerationConfig fields that LoadedModel.load
+# also takes, as every request's defaults)
+SPECULATIVE_OPTIONS = frozenset({"spec_type", "draft_max", "draft_min", "draft_p_min",
+                                 "spec_ngram_size_n", "spec_ngram_size_min"})
 
 
 def option_owner(name: str) -> type[_Config] | None:

@@ -14,11 +14,17 @@ bias; ``n`` completions of one prompt decode the prompt once and copy its KV cel
 A slot keeps the KV cells of its last request, so a request that starts like it
 (the next turn of a chat, a shared system prompt) reuses them; cells a slot gives up
 go to a prompt cache in RAM (LRU, limited in bytes) that later requests draw on.
+
+A request with speculative decoding (``spec_type``) brings a draft after its pending
+token into the step (prompt lookup, or the draft model's, drafted on a context of the
+draft model with one sequence per slot); its sampler takes as much of it as it would
+have picked anyway, and the cells of the rest are removed.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import threading
 import time
@@ -51,12 +57,32 @@ from llamabind.sampling import build_sampler
 if TYPE_CHECKING:
     from llamabind.structured import GenerationPlan
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "check_speculative"]
+
+_log = logging.getLogger("llamabind")
 
 # A slot's cells are saved to the prompt cache when it gives up at least this many.
 _MIN_CACHED_TOKENS = 32
 # An idle scheduler thread ends after this long.
 _IDLE_EXIT_S = 5.0
+
+
+def check_speculative(native: _llama.Model, draft: _llama.Model | None,
+                      g: GenerationConfig) -> None:
+    """Refuse speculative options this model cannot follow."""
+    if g.spec_type == "draft-simple" and draft is None:
+        raise InvalidArgumentError(
+            "spec_type='draft-simple' needs a draft model: "
+            "LoadedModel.load(path, draft=other_model_or_path)")
+    if native.is_recurrent or native.is_hybrid:
+        raise InvalidArgumentError(
+            f"spec_type={g.spec_type!r}: speculative decoding needs a model whose KV "
+            f"cells can be removed from the end of a sequence; {native.path!r} is a "
+            "recurrent model")
+
+
+def ngram_drafter(g: GenerationConfig) -> _llama.NgramDrafter:
+    return _llama.NgramDrafter(g.spec_ngram_size_n, g.spec_ngram_size_min)
 
 
 class _Slot:
@@ -135,8 +161,12 @@ class Engine:
     """The batching engine of one loaded model (see the module's docstring)."""
 
     def __init__(self, native: _llama.Model, context: ContextConfig,
-                 config: EngineConfig) -> None:
+                 config: EngineConfig, draft: _llama.Model | None = None) -> None:
         self.native = native
+        # the draft model of spec_type="draft-simple" (its context is made on first use)
+        self.draft_model = draft
+        self._model_drafter: _llama.ModelDrafter | None = None
+        self._ngram_drafters: dict[tuple[int, int], _llama.NgramDrafter] = {}
         self.context_config = context
         self.config = config
         self.n_parallel = config.n_parallel
@@ -179,7 +209,8 @@ class Engine:
         self._stats = {"requests_total": 0, "requests_cancelled": 0, "requests_failed": 0,
                        "prompt_tokens_total": 0, "prompt_tokens_cached": 0,
                        "prompt_tokens_decoded": 0,
-                       "completion_tokens_total": 0, "steps": 0, "preemptions": 0}
+                       "completion_tokens_total": 0, "steps": 0, "preemptions": 0,
+                       "draft_tokens_total": 0, "draft_tokens_accepted_total": 0}
 
     # --- submitting --------------------------------------------------------------------
 
@@ -208,6 +239,8 @@ class Engine:
                 "this model was loaded before os.fork() and cannot be used in the child "
                 "process; load the model again in the child (or use the 'spawn' start "
                 "method)")
+        if generation.speculative:
+            check_speculative(self.native, self.draft_model, generation)
         request = Request(self, prompt, sampling, generation, n, stream, plan)
         # the sampler chains are built here, in the caller's thread: a bad grammar or
         # option fails the submit, not the engine
@@ -248,6 +281,24 @@ class Engine:
                 self._thread.start()
             self._wake.notify()
         return request
+
+    def _drafter(self, g: GenerationConfig) -> _llama.Drafter | None:
+        """The drafter of a request's options (None: no speculative decoding)."""
+        if not g.speculative:
+            return None
+        if g.spec_type == "ngram-simple":
+            key = (g.spec_ngram_size_n, g.spec_ngram_size_min)
+            drafter = self._ngram_drafters.get(key)
+            if drafter is None:
+                drafter = self._ngram_drafters[key] = ngram_drafter(g)
+            return drafter
+        if self._model_drafter is None:
+            assert self.draft_model is not None
+            cfg = self.context_config
+            self._model_drafter = _llama.ModelDrafter(
+                self.native, self.draft_model, n_ctx=self.kv_size, n_seq_max=self.n_parallel,
+                n_batch=max(cfg.n_batch, self.n_parallel), n_threads=cfg.n_threads)
+        return self._model_drafter
 
     def _cancel(self, request: Request) -> None:
         with self._lock:
@@ -362,6 +413,9 @@ class Engine:
         if self._ctx is not None:
             self._ctx.close()
             self._ctx = None
+        if self._model_drafter is not None:
+            self._model_drafter.close()
+            self._model_drafter = None
         self._cache.clear()
 
     # --- the scheduler thread --------------------------------------------------------------
@@ -500,13 +554,16 @@ class Engine:
         for slot in slots[1:]:
             self._give_up(slot, 0)
         gens = []
+        drafter = self._drafter(g)
         for i, slot in enumerate(slots):
             slot.busy = True
             gens.append(_llama.Generation(
                 self.native, n_prompt, request.samplers[i], max_tokens=g.max_tokens,
                 stop=list(g.stop), ignore_eos=request.sampling.ignore_eos,
                 logprobs=g.logprobs, seq_id=slot.seq_id, n_ctx=self.n_ctx,
-                preserved_tokens=request.plan.preserved_tokens if request.plan else ()))
+                preserved_tokens=request.plan.preserved_tokens if request.plan else (),
+                drafter=drafter, prompt=prompt if drafter is not None else None,
+                draft_max=g.draft_max, draft_min=g.draft_min, draft_p_min=g.draft_p_min))
         request.rids = []
         for i, slot in enumerate(slots):
             self._choices += 1
@@ -586,6 +643,20 @@ class Engine:
                 taken.append((job, count))
                 in_flight.add(request)
                 budget -= count
+        # the rows left carry drafts after the generated tokens
+        drafted = False
+        for gen in gens:
+            if budget <= 0:
+                break
+            if gen.speculative:
+                try:
+                    n_draft = gen.plan_draft(budget)
+                except LlamaError as exc:  # the draft model failed: go on without
+                    _log.debug("drafting failed: %s", exc)
+                    gen.drop_draft()
+                    continue
+                budget -= n_draft
+                drafted = drafted or n_draft > 0
         if not gens and not chunks:
             return
         with self._lock:
@@ -594,6 +665,11 @@ class Engine:
             self._in_flight = in_flight
         try:
             rc = core.step(gens, chunks)
+            if rc == 1 and drafted:
+                # no room for the drafts' cells: the step without them
+                for gen in gens:
+                    gen.drop_draft()
+                rc = core.step(gens, chunks)
         except GenerationCancelled:
             # every request in the step was cancelled (or the model is closing)
             rc = -1
@@ -725,6 +801,8 @@ class Engine:
                 if gen.finish_reason is None or cancelled:
                     gen.finish("cancelled")
                 self._stats["completion_tokens_total"] += gen.n_generated
+                self._stats["draft_tokens_total"] += gen.n_drafted
+                self._stats["draft_tokens_accepted_total"] += gen.n_draft_accepted
             try:
                 results = [self._result(request, gen) for gen in request.gens]
             except OutputParseError as exc:
@@ -770,7 +848,8 @@ class Engine:
             generation_ms=(request.t_done - t_first) * 1000,
             cached_prompt_tokens=request.cached_tokens, stop_sequence=gen.stop_sequence,
             logprobs=token_logprobs(self.native.vocab, gen.logprobs),
-            queue_ms=((request.t_admit or request.t_done) - request.t_submit) * 1000),
+            queue_ms=((request.t_admit or request.t_done) - request.t_submit) * 1000,
+            draft_tokens=gen.n_drafted, draft_tokens_accepted=gen.n_draft_accepted),
             request.plan)
 
     def _finish_unstarted(self, request: Request, error: BaseException | None) -> None:

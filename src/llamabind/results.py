@@ -63,7 +63,9 @@ class GenerationResult:
     (end-of-generation token or stop string), "length" (max_tokens or a full context)
     or "cancelled". ``cached_prompt_tokens`` of the prompt's tokens reused KV cells of
     an earlier request instead of being computed. ``logprobs``: when asked for, each
-    token's log-probability and the most likely alternatives.
+    token's log-probability and the most likely alternatives. With speculative
+    decoding, ``draft_tokens`` were drafted and ``draft_tokens_accepted`` of them
+    taken (the output is the same as without drafts).
     """
 
     text: str
@@ -77,6 +79,8 @@ class GenerationResult:
     stop_sequence: str | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
     queue_ms: float = 0.0
+    draft_tokens: int = 0
+    draft_tokens_accepted: int = 0
     # structured output (json_schema/response_format/schema, tools): the parsed value
     # (the JSON value, or the Pydantic object), and the parsed assistant message
     parsed: Any = field(default=None, compare=False)

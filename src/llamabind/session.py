@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from llamabind import _llama
 from llamabind.config import ContextConfig, GenerationConfig, SamplingConfig
+from llamabind.engine import check_speculative, ngram_drafter
 from llamabind.errors import (
     ClosedError,
     ConcurrentUseError,
@@ -44,6 +45,8 @@ class Session:
         self._ctx = _llama.Context(model.native, config)
         self._cached: list[int] = []
         self._lock = threading.Lock()
+        # the draft model's context of spec_type="draft-simple" (made on first use)
+        self._drafter: _llama.ModelDrafter | None = None
 
     # --- lifetime ----------------------------------------------------------------
 
@@ -66,6 +69,9 @@ class Session:
     def close(self) -> None:
         self._ctx.close()
         self._cached = []
+        if self._drafter is not None:
+            self._drafter.close()
+            self._drafter = None
 
     @property
     def closed(self) -> bool:
@@ -141,17 +147,33 @@ class Session:
                 f"{n_ctx}", n_prompt, n_ctx)
         if self._ctx.closed:
             raise ClosedError("session is closed")
+        drafter = self._drafter_for(g)
         sampler = build_sampler(self.model.native, s, n_ctx, plan)
         try:
             gen = _llama.Generation(
                 self.model.native, n_prompt, sampler, max_tokens=g.max_tokens,
                 stop=list(g.stop), ignore_eos=s.ignore_eos, logprobs=g.logprobs, n_ctx=n_ctx,
-                preserved_tokens=plan.preserved_tokens if plan is not None else ())
+                preserved_tokens=plan.preserved_tokens if plan is not None else (),
+                drafter=drafter, prompt=prompt if drafter is not None else None,
+                draft_max=g.draft_max, draft_min=g.draft_min, draft_p_min=g.draft_p_min)
         except BaseException:
             if sampler is not None:
                 sampler.close()
             raise
         return _SessionRun(self, prompt, gen, sampler, reuse_prefix, streaming, plan)
+
+    def _drafter_for(self, g: GenerationConfig) -> _llama.Drafter | None:
+        if not g.speculative:
+            return None
+        check_speculative(self.model.native, self.model.draft_model, g)
+        if g.spec_type == "ngram-simple":
+            return ngram_drafter(g)
+        if self._drafter is None:
+            assert self.model.draft_model is not None
+            self._drafter = _llama.ModelDrafter(
+                self.model.native, self.model.draft_model, n_ctx=self.n_ctx,
+                n_batch=self.config.n_batch, n_threads=self.config.n_threads)
+        return self._drafter
 
 
 class _SessionRun:
@@ -224,7 +246,8 @@ class _SessionRun:
             finish_reason=cast("FinishReason", gen.finish_reason), tokens=tuple(gen.tokens),
             prompt_eval_ms=t_prompt * 1000, generation_ms=t_gen * 1000,
             cached_prompt_tokens=kept, stop_sequence=gen.stop_sequence,
-            logprobs=token_logprobs(session.model.vocab, gen.logprobs)), self.plan)
+            logprobs=token_logprobs(session.model.vocab, gen.logprobs),
+            draft_tokens=gen.n_drafted, draft_tokens_accepted=gen.n_draft_accepted), self.plan)
 
 
 class _Claim:

@@ -36,6 +36,7 @@ cdef object _np():
 
 from llamabind.config import (
     ContextConfig as _ContextConfig,
+    GenerationConfig as _GenerationConfig,
     ModelConfig as _ModelConfig,
     SamplingConfig as _SamplingConfig,
     Spec as _Spec,

@@ -21,10 +21,17 @@ cdef class EngineCore:
     finished with "error"; the others go on. A failed decode raises (DecodeError,
     GenerationCancelled after ``ctx.cancel()``).
 
+    A Generation with a planned draft (``plan_draft``) brings its draft tokens as rows
+    after its pending token, each with logits; it verifies them after the decode
+    (Generation._verify: as many tokens as the sampler takes, the cells of the rest
+    removed). When the step returns 1 the drafts are kept: ``drop_draft()`` them to
+    retry with less.
+
     ``record``: None, or a list to which each step appends what was decoded (for
     replaying the schedule natively): ``{"rows": [[seq_ids, pos, token, kind], ...],
     "picks": [[row, seq_id], ...]}``, kind "g" for a generated token, "p" for a prompt
-    token.
+    token or a draft token; after a step with drafts, ``{"op": "rm", "seq": seq_id,
+    "p0": pos, "p1": -1}`` for each sequence whose draft was not taken whole.
     """
 
     cdef Context _ctx
@@ -67,21 +74,23 @@ cdef class EngineCore:
         cdef Generation g
         cdef const int32_t[::1] view
         cdef int64_t start, pos0
-        cdef int rc
+        cdef int rc, d
+        cdef int32_t pos_before
         cdef list rows = [] if self.record is not None else None
         for g in gens:
             if not g._has_next:
                 raise InvalidArgumentError("a Generation in gens has no token to decode")
-            if n >= self._cap:
+            if n + 1 + g._n_draft > self._cap:
                 raise InvalidArgumentError(f"the step holds more than n_batch={self._cap} tokens")
-            b.token[n] = g._next
-            b.pos[n] = g.pos
-            b.n_seq_id[n] = 1
-            b.seq_id[n][0] = g.seq_id
-            b.logits[n] = 1
-            if rows is not None:
-                rows.append([[g.seq_id], g.pos, g._next, "g"])
-            n += 1
+            for d in range(g._n_draft + 1):
+                b.token[n] = g._next if d == 0 else g._draft[d - 1]
+                b.pos[n] = g.pos + d
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = g.seq_id
+                b.logits[n] = 1
+                if rows is not None:
+                    rows.append([[g.seq_id], g.pos + d, b.token[n], "g" if d == 0 else "p"])
+                n += 1
         for outputs, tokens, start, count, pos0, seq_ids in chunks:
             view = tokens
             if count < 1 or start < 0 or start + count > view.shape[0]:
@@ -112,29 +121,39 @@ cdef class EngineCore:
         if rc == 1:
             return 1
         cdef list picks = [] if rows is not None else None
+        cdef list removed = [] if rows is not None else None
         row = 0
         for g in gens:
-            g._has_next = False
-            g.pos += 1
+            d = g._n_draft
+            pos_before = g.pos
+            _accept_or_fail(g, ctx, row, True)
             if picks is not None:
-                picks.append([row, g.seq_id])
-            _accept_or_fail(g, ctx, row)
-            row += 1
+                picks.extend([[row + i, g.seq_id] for i in range(g.pos - pos_before)])
+                if d and g.pos < pos_before + 1 + d:
+                    removed.append({"op": "rm", "seq": g.seq_id, "p0": g.pos, "p1": -1})
+            row += 1 + d
         for outputs, tokens, start, count, pos0, seq_ids in chunks:
             row += count
             if outputs is not None:
                 for g in outputs:
                     if picks is not None:
                         picks.append([row - 1, g.seq_id])
-                    _accept_or_fail(g, ctx, row - 1)
+                    _accept_or_fail(g, ctx, row - 1, False)
         if rows is not None:
             self.record.append({"rows": rows, "picks": picks})
+            self.record.extend(removed)
         return 0
 
 
-cdef int _accept_or_fail(Generation g, Context ctx, int32_t row) except -1:
+cdef int _accept_or_fail(Generation g, Context ctx, int32_t row, bint decoded) except -1:
+    """The next token(s) of a Generation from ``row``: after its pending token (and
+    draft) were decoded there (``decoded``), or after its prompt. An error is stored in
+    the Generation, which ends with "error"."""
     try:
-        g._accept(ctx, row)
+        if decoded:
+            g._verify(ctx, row)
+        else:
+            g._accept(ctx, row)
     except Exception as exc:
         g.error = exc
         g.finish_reason = "error"

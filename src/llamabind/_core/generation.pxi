@@ -84,6 +84,15 @@ cdef class Generation:
     ``preserved_tokens``: special tokens rendered as their text (a tool-call marker a
     chat parser must see), as all are with ``render_special``.
 
+    Speculative decoding: ``drafter`` (a Drafter) proposes up to ``draft_max`` tokens
+    to follow the pending one from ``prompt`` (the prompt's token ids) and the output so
+    far; they are decoded with it in one batch, and the sampler picks the next token
+    from each row in turn for as long as it picks the drafted one (so it draws exactly
+    as without a draft). The cells of the rows it did not reach are removed. Drafts
+    shorter than ``draft_min`` are not tried; ``draft_p_min`` goes to a draft model.
+    Drafting backs off while drafts are refused (see _adapt). ``n_drafted`` and
+    ``n_draft_accepted`` count draft tokens tried and taken.
+
     After a decode that produced logits for this sequence, ``accept(ctx, row)`` picks
     the next token; ``step(ctx)`` decodes the pending token on ``ctx`` and accepts the
     next (one sequence on a context of its own); ``run(ctx)`` steps to the end. The
@@ -121,11 +130,45 @@ cdef class Generation:
     cdef int _logprobs
     cdef readonly list logprobs
     cdef frozenset _preserved  # special tokens rendered as text (a tool-call marker)
+    # speculative decoding (drafter not None)
+    cdef Drafter _drafter
+    cdef int32_t * _hist        # the prompt, then every token appended to ``tokens``
+    cdef Py_ssize_t _n_hist
+    cdef Py_ssize_t _hist_cap
+    cdef int32_t * _draft       # the draft decoded after the pending token
+    cdef int _n_draft
+    cdef int _draft_max
+    cdef int _draft_min
+    cdef float _draft_p_min
+    cdef int _spec_k            # the draft length tried now (adapted)
+    cdef int _spec_skip         # steps left without drafting (backing off)
+    cdef int _spec_misses       # drafts refused in a row
+    cdef llama_batch _sbatch    # the pending token and its draft (own-context steps)
+    cdef readonly int64_t n_drafted
+    cdef readonly int64_t n_draft_accepted
+
+    def __cinit__(self):
+        self._hist = NULL
+        self._draft = NULL
+        self._drafter = None
+        memset(&self._sbatch, 0, sizeof(llama_batch))
+
+    def __dealloc__(self):
+        free(self._hist)
+        free(self._draft)
+        self._hist = NULL
+        self._draft = NULL
+        if self._sbatch.token != NULL:
+            llama_batch_free(self._sbatch)
+            memset(&self._sbatch, 0, sizeof(llama_batch))
 
     def __init__(self, Model model not None, pos, Sampler sampler=None, *, max_tokens=256,
                  stop=(), ignore_eos=False, logprobs=None, seq_id=0, n_ctx=None,
-                 render_special=False, preserved_tokens=()):
+                 render_special=False, preserved_tokens=(), Drafter drafter=None,
+                 prompt=None, draft_max=16, draft_min=0, draft_p_min=0.75):
         model._check_open()
+        if self._hist != NULL or self._drafter is not None:
+            raise InvalidArgumentError("Generation is already initialised")
         self._preserved = frozenset()
         if preserved_tokens:
             self._preserved = frozenset(_token_array(list(preserved_tokens), model._n_vocab,
@@ -170,6 +213,42 @@ cdef class Generation:
         self.error = None
         self._has_next = False
         self.logprobs = [] if self._logprobs >= 0 else None
+        self.n_drafted = 0
+        self.n_draft_accepted = 0
+        self._n_draft = 0
+        self._draft_max = _option(_GenerationConfig, "draft_max", draft_max)
+        self._draft_min = _option(_GenerationConfig, "draft_min", draft_min)
+        self._draft_p_min = _option(_GenerationConfig, "draft_p_min", draft_p_min)
+        if drafter is not None and self._draft_max > 0:
+            self._start_drafting(drafter, prompt)
+
+    cdef int _start_drafting(self, Drafter drafter, object prompt) except -1:
+        if prompt is None:
+            raise InvalidArgumentError("a Generation with a drafter needs the prompt's tokens")
+        if llama_model_is_recurrent(self._model._ptr) or llama_model_is_hybrid(self._model._ptr):
+            raise InvalidArgumentError(
+                f"speculative decoding needs a model whose KV cells can be removed from the "
+                f"end of a sequence; {self._model.path!r} is a recurrent model")
+        arr = _token_array(prompt, self._n_vocab, "prompt")
+        cdef const int32_t[::1] view = arr
+        cdef Py_ssize_t n = view.shape[0]
+        if n != self.pos:
+            raise InvalidArgumentError(
+                f"the prompt has {n} tokens, but the generation starts at pos={self.pos}")
+        self._hist_cap = max(n + 64, 256)
+        self._hist = <int32_t *>malloc(self._hist_cap * sizeof(int32_t))
+        self._draft = <int32_t *>malloc(self._draft_max * sizeof(int32_t))
+        self._sbatch = llama_batch_init(self._draft_max + 1, 0, 1)
+        if self._hist == NULL or self._draft == NULL or self._sbatch.token == NULL:
+            raise MemoryError()
+        if n:
+            memcpy(self._hist, &view[0], n * sizeof(int32_t))
+        self._n_hist = n
+        self._spec_k = min(4, self._draft_max)
+        self._spec_skip = 0
+        self._spec_misses = 0
+        self._drafter = drafter
+        return 0
 
     # --- state ---------------------------------------------------------------------
 
@@ -273,6 +352,8 @@ cdef class Generation:
             return 0
         self.tokens.append(tok)
         self.n_generated += 1
+        if self._drafter is not None:
+            self._remember(tok)
         piece = _piece(self._vocab, tok, self._render_special or (
             bool(self._preserved) and tok in self._preserved), 0)
         self.last_piece = piece
@@ -355,8 +436,30 @@ cdef class Generation:
         return 0
 
     cdef int _step(self, Context ctx) except -1:
-        """Decode the pending token on ``ctx`` (sequence ``seq_id``), then accept the
-        next one. Caller holds ctx._enter()."""
+        """Decode the pending token on ``ctx`` (sequence ``seq_id``), with a draft when
+        there is one, then accept the next token(s). Caller holds ctx._enter()."""
+        cdef int i
+        if self._has_next and self._drafter is not None \
+                and self._plan(<int>ctx._n_batch - 1) > 0:
+            self._sbatch.n_tokens = self._n_draft + 1
+            for i in range(self._n_draft + 1):
+                self._sbatch.token[i] = self._next if i == 0 else self._draft[i - 1]
+                self._sbatch.pos[i] = self.pos + i
+                self._sbatch.n_seq_id[i] = 1
+                self._sbatch.seq_id[i][0] = self.seq_id
+                self._sbatch.logits[i] = 1
+            try:
+                ctx._run(&self._sbatch, False, False)
+            except BaseException:
+                self._n_draft = 0
+                raise
+            if ctx._abort.cancel:
+                ctx._abort.cancel = False
+                self._n_draft = 0
+                llama_memory_seq_rm(ctx._mem, self.seq_id, self.pos, -1)
+                raise GenerationCancelled("generation was cancelled")
+            self._verify(ctx, 0)
+            return 0
         if self._has_next:
             self._has_next = False
             ctx._decode_one(self._next, self.pos, self.seq_id)
@@ -366,6 +469,106 @@ cdef class Generation:
             raise GenerationCancelled("generation was cancelled")
         self._accept(ctx, ctx._resolve_row(-1))
         return 0
+
+    # --- speculative decoding ------------------------------------------------------
+
+    cdef int _remember(self, llama_token tok) except -1:
+        cdef int32_t * grown
+        if self._n_hist == self._hist_cap:
+            grown = <int32_t *>realloc(self._hist, 2 * self._hist_cap * sizeof(int32_t))
+            if grown == NULL:
+                raise MemoryError()
+            self._hist = grown
+            self._hist_cap *= 2
+        self._hist[self._n_hist] = tok
+        self._n_hist += 1
+        return 0
+
+    cdef int _plan(self, int limit) except -1:
+        """Choose the draft to decode after the pending token, at most ``limit`` tokens
+        (and never past max_tokens or the context's end, where no drafted token could
+        be taken). Returns its length."""
+        cdef Py_ssize_t k
+        self._n_draft = 0
+        if self._drafter is None or not self._has_next or self.finish_reason is not None:
+            return 0
+        if self._spec_skip > 0:
+            self._spec_skip -= 1
+            return 0
+        k = min(self._spec_k, limit, self.max_tokens - self.n_generated - 1,
+                self.n_ctx - self.pos - 1)
+        if k < 1 or k < self._draft_min:
+            return 0
+        k = self._drafter._propose(self._hist, self._n_hist, self.seq_id, self._draft, k,
+                                   self._draft_p_min)
+        if k < max(1, self._draft_min):
+            return 0
+        self._n_draft = <int>k
+        return self._n_draft
+
+    cdef int _verify(self, Context ctx, int32_t row) except -1:
+        """After a decode whose row ``row`` holds the pending token and the rows after
+        it its draft: accept the next token from each row in turn for as long as the
+        sampler picks the drafted token (each row's input then is what the model would
+        have decoded there), then remove the cells of the rows not reached."""
+        cdef int i, n = self._n_draft, taken = 0
+        self._n_draft = 0
+        self._has_next = False
+        self.pos += 1
+        try:
+            self._accept(ctx, row)
+            for i in range(n):
+                if not self._has_next or self._next != self._draft[i]:
+                    break
+                taken += 1
+                self._has_next = False
+                self.pos += 1
+                self._accept(ctx, row + 1 + i)
+        finally:
+            if n:
+                llama_memory_seq_rm(ctx._mem, self.seq_id, self.pos, -1)
+                self.n_drafted += n
+                self.n_draft_accepted += taken
+        if n:
+            self._adapt(n, taken)
+        return 0
+
+    cdef void _adapt(self, int n, int taken) noexcept:
+        """The next draft's length: doubled after a draft taken whole, the length that
+        was taken plus one after one taken in part; after a draft refused from its first
+        token, drafting pauses for 1, 3, 7... steps (so text the history does not
+        predict costs little) and the length halves."""
+        if taken == n:
+            self._spec_k = min(self._draft_max, 2 * self._spec_k)
+            self._spec_misses = 0
+        elif taken > 0:
+            self._spec_k = min(self._draft_max, max(2, taken + 1))
+            self._spec_misses = 0
+        else:
+            self._spec_misses = min(self._spec_misses + 1, 6)
+            self._spec_skip = (1 << self._spec_misses) - 1
+            self._spec_k = max(1, self._spec_k // 2)
+
+    cpdef int plan_draft(self, int limit) except -1:
+        """Choose the draft the next decode carries (the batching engine calls this
+        before each step with the rows it can spare). Returns its length."""
+        if limit < 0:
+            raise InvalidArgumentError(f"limit must be >= 0, got {limit}")
+        return self._plan(limit)
+
+    def drop_draft(self):
+        """Forget the planned draft (the next decode carries only the pending token)."""
+        self._n_draft = 0
+
+    @property
+    def draft(self):
+        """The planned draft (token ids)."""
+        return [self._draft[i] for i in range(self._n_draft)]
+
+    @property
+    def speculative(self):
+        """Whether this generation drafts."""
+        return self._drafter is not None
 
     def accept(self, Context ctx not None, row=-1):
         """Pick the next token from ``row`` of ``ctx``'s last batch (after the prompt:
