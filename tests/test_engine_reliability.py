@@ -79,11 +79,10 @@ def test_a_thousand_requests_from_threads_and_tasks(smol_path: str, native: Nati
 
         def run_sync(job: dict[str, Any]) -> None:
             k = job["id"]
-            opts = dict(job.get("bad") or job["opts"])
+            opts = {"max_tokens": job["max_tokens"], **(job.get("bad") or job["opts"])}
             n = opts.pop("n", 1)
             try:
-                req = model.submit(job["prompt"], n=n, max_tokens=job["max_tokens"],
-                                   stream=bool(job.get("stream")), **opts)
+                req = model.submit(job["prompt"], n=n, stream=bool(job.get("stream")), **opts)
             except InvalidArgumentError as exc:
                 done(k, ("refused", type(exc).__name__))
                 return
@@ -107,11 +106,10 @@ def test_a_thousand_requests_from_threads_and_tasks(smol_path: str, native: Nati
         async def task_worker(chunk: list[dict[str, Any]]) -> None:
             for job in chunk:
                 k = job["id"]
-                opts = dict(job.get("bad") or job["opts"])
+                opts = {"max_tokens": job["max_tokens"], **(job.get("bad") or job["opts"])}
                 n = opts.pop("n", 1)
                 try:
-                    req = model.submit(job["prompt"], n=n, max_tokens=job["max_tokens"],
-                                       **opts)
+                    req = model.submit(job["prompt"], n=n, **opts)
                 except InvalidArgumentError as exc:
                     done(k, ("refused", type(exc).__name__))
                     continue
