@@ -159,6 +159,12 @@ def unclosed(path: str) -> None:
             warnings.simplefilter("always", ResourceWarning)
             warnings.showwarning = show
             make()
+            # a model's engine thread holds the engine until it has been idle for a few
+            # seconds, then ends: only then can a model dropped unclosed be collected
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and any(
+                    t.name == "llamabind-engine" for t in threading.enumerate()):
+                time.sleep(0.05)
             gc.collect()
         return seen, mapped(path)
 
