@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(x) for x in args.batches.split(",")]
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     bin_dir = native_bin()
-    results: dict[str, Any] = {"machine": os.uname()._asdict(), "threads": threads,
+    results: dict[str, Any] = {"machine": list(os.uname()), "threads": threads,
                                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                                "rounds": args.rounds, "models": {}}
     for name in args.models.split(","):
