@@ -84,7 +84,8 @@ def embed_native(bin_dir: Path, model: Path, texts: list[str], threads: int) -> 
     path.write_text("\n".join(texts))
     cmd = [str(bin_dir / "llama-embedding"), "-m", str(model), "-f", str(path),
            "--pooling", "mean", "--embd-normalize", "2", "--embd-output-format", "json",
-           "-c", "2048", "-b", "2048", "-ub", "2048", "-t", str(threads), "--no-warmup"]
+           "-c", "2048", "-b", "2048", "-ub", "2048", "-t", str(threads), "--no-warmup",
+           "--perf", "-lv", "4"]   # its timings are logged at info level
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"llama-embedding failed: {proc.stderr[-2000:]}")
