@@ -455,9 +455,10 @@ def test_engine_schedule_replays_natively(model_id: str, native: NativeRef,
 
 # --- the native build itself -----------------------------------------------------------
 
+# what native/CMakeLists.txt sets itself: which targets, no web UI for llama-server
 FORCED_BY_NATIVE = {"LLAMA_BUILD_COMMON", "LLAMA_BUILD_TESTS", "LLAMA_BUILD_TOOLS",
                     "LLAMA_BUILD_EXAMPLES", "LLAMA_BUILD_SERVER", "LLAMA_BUILD_APP",
-                    "LLAMA_OPENSSL"}
+                    "LLAMA_OPENSSL", "LLAMA_BUILD_UI", "LLAMA_USE_PREBUILT_UI"}
 
 
 def _installed_build_config() -> tuple[Path, dict[str, Any]]:

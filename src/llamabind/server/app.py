@@ -197,6 +197,10 @@ class _Api:
                 if ev.finish_reason == "cancelled":
                     cancelled = True
                 yield choice, ev
+        except (GeneratorExit, asyncio.CancelledError):
+            # closed before the end: the client went away (the requests are cancelled)
+            cancelled = cancelled or any(c.finish_reason is None for c in choices)
+            raise
         finally:
             await events.aclose()
             metrics.count_tokens(sum(r.prompt_tokens for r in reqs),
@@ -207,13 +211,12 @@ class _Api:
             for r in reqs:
                 self.state.finished(r)
 
-    def _stop(self, reqs: Sequence[_engine.EngineRequest]) -> Callable[[], None]:
-        """Cancel the requests and stop counting them as in flight."""
-        def stop() -> None:
+    def _finished(self, reqs: Sequence[_engine.EngineRequest]) -> Callable[[], None]:
+        """Stop counting the requests as in flight (once the response is done with)."""
+        def finished() -> None:
             for r in reqs:
-                r.cancel()
                 self.state.finished(r)
-        return stop
+        return finished
 
     def _cancel_all(self, reqs: Sequence[_engine.EngineRequest]) -> Callable[[], None]:
         def cancel() -> None:
@@ -363,7 +366,7 @@ class _Api:
                 "model": st.model_id, "system_fingerprint": st.fingerprint}
         if body.stream:
             return EventStream(self._chat_stream(req, n, head, body.include_usage, t0, k),
-                               self._stop([req]))
+                               self._cancel_all([req]), self._finished([req]))
         try:
             choices = await self._collect(request, [req], n, t0, "messages")
         except _Cancelled:
@@ -442,7 +445,7 @@ class _Api:
             yield self._stream_error("internal server error")
             return
         finally:
-            self._stop(reqs)()  # a no-op for requests that ended; frees a cut stream's
+            self._cancel_all(reqs)()  # a no-op for requests that ended
         if include_usage:
             usage = self._usage(sum(r.prompt_tokens for r in reqs), completion)
             yield sse({**head, "choices": [], "usage": usage})
@@ -584,7 +587,8 @@ class _Api:
         want_lp = body.logprobs is not None
         if body.stream:
             return EventStream(self._completion_stream(reqs, n, head, body.include_usage,
-                                                       t0, want_lp, echo), self._stop(reqs))
+                                                       t0, want_lp, echo),
+                               self._cancel_all(reqs), self._finished(reqs))
         try:
             choices = await self._collect(request, reqs, n, t0, "prompt")
         except _Cancelled:

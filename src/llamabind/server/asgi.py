@@ -51,18 +51,20 @@ def error_response(exc: RequestError) -> Response:
 
 class EventStream(Response):
     """A server-sent-events response that watches for the client going away while it
-    streams and then calls ``on_disconnect`` (which cancels the generation)."""
+    streams and then calls ``on_disconnect`` (which cancels the generation); ``on_close``
+    runs last, once the body generator is closed (its bookkeeping done)."""
 
     media_type = "text/event-stream"
 
     def __init__(self, body: AsyncGenerator[bytes, None],
-                 on_disconnect: Callable[[], None]) -> None:
+                 on_disconnect: Callable[[], None], on_close: Callable[[], None]) -> None:
         self.status_code = 200
         self.background = None
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
                             (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         self.body_iterator = body
         self.on_disconnect = on_disconnect
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def watch() -> None:
@@ -89,7 +91,10 @@ class EventStream(Response):
                 # also when this task is cancelled before the body generator started
                 # (its own cleanup would then never run)
                 self.on_disconnect()
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self.on_close()
 
 
 def sse(data: Any) -> bytes:
