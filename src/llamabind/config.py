@@ -598,8 +598,9 @@ class GenerationConfig(_Config):
         doc="prompt lookup: the longest n-gram looked up (shorter ones down to "
             "spec_ngram_size_min are tried when it is not found)")
     spec_ngram_size_min: int = _param(
-        1, "int", lo=1, hi=64, cli=("--spec-ngram-size-min",),
-        doc="prompt lookup: the shortest n-gram looked up")
+        2, "int", lo=1, hi=64, cli=("--spec-ngram-size-min",),
+        doc="prompt lookup: the shortest n-gram looked up (1: a single token, whose "
+            "continuation in free text is seldom right)")
 
     def _check_together(self) -> None:
         if self.draft_min > self.draft_max:

@@ -534,20 +534,22 @@ cdef class Generation:
         return 0
 
     cdef void _adapt(self, int n, int taken) noexcept:
-        """The next draft's length: doubled after a draft taken whole, the length that
-        was taken plus one after one taken in part; after a draft refused from its first
-        token, drafting pauses for 1, 3, 7... steps (so text the history does not
-        predict costs little) and the length halves."""
+        """The next draft's length and when to try it. A draft taken whole: the next
+        may be twice as long. One of which at least a quarter was taken paid for itself
+        (each drafted row costs a fraction of a decode, most on a CPU): the next is as
+        long as what was taken plus one. Otherwise drafting pauses for 1, 3, 7... steps,
+        longer after each such draft in a row, and the next is shorter: text the history
+        does not predict costs little."""
         if taken == n:
             self._spec_k = min(self._draft_max, 2 * self._spec_k)
             self._spec_misses = 0
-        elif taken > 0:
-            self._spec_k = min(self._draft_max, max(2, taken + 1))
+        elif 4 * taken >= n:
+            self._spec_k = min(self._draft_max, taken + 1)
             self._spec_misses = 0
         else:
             self._spec_misses = min(self._spec_misses + 1, 6)
             self._spec_skip = (1 << self._spec_misses) - 1
-            self._spec_k = max(1, self._spec_k // 2)
+            self._spec_k = max(1, min(self._spec_k // 2, taken + 1))
 
     cpdef int plan_draft(self, int limit) except -1:
         """Choose the draft the next decode carries (the batching engine calls this

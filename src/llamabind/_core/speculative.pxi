@@ -125,7 +125,7 @@ cdef class NgramDrafter(Drafter):
     cdef readonly int size_n
     cdef readonly int size_min
 
-    def __init__(self, size_n=3, size_min=1):
+    def __init__(self, size_n=3, size_min=2):
         self.size_n = _int_arg(size_n, "size_n", 1, 1024)
         self.size_min = _int_arg(size_min, "size_min", 1, self.size_n)
 
