@@ -17,6 +17,7 @@ speculative schedule (the same batches) must be equal exactly.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -308,6 +309,19 @@ def test_load_sets_every_requests_default(smol_path: str) -> None:
                              logprobs=5)
         assert off.draft_tokens == 0
         _same_output(off, r)
+
+
+def test_command_line(smol_path: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from llamabind.cli import main
+
+    args = ["generate", CODE[:200], "-m", smol_path, "-c", "512", "--temp", "0", "-n", "24",
+            "--json"]
+    assert main([*args, "--spec-type", "ngram-simple", "--draft-max", "8"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert main([*args, "-md", smol_path]) == 0  # draft-simple, the default with a draft
+    drafted = json.loads(capsys.readouterr().out)
+    assert fast["draft_tokens_accepted"] > 0 and drafted["draft_tokens_accepted"] > 0
+    assert fast["text"] == drafted["text"] and fast["completion_tokens"] == 24
 
 
 def test_ngram_drafter() -> None:

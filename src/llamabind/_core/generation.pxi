@@ -551,12 +551,11 @@ cdef class Generation:
             self._spec_skip = (1 << self._spec_misses) - 1
             self._spec_k = max(1, min(self._spec_k // 2, taken + 1))
 
-    cpdef int plan_draft(self, int limit) except -1:
-        """Choose the draft the next decode carries (the batching engine calls this
-        before each step with the rows it can spare). Returns its length."""
-        if limit < 0:
-            raise InvalidArgumentError(f"limit must be >= 0, got {limit}")
-        return self._plan(limit)
+    def plan_draft(self, limit):
+        """Choose the draft the next decode carries, at most ``limit`` tokens (the
+        batching engine calls this before each step with the rows it can spare).
+        Returns its length."""
+        return self._plan(_int_arg(limit, "limit", 0, 2147483647))
 
     def drop_draft(self):
         """Forget the planned draft (the next decode carries only the pending token)."""
