@@ -499,8 +499,13 @@ cdef class Generation:
                 self.n_ctx - self.pos - 1)
         if k < 1 or k < self._draft_min:
             return 0
-        k = self._drafter._propose(self._hist, self._n_hist, self.seq_id, self._draft, k,
-                                   self._draft_p_min)
+        try:
+            k = self._drafter._propose(self._hist, self._n_hist, self.seq_id, self._draft, k,
+                                       self._draft_p_min)
+        except (DecodeError, ContextCreationError) as exc:
+            # the draft model's context failed: this step goes on without a draft
+            _logger.debug("drafting failed: %s", exc)
+            return 0
         if k < max(1, self._draft_min):
             return 0
         self._n_draft = <int>k
