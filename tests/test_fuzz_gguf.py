@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+from _gguf_layout import read_layout
 from _subproc import run_loads
-
-from llamabind._gguf import read_header
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "gguf" / "SmolLM2-135M-Instruct-Q4_1.gguf"
@@ -81,7 +80,7 @@ def _string_lengths(data: bytes, pos: int, count: int, take: int):
 
 def layout(path: Path):
     """The original file's header bytes, fields, and structural regions."""
-    hdr = read_header(path, vocab_only=path == VOCAB)
+    hdr = read_layout(path)
     data = read_prefix(path, hdr.data_offset)
     fields = [Field(4, "<I", "version", hdr.version),
               Field(8, "<q", "n_tensors", hdr.n_tensors),

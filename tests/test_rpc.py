@@ -391,7 +391,7 @@ def test_bad_rpc_servers_are_invalid_argument_errors(smol_path: str, servers: ob
     with pytest.raises(llamabind.InvalidArgumentError) as info:
         llamabind.Model(smol_path, rpc_servers=servers, n_gpu_layers=-1)
     assert named in str(info.value)
-    with pytest.raises(llamabind.InvalidArgumentError, match=r"ModelConfig\.rpc_servers"):
+    with pytest.raises(llamabind.InvalidArgumentError, match=r"rpc_servers"):
         llamabind.ModelConfig(path=smol_path, rpc_servers=servers)  # type: ignore[arg-type]
 
 
@@ -401,7 +401,7 @@ def test_same_worker_under_two_names_and_no_offloaded_layer_are_refused(
         llamabind.Model(smol_path, n_gpu_layers=-1, rpc_servers=[
             workers[0].endpoint, f"localhost:{workers[0].port}"])
     with pytest.raises(llamabind.InvalidArgumentError, match="n_gpu_layers"):
-        llamabind.Model(smol_path, rpc_servers=[workers[0].endpoint])
+        llamabind.Model(smol_path, n_gpu_layers=0, rpc_servers=[workers[0].endpoint])
     # a weight for this CPU: two workers are two devices
     with pytest.raises(llamabind.InvalidArgumentError, match=r"3 weights for 2 devices"):
         llamabind.Model(smol_path, n_gpu_layers=-1, tensor_split=[1, 1, 1],

@@ -136,7 +136,8 @@ def _cpu_build_trace(key: str, out: Path) -> Trace:
                     f"{proc.returncode}):\n{proc.stderr[-4000:]}", pytrace=False)
     with np.load(out) as data:
         backends = [str(b) for b in data["backends"]]
-        assert backends == ["CPU"], (
+        # RPC is in every default build: it computes nothing on this machine
+        assert sorted(set(backends) - {"RPC"}) == ["CPU"], (
             f"LLAMABIND_CPU_PYTHON={CPU_PYTHON} has a llamabind with backends {backends}, "
             "not a CPU-only build")
         return Trace(data["tokens"].copy(), data["logits"].copy())
@@ -303,10 +304,10 @@ def test_engine_decodes_two_sequences_on_vulkan(vulkan_device: dict[str, object]
     prompts = [PROMPTS["smollm2"], "Once upon a time, in a small village,"]
     with llamabind.LoadedModel.load(path, n_gpu_layers=-1, n_ctx=256, n_parallel=2,
                                     devices=[str(vulkan_device["name"])]) as model:
-        alone = [model.generate(p, temperature=0, max_tokens=12, logprobs=5)
+        alone = [model.generate(p, temperature=0, max_tokens=12, logprobs=5, ignore_eos=True)
                  for p in prompts]
         steps = model.stats()["steps"]
-        both = model.generate_many(prompts, temperature=0, max_tokens=12)
+        both = model.generate_many(prompts, temperature=0, max_tokens=12, ignore_eos=True)
         # together: about 12 steps for 24 tokens (fewer than one step per token)
         assert model.stats()["steps"] - steps < 24
     assert "Paris" in alone[0].text

@@ -9,8 +9,6 @@
 # running decode through llama.cpp's abort callback (checked between graph nodes).
 
 from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_WRITABLE
-from posix.signal cimport sigaction, sigaction_t, sigemptyset
-from libc.signal cimport SIGINT
 
 import signal as _signal
 
@@ -35,117 +33,6 @@ cdef dict _POOLING_NAMES = {v: k for k, v in _POOLING.items() if k is not None}
 DEF _SIGNAL_POLL_NS = 20000000  # 20 ms
 
 
-cdef extern from "cpu_gate.h" nogil:
-    void llamabind_gate_init(int capacity)
-    int llamabind_gate_enter(int want)
-    void llamabind_gate_leave(int taken)
-    int llamabind_gate_capacity()
-    int llamabind_gate_available()
-    uint64_t llamabind_gate_waits()
-
-
-def cpu_budget():
-    """The CPU budget every decode in this process shares: ``(capacity, available,
-    waits)``: threads in all (the physical cores by default; 0 when the gate is off),
-    threads free now, and how many decodes had to wait for their turn."""
-    return (llamabind_gate_capacity(), llamabind_gate_available(), llamabind_gate_waits())
-
-
-def set_cpu_budget(threads):
-    """Set the threads all decodes of this process may use at once (0 turns the gate
-    off: contexts decode at the same time whatever their threads add up to, which on
-    a machine with fewer cores than that is many times slower)."""
-    threads = _int_arg(threads, "threads", 0, 1 << 16)
-    llamabind_gate_init(threads)
-
-
-# --- Ctrl+C during a long decode --------------------------------------------------
-# While a multi-token decode runs on the main thread with Python's default SIGINT
-# handler, a tiny C handler is chained in front of Python's: it records the signal
-# (async-signal-safe) and calls Python's own handler, so the abort callback can stop
-# llama.cpp without taking the GIL. The previous handler is restored right after.
-
-ctypedef void (*_sighandler_t)(int) noexcept nogil
-
-cdef volatile int _sigint_seen = 0
-cdef volatile bint _exiting = False     # see "interpreter exit" below
-cdef int _decodes_running = 0           # decodes in progress (changed with the GIL held)
-cdef sigaction_t _python_sigint
-
-
-cdef void _sigint_relay(int signum) noexcept nogil:
-    global _sigint_seen
-    _sigint_seen = 1
-    cdef _sighandler_t previous = <_sighandler_t>_python_sigint.sa_handler
-    # SIG_DFL (0) and SIG_IGN (1) are not functions to call
-    if <size_t>previous > 1:
-        previous(signum)
-
-
-cdef struct _AbortState:
-    bint cancel          # cancel() was called
-    bint watch_sigint    # the relay handler is installed for this decode
-
-
-cdef cppbool _abort_callback(void * data) noexcept nogil:
-    cdef _AbortState * st = <_AbortState *>data
-    return st.cancel or _exiting or (st.watch_sigint and _sigint_seen)
-
-
-# --- interpreter exit ---------------------------------------------------------------
-# After Python's atexit handlers, the C library runs llama.cpp's and ggml's static
-# destructors, while daemon threads may still be computing inside llama_decode (they
-# stop only when they next want the GIL): they would run on destroyed objects and
-# crash the exiting process. So at exit every running decode is aborted, new ones are
-# refused, and the exit waits (briefly) until no thread is inside a decode.
-
-def _stop_decodes_at_exit():
-    global _exiting
-    _exiting = True
-    deadline = time.monotonic() + 5.0
-    while _decodes_running > 0 and time.monotonic() < deadline:
-        time.sleep(0.001)  # lets the decoding threads take the GIL and leave
-
-
-atexit.register(_stop_decodes_at_exit)
-
-
-# The whole-context state starts with the model's architecture name as a u32 length and
-# the bytes. llama.cpp allocates (and zero-fills) that length before it checks that the
-# data holds it, so 4 damaged bytes could cost 4 GiB: check the length first.
-cdef int _check_state_arch_length(bytes head, size_t available, str what) except -1:
-    if len(head) < 4:
-        raise StateError(f"{what} is too short ({len(head)} bytes) to hold a state header")
-    cdef uint32_t length = int.from_bytes(head, "little")
-    if length > available:
-        raise StateError(f"{what} is damaged: the architecture name's length ({length}) "
-                         f"is more than the {available} bytes after it")
-    return 0
-
-
-cdef int _check_state_file(str path) except -1:
-    """A session file is: magic, version, token count n (u32 each), n tokens, then the
-    state. Checks the state's first length against the file's size before llama.cpp
-    allocates it; a file too short or with other damage is left to llama.cpp."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(12)
-            if len(head) < 12:
-                return 0
-            if int.from_bytes(head[:4], "little") != LLAMA_SESSION_MAGIC:
-                return 0
-            n_tokens = int.from_bytes(head[8:12], "little")
-            start = 12 + 4 * n_tokens
-            size = os.fstat(fh.fileno()).st_size
-            if start + 4 > size:
-                return 0
-            fh.seek(start)
-            _check_state_arch_length(fh.read(4), size - start - 4, f"state file {path!r}")
-    except OSError as exc:
-        raise StateError(f"could not read state file {path!r}: {exc}") from None
-    return 0
-
-
 cdef int32_t _row_arg(object i, str name) except? -2147483648:
     """An output row index: negative counts from the last output row."""
     return <int32_t>_int_arg(i, name, -2147483647, 2147483647)
@@ -155,30 +42,6 @@ cdef tuple _pos_range(object p0, object p1):
     """Positions [p0, p1) of a KV-cache operation; -1 (any negative in llama.cpp) is an
     open end, so only -1 is taken."""
     return (_int_arg(p0, "p0", -1, 2147483647), _int_arg(p1, "p1", -1, 2147483647))
-
-
-# ggml's workers poll for the next graph before sleeping; at its default level (50, as
-# llama.cpp's tools use) that is ~100 ms of spinning after every decode, taken from the
-# host's other threads and from other contexts. 0: they sleep at once. Generation
-# speed measured the same either way (within this machine's noise).
-cdef uint32_t _POOL_POLL = 0
-
-
-cdef ggml_threadpool_t _new_pool(int n_threads) except NULL:
-    cdef ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads)
-    cdef ggml_threadpool_t pool
-    tpp.poll = _POOL_POLL
-    with nogil:
-        pool = ggml_threadpool_new(&tpp)
-    if pool == NULL:
-        raise ContextCreationError(f"ggml could not start a pool of {n_threads} threads")
-    return pool
-
-
-cdef void _free_pool(ggml_threadpool_t pool) noexcept:
-    if pool != NULL:
-        with nogil:
-            ggml_threadpool_free(pool)
 
 
 @cython.no_gc_clear  # __dealloc__ frees the llama_context, which needs self.model alive
@@ -289,16 +152,16 @@ cdef class Context:
                 ptr = llama_init_from_model(model._ptr, params)
             model._check_rpc()
             if ptr == NULL:
-                details = "; ".join(_take_recent_errors()) or "no details logged"
-                raise ContextCreationError(
+                raise _native_error(
+                    ContextCreationError,
                     f"llama.cpp could not create a context (n_ctx={n_ctx}, n_batch={n_batch}, "
-                    f"n_seq_max={n_seq_max}): {details}")
+                    f"n_seq_max={n_seq_max})")
             self._one = llama_batch_init(1, 0, 1)
             self._out_rows = <int8_t *>malloc(max(n_batch, 1))
             if self._one.token == NULL or self._out_rows == NULL:
                 raise MemoryError()
             self._ptr = ptr
-            self._attach_pools(threads, threads_batch)
+            _attach_pools(self, threads, threads_batch)
             self._threads = threads
             self._threads_batch = max(threads, threads_batch)
         except BaseException:
@@ -367,70 +230,12 @@ cdef class Context:
             if self._fork_gen == _fork_generation:
                 with nogil:
                     llama_free(ptr)
-                self._free_pools()
+                _free_pools(self)
             # (in a forked child the pools' threads do not exist: nothing to join)
             self._pool = self._pool_batch = NULL
             self._retired_pools = None
             if self.model is not None:
                 self.model._unpin()
-
-    cdef int _attach_pools(self, int n_threads, int n_threads_batch) except -1:
-        """Give the context thread pools of its own (llama.cpp's tools do the same).
-        Without them ggml starts and joins its worker threads on every decode, and a
-        worker that starts late gets little of the work: with 2 threads, perf showed the
-        main thread doing ~97% of the compute.
-
-        A pool with at least the threads asked for is kept (ggml runs a graph on as many
-        of its threads as the context's thread count says); batches share it unless they
-        need more. A pool that is replaced cannot be freed yet: ggml's CPU backend keeps
-        a pointer to the pool it last ran on and pauses it when the next decode switches
-        pools (AddressSanitizer caught that use after free), so it is retired and freed
-        with the context."""
-        cdef ggml_threadpool_t pool = self._pool
-        cdef ggml_threadpool_t pool_batch = NULL
-        cdef int size = self._pool_size
-        cdef int batch_size = 0
-        if pool == NULL or n_threads > size:
-            pool = _new_pool(n_threads)
-            size = n_threads
-        if n_threads_batch > size:
-            if self._pool_batch != NULL and self._pool_batch_size >= n_threads_batch:
-                pool_batch = self._pool_batch
-                batch_size = self._pool_batch_size
-            else:
-                try:
-                    pool_batch = _new_pool(n_threads_batch)
-                except BaseException:
-                    if pool != self._pool:
-                        _free_pool(pool)
-                    raise
-                batch_size = n_threads_batch
-        llama_attach_threadpool(self._ptr, pool, pool_batch)
-        self._retire(self._pool, pool, pool_batch)
-        self._retire(self._pool_batch, pool, pool_batch)
-        self._pool = pool
-        self._pool_size = size
-        self._pool_batch = pool_batch
-        self._pool_batch_size = batch_size
-        return 0
-
-    cdef int _retire(self, ggml_threadpool_t old, ggml_threadpool_t pool,
-                     ggml_threadpool_t pool_batch) except -1:
-        if old != NULL and old != pool and old != pool_batch:
-            if self._retired_pools is None:
-                self._retired_pools = []
-            self._retired_pools.append(<size_t>old)
-        return 0
-
-    cdef void _free_pools(self) noexcept:
-        """After llama_free: nothing refers to the pools any more."""
-        _free_pool(self._pool_batch)
-        _free_pool(self._pool)
-        self._pool = self._pool_batch = NULL
-        if self._retired_pools is not None:
-            for old in self._retired_pools:
-                _free_pool(<ggml_threadpool_t><size_t>old)
-            self._retired_pools = None
 
     def close(self):
         """Free the context. If another thread is inside it, that operation is
@@ -531,7 +336,7 @@ cdef class Context:
         nb = _int_arg(nb, "n_threads_batch", 1, 1024)
         self._enter()
         try:
-            self._attach_pools(n_threads, nb)
+            _attach_pools(self, n_threads, nb)
             llama_set_n_threads(self._ptr, n_threads, nb)
             self._threads = n_threads
             self._threads_batch = max(n_threads, nb)
@@ -932,182 +737,34 @@ cdef class Context:
         self._check()
         return llama_memory_can_shift(self._mem)
 
-    # --- state ---------------------------------------------------------------------
+    # --- state (_core/state.pxi) ---------------------------------------------------
 
     def state_size(self, seq_id=None):
-        self._enter()
-        try:
-            if seq_id is None:
-                return llama_state_get_size(self._ptr)
-            self._check_seq(seq_id, False)
-            return llama_state_seq_get_size(self._ptr, seq_id)
-        finally:
-            self._leave()
+        """Bytes the whole state (or one sequence's) takes."""
+        return _state_size(self, seq_id)
 
     def save_state(self, seq_id=None):
         """The whole context state (or one sequence's) as bytes."""
-        self._enter()
-        cdef size_t size, got
-        cdef uint8_t * dst
-        cdef llama_seq_id seq = 0
-        cdef bint whole = seq_id is None
-        try:
-            if not whole:
-                seq = self._check_seq(seq_id, False)
-            with nogil:
-                size = llama_state_get_size(self._ptr) if whole else llama_state_seq_get_size(self._ptr, seq)
-            out = PyBytes_FromStringAndSize(NULL, size)
-            dst = <uint8_t *>PyBytes_AS_STRING(out)
-            with nogil:
-                if whole:
-                    got = llama_state_get_data(self._ptr, dst, size)
-                else:
-                    got = llama_state_seq_get_data(self._ptr, dst, size, seq)
-            if got != size:
-                raise StateError(f"llama.cpp wrote {got} state bytes, expected {size}")
-            return out
-        finally:
-            self._leave()
+        return _save_state(self, seq_id)
 
     def load_state(self, data, seq_id=None):
         """Restore state saved by ``save_state`` (into sequence ``seq_id`` if given)."""
-        cdef const uint8_t[::1] view
-        try:
-            view = memoryview(data).cast("B")
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(
-                f"data must be a bytes-like object, got {type(data).__name__}") from None
-        cdef size_t n = view.shape[0]
-        cdef size_t got
-        cdef llama_seq_id seq = 0
-        cdef bint whole = seq_id is None
-        if n == 0:
-            raise InvalidArgumentError("state data is empty")
-        if whole:
-            _check_state_arch_length(bytes(view[:4]), n - 4, "state data")
-        self._enter()
-        try:
-            if not whole:
-                seq = self._check_seq(seq_id, False)
-            if self._exports > 0:
-                raise ConcurrentUseError(
-                    "release the NumPy views of this context's outputs before loading state")
-            _take_recent_errors()
-            with nogil:
-                if whole:
-                    got = llama_state_set_data(self._ptr, &view[0], n)
-                else:
-                    got = llama_state_seq_set_data(self._ptr, &view[0], n, seq)
-            if got == 0:
-                details = "; ".join(_take_recent_errors()) or "invalid or incompatible state"
-                raise StateError(f"could not restore state ({n} bytes): {details}")
-            self._last_n_tokens = 0
-            self._out_capacity = max(self._out_capacity, 1 << 30) if whole else self._out_capacity
-        finally:
-            self._leave()
+        _load_state(self, data, seq_id)
 
     def save_state_file(self, path, tokens=(), seq_id=None):
         """Write the state (and the tokens it holds) to a file."""
-        fspath, cpath = _path_bytes(path, "path")
-        arr = _token_array(tokens, self._n_vocab, "tokens")
-        cdef const int32_t[::1] view = arr
-        cdef const llama_token * toks = &view[0] if view.shape[0] else NULL
-        cdef size_t n = view.shape[0]
-        cdef const char * c = cpath
-        cdef bint ok
-        cdef llama_seq_id seq = 0
-        cdef bint whole = seq_id is None
-        self._enter()
-        try:
-            if not whole:
-                seq = self._check_seq(seq_id, False)
-            with nogil:
-                if whole:
-                    ok = llama_state_save_file(self._ptr, c, toks, n)
-                else:
-                    ok = llama_state_seq_save_file(self._ptr, c, seq, toks, n) != 0
-            if not ok:
-                raise StateError(f"could not write state file {fspath!r}")
-        finally:
-            self._leave()
+        _save_state_file(self, path, tokens, seq_id)
 
     def load_state_file(self, path, seq_id=None, max_tokens=-1):
         """Restore state from a file; returns the tokens saved with it (at most
         ``max_tokens``; -1: the context size)."""
-        fspath, cpath = _path_bytes(path, "path")
-        max_tokens = _int_arg(max_tokens, "max_tokens", -1, 1 << 30)
-        if not os.path.isfile(fspath):
-            raise StateFileNotFoundError(f"state file not found: {fspath!r}", fspath)
-        if seq_id is None:
-            _check_state_file(fspath)
-        cdef size_t cap = self._n_ctx if max_tokens < 0 else max_tokens
-        out = _np().empty(max(cap, 1), dtype=_np().int32)
-        cdef int32_t[::1] view = out
-        cdef size_t count = 0
-        cdef const char * c = cpath
-        cdef bint ok
-        cdef llama_seq_id seq = 0
-        cdef bint whole = seq_id is None
-        self._enter()
-        try:
-            if not whole:
-                seq = self._check_seq(seq_id, False)
-            if self._exports > 0:
-                raise ConcurrentUseError(
-                    "release the NumPy views of this context's outputs before loading state")
-            _take_recent_errors()
-            with nogil:
-                if whole:
-                    ok = llama_state_load_file(self._ptr, c, &view[0], cap, &count)
-                else:
-                    ok = llama_state_seq_load_file(self._ptr, c, seq, &view[0], cap, &count) != 0
-            if not ok:
-                details = "; ".join(_take_recent_errors()) or "invalid or incompatible file"
-                raise StateError(f"could not load state file {fspath!r}: {details}")
-            self._last_n_tokens = 0
-            self._out_capacity = 1 << 30
-            return out[:count].tolist()
-        finally:
-            self._leave()
+        return _load_state_file(self, path, seq_id, max_tokens)
 
-    # --- LoRA ----------------------------------------------------------------------
+    # --- LoRA (_core/lora.pxi) -----------------------------------------------------
 
     def set_lora_adapters(self, adapters=()):
         """Apply LoRA adapters: a sequence of (LoraAdapter, scale); empty removes all."""
-        items = list(adapters)
-        cdef Py_ssize_t n = len(items)
-        cdef llama_adapter_lora ** ptrs = <llama_adapter_lora **>malloc(max(n, 1) * sizeof(void *))
-        cdef float * scales = <float *>malloc(max(n, 1) * sizeof(float))
-        cdef int32_t rc
-        cdef LoraAdapter ad
-        try:
-            if ptrs == NULL or scales == NULL:
-                raise MemoryError()
-            for k, item in enumerate(items):
-                try:
-                    adapter, scale = item
-                except (TypeError, ValueError):
-                    raise InvalidArgumentError(
-                        f"adapters[{k}] must be a (LoraAdapter, scale) pair, got {item!r}") from None
-                if not isinstance(adapter, LoraAdapter):
-                    raise InvalidArgumentError(f"adapters[{k}][0] must be a LoraAdapter")
-                ad = adapter
-                ad._check()
-                if ad.model is not self.model:
-                    raise InvalidArgumentError(f"adapters[{k}] was loaded for another model")
-                ptrs[k] = ad._ptr
-                scales[k] = _float_arg(scale, f"adapters[{k}] scale", -1e6, 1e6)
-            self._enter()
-            try:
-                rc = llama_set_adapters_lora(self._ptr, ptrs, n, scales)
-            finally:
-                self._leave()
-            if rc != 0:
-                raise InvalidArgumentError(f"llama.cpp refused the LoRA adapters (code {rc})")
-            self._lora_refs = items
-        finally:
-            free(ptrs)
-            free(scales)
+        _set_lora_adapters(self, adapters)
 
     cdef public object _lora_refs
 
@@ -1127,80 +784,3 @@ cdef class Context:
             llama_perf_context_reset(self._ptr)
         finally:
             self._leave()
-
-
-cdef int _default_threads():
-    """Physical cores, as llama.cpp's tools default to (logical cores / SMT width)."""
-    try:
-        siblings = set()
-        for cpu in os.sched_getaffinity(0):
-            path = f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
-            with open(path) as fh:
-                siblings.add(fh.read().strip())
-        if siblings:
-            return len(siblings)
-    except (OSError, AttributeError):
-        pass
-    return max(1, os.cpu_count() or 1)
-
-
-def default_threads():
-    """The default number of threads: the physical cores this process may run on."""
-    return _default_threads()
-
-
-llamabind_gate_init(_default_threads())
-
-
-@cython.final
-@cython.no_gc_clear  # __releasebuffer__ uses self._ctx
-cdef class _OutputView:
-    """Exports a slice of a context's output buffer to NumPy without copying, and
-    keeps the context (and so the buffer) alive while any array uses it."""
-
-    cdef Context _ctx
-    cdef float * _data
-    cdef Py_ssize_t _shape[2]
-    cdef Py_ssize_t _strides[2]
-    cdef int _ndim
-
-    @staticmethod
-    cdef object _make(Context ctx, float * data, Py_ssize_t rows, Py_ssize_t cols, str what):
-        cdef _OutputView v = _OutputView.__new__(_OutputView)
-        v._ctx = ctx
-        v._data = data
-        v._ndim = 1 if rows == 1 else 2
-        if v._ndim == 1:
-            v._shape[0] = cols
-            v._strides[0] = sizeof(float)
-        else:
-            v._shape[0] = rows
-            v._shape[1] = cols
-            v._strides[0] = cols * sizeof(float)
-            v._strides[1] = sizeof(float)
-        arr = _np().asarray(v)
-        arr.flags.writeable = False
-        return arr
-
-    def __getbuffer__(self, Py_buffer * buf, int flags):
-        if flags & PyBUF_WRITABLE:
-            raise BufferError("llamabind output views are read-only")
-        if self._ctx._ptr == NULL:
-            raise BufferError("context is closed")
-        buf.buf = self._data
-        buf.obj = self
-        buf.len = self._shape[0] * (self._shape[1] if self._ndim == 2 else 1) * sizeof(float)
-        buf.readonly = 1
-        buf.itemsize = sizeof(float)
-        buf.format = "f"
-        buf.ndim = self._ndim
-        buf.shape = self._shape
-        buf.strides = self._strides
-        buf.suboffsets = NULL
-        buf.internal = NULL
-        self._ctx._exports += 1
-
-    def __releasebuffer__(self, Py_buffer * buf):
-        self._ctx._exports -= 1
-        if self._ctx._exports == 0 and self._ctx._close_requested and not self._ctx._busy:
-            self._ctx._free()

@@ -41,7 +41,6 @@ cdef void _log_line(int level, str line) noexcept:
         pass
 
 
-@cython.wraparound(True)
 cdef void _log_text(int level, const char * text) noexcept:
     try:
         state = _log_state
@@ -76,6 +75,19 @@ def _take_recent_errors():
     """Return and forget the warning/error lines llama.cpp logged on this thread."""
     recent = _recent_errors.pop(threading.get_ident(), None)
     return list(recent) if recent else []
+
+
+cdef object _native_error(type cls, str what, str fallback="no details logged",
+                          object extra=None):
+    """The one mapping of a failed llama.cpp call (a NULL, a 0 or a false result) to a
+    Python exception: ``cls("{what}: {details}")``, the details being the warning and
+    error lines llama.cpp logged on this thread during the call (the caller forgets
+    older ones with _take_recent_errors() before it), or ``fallback``. ``extra`` is the
+    exception's second argument (the path, for ModelLoadError)."""
+    details = "; ".join(_take_recent_errors()) or fallback
+    if extra is None:
+        return cls(f"{what}: {details}")
+    return cls(f"{what}: {details}", extra)
 
 
 cdef void _log_discard(ggml_log_level level, const char * text,

@@ -29,8 +29,8 @@ cdef class LoraAdapter:
             raise
         if ptr == NULL:
             model._unpin()
-            details = "; ".join(_take_recent_errors()) or "no details logged"
-            raise ModelLoadError(f"could not load LoRA adapter {fspath!r}: {details}", fspath)
+            raise _native_error(ModelLoadError, f"could not load LoRA adapter {fspath!r}",
+                                "no details logged", fspath)
         self._ptr = ptr
         self.model = model
         self.path = fspath
@@ -74,3 +74,42 @@ cdef class LoraAdapter:
             self._ptr = NULL
             if self.model is not None:
                 self.model._unpin()
+
+
+cdef int _set_lora_adapters(Context self, object adapters) except -1:
+    """Context.set_lora_adapters: apply a sequence of (LoraAdapter, scale)."""
+    items = list(adapters)
+    cdef Py_ssize_t n = len(items)
+    cdef llama_adapter_lora ** ptrs = <llama_adapter_lora **>malloc(max(n, 1) * sizeof(void *))
+    cdef float * scales = <float *>malloc(max(n, 1) * sizeof(float))
+    cdef int32_t rc
+    cdef LoraAdapter ad
+    try:
+        if ptrs == NULL or scales == NULL:
+            raise MemoryError()
+        for k, item in enumerate(items):
+            try:
+                adapter, scale = item
+            except (TypeError, ValueError):
+                raise InvalidArgumentError(
+                    f"adapters[{k}] must be a (LoraAdapter, scale) pair, got {item!r}") from None
+            if not isinstance(adapter, LoraAdapter):
+                raise InvalidArgumentError(f"adapters[{k}][0] must be a LoraAdapter")
+            ad = adapter
+            ad._check()
+            if ad.model is not self.model:
+                raise InvalidArgumentError(f"adapters[{k}] was loaded for another model")
+            ptrs[k] = ad._ptr
+            scales[k] = _float_arg(scale, f"adapters[{k}] scale", -1e6, 1e6)
+        self._enter()
+        try:
+            rc = llama_set_adapters_lora(self._ptr, ptrs, n, scales)
+        finally:
+            self._leave()
+        if rc != 0:
+            raise InvalidArgumentError(f"llama.cpp refused the LoRA adapters (code {rc})")
+        self._lora_refs = items
+    finally:
+        free(ptrs)
+        free(scales)
+    return 0

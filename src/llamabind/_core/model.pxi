@@ -34,10 +34,25 @@ cdef cppbool _progress_callback(float progress, void * data) noexcept nogil:
     return not st.failed
 
 
-cdef object _meta_string(int32_t (*getter)(const llama_model *, int32_t, char *, size_t) noexcept nogil,
-                         const llama_model * model, int32_t i):
+cdef enum _Meta:
+    _META_KEY_AT           # the key of entry i
+    _META_VALUE_AT         # the value of entry i
+    _META_VALUE_OF         # the value of key
+
+
+cdef int32_t _meta_call(_Meta what, const llama_model * model, int32_t i, const char * key,
+                        char * buf, size_t size) noexcept nogil:
+    if what == _META_KEY_AT:
+        return llama_model_meta_key_by_index(model, i, buf, size)
+    if what == _META_VALUE_AT:
+        return llama_model_meta_val_str_by_index(model, i, buf, size)
+    return llama_model_meta_val_str(model, key, buf, size)
+
+
+cdef object _meta_string(_Meta what, const llama_model * model, int32_t i, const char * key):
+    """A metadata text (see _Meta), or None where there is none."""
     cdef char small[256]
-    cdef int32_t n = getter(model, i, small, sizeof(small))
+    cdef int32_t n = _meta_call(what, model, i, key, small, sizeof(small))
     if n < 0:
         return None
     if n < <int32_t>sizeof(small):
@@ -46,7 +61,7 @@ cdef object _meta_string(int32_t (*getter)(const llama_model *, int32_t, char *,
     if big == NULL:
         raise MemoryError()
     try:
-        getter(model, i, big, n + 1)
+        _meta_call(what, model, i, key, big, n + 1)
         return big[:n].decode("utf-8", "replace")
     finally:
         free(big)
@@ -162,8 +177,9 @@ cdef class Model:
                     raise InvalidArgumentError(
                         f"tensor_split must be at most {n_dev_max} non-negative numbers, "
                         f"got {tensor_split!r}")
-                split = <float *>malloc(n_dev_max * sizeof(float))
-                memset(split, 0, n_dev_max * sizeof(float))
+                split = <float *>calloc(n_dev_max, sizeof(float))
+                if split == NULL:
+                    raise MemoryError()
                 for i, v in enumerate(values):
                     split[i] = v
                 params.tensor_split = split
@@ -212,8 +228,8 @@ cdef class Model:
                     llama_model_free(ptr)
             raise exc
         if ptr == NULL:
-            details = "; ".join(_take_recent_errors()) or "no details logged"
-            raise ModelLoadError(f"llama.cpp could not load model {fspath!r}: {details}", fspath)
+            raise _native_error(ModelLoadError, f"llama.cpp could not load model {fspath!r}",
+                                "no details logged", fspath)
         self._ptr = ptr
         self._vocab = llama_model_get_vocab(ptr)
         self._n_vocab = llama_vocab_n_tokens(self._vocab)
@@ -428,29 +444,17 @@ cdef class Model:
         cdef int32_t i, n = llama_model_meta_count(self._ptr)
         out = {}
         for i in range(n):
-            key = _meta_string(llama_model_meta_key_by_index, self._ptr, i)
+            key = _meta_string(_META_KEY_AT, self._ptr, i, NULL)
             if key is not None:
-                out[key] = _meta_string(llama_model_meta_val_str_by_index, self._ptr, i)
+                out[key] = _meta_string(_META_VALUE_AT, self._ptr, i, NULL)
         return out
 
     def meta(self, key, default=None):
         """One metadata value as a string, or ``default`` when the key is absent."""
         self._check_open()
         ckey = _utf8(key, "key")
-        cdef char small[256]
-        cdef int32_t n = llama_model_meta_val_str(self._ptr, ckey, small, sizeof(small))
-        if n < 0:
-            return default
-        if n < <int32_t>sizeof(small):
-            return small[:n].decode("utf-8", "replace")
-        cdef char * big = <char *>malloc(n + 1)
-        if big == NULL:
-            raise MemoryError()
-        try:
-            llama_model_meta_val_str(self._ptr, ckey, big, n + 1)
-            return big[:n].decode("utf-8", "replace")
-        finally:
-            free(big)
+        value = _meta_string(_META_VALUE_OF, self._ptr, -1, ckey)
+        return default if value is None else value
 
     def chat_template(self, name=None):
         """The model's chat template (Jinja source) from its metadata, or None."""
@@ -522,7 +526,7 @@ cdef list _device_addresses(object names):
         bname = _utf8(name, "devices item")
         dev = ggml_backend_dev_by_name(bname)
         if dev == NULL:
-            known = [d["name"] for d in globals()["devices"]()]
+            known = [d["name"] for d in devices()]
             raise InvalidArgumentError(f"no device named {name!r}; devices: {known}")
         out.append(<uintptr_t>dev)
     return out

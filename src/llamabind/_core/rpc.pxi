@@ -239,8 +239,8 @@ cdef list _rpc_connect(tuple endpoints):
         with nogil:
             reg = ggml_backend_rpc_add_server(c_endpoint)
         if reg == NULL:
-            details = "; ".join(_take_recent_errors()) or "it offers no devices"
-            raise BackendError(f"RPC worker {endpoint}: ggml could not add it: {details}")
+            raise _native_error(BackendError, f"RPC worker {endpoint}: ggml could not add it",
+                                "it offers no devices")
         n = ggml_backend_reg_dev_count(reg)
         for i in range(n):
             dev = ggml_backend_reg_dev_get(reg, i)
@@ -249,9 +249,8 @@ cdef list _rpc_connect(tuple endpoints):
             with nogil:
                 buft = ggml_backend_dev_buffer_type(dev)
             if buft == NULL:
-                details = "; ".join(_take_recent_errors()) or "no details logged"
-                raise BackendError(
-                    f"RPC worker {endpoint}: its device {i} could not be set up: {details}")
+                raise _native_error(
+                    BackendError, f"RPC worker {endpoint}: its device {i} could not be set up")
             out.append((endpoint, <uintptr_t>dev))
     return out
 

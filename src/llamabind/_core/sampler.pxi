@@ -88,9 +88,7 @@ cdef class Sampler:
 
     cdef object _add(self, llama_sampler * smpl, str name, bint selects, Model model=None):
         if smpl == NULL:
-            details = "; ".join(_take_recent_errors())
-            raise SamplingError(f"llama.cpp could not create the {name} sampler"
-                                + (f": {details}" if details else ""))
+            raise _native_error(SamplingError, f"llama.cpp could not create the {name} sampler")
         llama_sampler_chain_add(self._ptr, smpl)
         self._names.append(name)
         self._selects = selects
@@ -348,8 +346,7 @@ cdef class Sampler:
                 free(pats)
                 free(toks)
         if smpl == NULL:
-            details = "; ".join(_take_recent_errors()) or "parse error"
-            raise GrammarError(f"invalid grammar: {details}")
+            raise _native_error(GrammarError, "invalid grammar", "parse error")
         if self._grammar_index >= 0:
             llama_sampler_free(smpl)
             raise InvalidArgumentError("this sampler chain already has a grammar")

@@ -36,8 +36,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from llamabind.api import _is_partial
 from llamabind.errors import InvalidArgumentError, LlamaError, OutputParseError
+from llamabind.results import is_partial
 from llamabind.server import _engine
 from llamabind.server.asgi import (
     DONE,
@@ -504,7 +504,7 @@ class _Api:
             result = req.result()[index]    # the request is done: at once
         except OutputParseError:
             result = None                   # one of its choices is unreadable
-        partial = _is_partial(result, plan) if result is not None else reason != "stop"
+        partial = is_partial(result, plan) if result is not None else reason != "stop"
         try:
             deltas = parser.finish(partial=partial)
         except OutputParseError as exc:
