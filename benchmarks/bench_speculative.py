@@ -31,7 +31,9 @@ not timed:
 
 Reported per model and task: the median tokens/s of each mode, the ratio to the same
 implementation's plain run (median of the per-round ratios [min, max]), the share of
-drafted tokens taken, and whether each mode's tokens equal llamabind's plain ones.
+drafted tokens taken, and whether each mode's tokens equal llamabind's plain ones (or
+from which token they part: greedy outputs part only where batched rows' float noise
+flips a near tie).
 Writes benchmarks/results/speculative-<time>.json. Timing figures need a quiet machine.
 """
 
@@ -107,8 +109,9 @@ TASKS: dict[str, tuple[str, str]] = {
                 "this function and output the whole function, nothing else.\n\n"
                 f"```python\n{FUNCTION}```"),
     "quote": ("grounded",
-              f"Passage:\n\n{PASSAGE}\n\nWhat happened to the first three lighthouses? "
-              "Answer by quoting the sentences of the passage that say so, word for word."),
+              f"Read this passage:\n\n{PASSAGE}\n\nQuestion: what happened to each of the "
+              "lighthouses built on the Eddystone Rocks? Answer only with sentences quoted "
+              "word for word from the passage, each in quotation marks."),
     "story": ("free", "Write a short story about a fox who learns to play the violin."),
     "explain": ("free", "Explain how vaccines train the immune system, in a few paragraphs."),
 }
@@ -289,6 +292,12 @@ def summarize(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
         if ref:
             key = "ids" if "ids" in mine[0] else "text"
             same = all(r[key] == ref[0][key] for r in mine)
+            if not same and key == "ids":
+                # where the first run parts from the plain one (a float-noise near tie
+                # when batched rows sum in another order)
+                ids, plain_ids = mine[0]["ids"], ref[0]["ids"]
+                same = next((i for i, (a, b) in enumerate(zip(ids, plain_ids, strict=False))
+                             if a != b), min(len(ids), len(plain_ids)))
         out.append({"model": model, "impl": impl, "task": task, "kind": TASKS[task][0],
                     "mode": mode, "tps": statistics.median(r["tps"] for r in mine),
                     "ratio": statistics.median(ratios) if ratios else None,
@@ -308,7 +317,9 @@ def format_table(summary: list[dict[str, Any]]) -> str:
         ratio = "" if s["ratio"] is None or s["mode"] == "plain" else \
             f"{s['ratio']:.2f} [{s['ratio_min']:.2f}, {s['ratio_max']:.2f}]"
         taken = "" if s["taken"] is None else f"{100 * s['taken']:.0f}%"
-        same = {None: "", True: "yes", False: "no"}[s["same_as_plain"]]
+        same = s["same_as_plain"]
+        same = {None: "", True: "yes", False: "no"}[same] if isinstance(same, bool) or \
+            same is None else f"from token {same}"
         lines.append(f"| {s['model']} | {s['task']} ({s['kind']}) | {s['impl']} | {s['mode']} "
                      f"| {s['tokens']:.0f} | {s['tps']:.1f} | {ratio} | {taken} | {same} |")
     return "\n".join(lines)

@@ -285,7 +285,7 @@ class Engine:
         if not g.speculative:
             return None
         if g.spec_type == "ngram-simple":
-            key = (g.spec_ngram_size_n, g.spec_ngram_size_min)
+            key = (g.spec_ngram_size_n, g.spec_ngram_size_min or g.spec_ngram_size_n)
             drafter = self._ngram_drafters.get(key)
             if drafter is None:
                 drafter = self._ngram_drafters[key] = ngram_drafter(g)
