@@ -214,8 +214,8 @@ def native_args(mode: str, model_path: Path) -> list[str]:
         return ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
                 "--spec-ngram-simple-size-m", "16", "--spec-draft-n-max", "16"]
     if mode == "self-draft":
-        return ["-md", str(model_path), "--spec-draft-n-max", "16", "--spec-draft-p-min",
-                "0.75"]
+        return ["--spec-type", "draft-simple", "-md", str(model_path), "--spec-draft-n-max",
+                "16", "--spec-draft-p-min", "0.75"]
     return []
 
 
