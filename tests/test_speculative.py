@@ -17,6 +17,7 @@ speculative schedule (the same batches) must be equal exactly.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,6 +55,14 @@ GROUNDED = [
     f"Here is a passage:\n\n{PASSAGE}\n\nQuote the passage's first two sentences exactly.",
     "Repeat this list exactly: apples, oranges, pears, plums, cherries, grapes, lemons, "
     "limes, peaches, apricots.",
+]
+# plain completions that go on copying their input (a raw prompt: no chat template, whose
+# shared system prompt would make requests reuse each other's cells)
+COPYING = [
+    CODE + "\n\n# The same function, copied exactly:\n\n" + CODE[:120],
+    PASSAGE + "\n\nThe passage again, word for word:\n\n" + PASSAGE[:80],
+    "apples, oranges, pears, plums, cherries, grapes, lemons, limes, peaches, apricots.\n" * 2
+    + "apples, oranges,",
 ]
 FREE = [
     "Write a short story about a fox who learns to sing.",
@@ -129,11 +138,13 @@ def test_prompt_lookup_greedy_equals_plain_qwen(qwen_model: LoadedModel) -> None
 
 
 def test_prompt_lookup_greedy_equals_plain_smol(smol_spec: LoadedModel) -> None:
-    made, drafted, accepted = _compare(smol_spec, GROUNDED + FREE, 80, **LOOKUP)
+    made, drafted, accepted = _compare(smol_spec, GROUNDED + FREE[:1], 64, **LOOKUP)
     assert accepted > 0 and drafted > 0, (made, drafted, accepted)
-    # plain completions of code, whose output repeats its input
-    for prompt in (CODE[:200], PASSAGE + " " + PASSAGE[:60]):
+    # plain completions whose output repeats their input
+    for prompt in COPYING[:2]:
+        smol_spec.engine.clear_cache()
         plain = smol_spec.generate(prompt, temperature=0, max_tokens=64, logprobs=5)
+        smol_spec.engine.clear_cache()
         fast = smol_spec.generate(prompt, temperature=0, max_tokens=64, **LOOKUP)
         _same_output(plain, fast)
         assert fast.draft_tokens_accepted > 0
@@ -200,16 +211,17 @@ def test_stops_max_tokens_logprobs_and_streams(smol_spec: LoadedModel) -> None:
 def test_engine_speculates_per_request_with_others_running(smol_spec: LoadedModel) -> None:
     """Several requests at once, some speculating (lookup or the draft model) and some
     not: each gets its own output; the drafts of one never disturb another."""
-    prompts = GROUNDED + FREE
+    prompts = [*COPYING[:2], "Once upon a time, in a small village,",
+               "The three primary colors are", "A haiku about autumn:"]
     alone = []
     for p in prompts:
         smol_spec.engine.clear_cache()
-        alone.append(smol_spec.chat(_chat(p), temperature=0, max_tokens=48, logprobs=5))
+        alone.append(smol_spec.generate(p, temperature=0, max_tokens=48, logprobs=5))
     smol_spec.engine.clear_cache()
     before = smol_spec.stats()
     kinds: list[dict[str, Any]] = [LOOKUP, {"spec_type": "draft-simple"}, {}, LOOKUP,
                                    {"spec_type": "draft-simple", "draft_max": 3}]
-    reqs = [smol_spec.submit_chat(_chat(p), temperature=0, max_tokens=48, stream=False, **k)
+    reqs = [smol_spec.submit(p, temperature=0, max_tokens=48, stream=False, **k)
             for p, k in zip(prompts, kinds, strict=True)]
     results = [r.result()[0] for r in reqs]
     for plain, fast, kind in zip(alone, results, kinds, strict=True):
@@ -229,7 +241,7 @@ def test_native_replay_of_a_speculative_schedule(smol_path: str, native: NativeR
                           n_threads=1) as model:
         record = model.engine.record_schedule()
         reqs = [model.submit(p, temperature=0, max_tokens=40, stream=False, **LOOKUP)
-                for p in (CODE[:240], PASSAGE)]
+                for p in COPYING[:2]]
         results = [r.result()[0] for r in reqs]
         params = model.engine.context_params()
     assert sum(r.draft_tokens_accepted for r in results) > 0
@@ -301,13 +313,27 @@ def test_bad_options_are_refused(smol_spec: LoadedModel, smol_path: str) -> None
 
 def test_load_sets_every_requests_default(smol_path: str) -> None:
     with LoadedModel.load(smol_path, n_ctx=512, n_parallel=1, spec_type="ngram-simple",
-                          draft_max=8) as model:
-        r = model.generate(CODE[:200], temperature=0, max_tokens=32)
+                          draft_max=8, spec_ngram_size_n=6) as model:
+        r = model.generate(COPYING[1], temperature=0, max_tokens=32)
         assert r.draft_tokens > 0
-        off = model.generate(CODE[:200], temperature=0, max_tokens=32, spec_type="none",
+        model.engine.clear_cache()
+        off = model.generate(COPYING[1], temperature=0, max_tokens=32, spec_type="none",
                              logprobs=5)
         assert off.draft_tokens == 0
         _same_output(off, r)
+
+
+def test_command_line(smol_path: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from llamabind.cli import main
+
+    args = ["generate", COPYING[1], "-m", smol_path, "-c", "512", "--temp", "0", "-n", "24",
+            "--json"]
+    assert main([*args, "--spec-type", "ngram-simple", "--draft-max", "8"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert main([*args, "-md", smol_path]) == 0  # draft-simple, the default with a draft
+    drafted = json.loads(capsys.readouterr().out)
+    assert fast["draft_tokens_accepted"] > 0 and drafted["draft_tokens_accepted"] > 0
+    assert fast["text"] == drafted["text"] and fast["completion_tokens"] == 24
 
 
 def test_ngram_drafter() -> None:
@@ -319,5 +345,9 @@ def test_ngram_drafter() -> None:
     assert d.draft([5, 8, 1, 7, 8], 4) == [1, 7, 8]
     assert d.draft([1, 2, 3], 4) == []
     assert NgramDrafter(3, 2).draft([5, 8, 1, 7, 8], 4) == []
+    # by default only the n-gram of size_n (8: a short match is a weak guess)
+    assert NgramDrafter(2).draft([1, 2, 3, 1, 2], 4) == [3, 1, 2]
+    assert NgramDrafter(2).draft([1, 2, 3, 9, 2], 4) == []
+    assert NgramDrafter().size_n == NgramDrafter().size_min == 8
     with pytest.raises(InvalidArgumentError, match="size_min"):
         NgramDrafter(2, 3)

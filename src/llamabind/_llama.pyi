@@ -384,7 +384,7 @@ class Drafter:
 class NgramDrafter(Drafter):
     size_n: int
     size_min: int
-    def __init__(self, size_n: int = 3, size_min: int = 1) -> None: ...
+    def __init__(self, size_n: int = 8, size_min: int | None = None) -> None: ...
 
 class ModelDrafter(Drafter):
     context: Context

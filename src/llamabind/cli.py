@@ -67,6 +67,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     _add_options(p, ModelConfig, "model")
     _add_options(p, ContextConfig, "context")
     _add_options(p, EngineConfig, "engine")
+    p.add_argument("-md", "--model-draft", dest="model_draft", default=None, metavar="PATH",
+                   help="a draft model of the same vocabulary for speculative decoding "
+                        "(then --spec-type draft-simple is the default)")
 
 
 def _rpc_arg(p: argparse.ArgumentParser) -> None:
@@ -100,7 +103,8 @@ def _load(args: argparse.Namespace) -> Any:
     options = {**_given(args, ModelConfig), **_given(args, ContextConfig),
                **_given(args, EngineConfig)}
     path = options.pop("path", None)
-    return LoadedModel.load(path, progress=True, **options)
+    return LoadedModel.load(path, progress=True, draft=getattr(args, "model_draft", None),
+                            **options)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,7 +123,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                        "finish_reason": result.finish_reason,
                        "tokens_per_second": round(result.tokens_per_second, 2),
                        "prompt_eval_ms": round(result.prompt_eval_ms, 3),
-                       "generation_ms": round(result.generation_ms, 3)},
+                       "generation_ms": round(result.generation_ms, 3),
+                       "draft_tokens": result.draft_tokens,
+                       "draft_tokens_accepted": result.draft_tokens_accepted},
                       sys.stdout, ensure_ascii=False)
             sys.stdout.write("\n")
             return 0

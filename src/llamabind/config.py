@@ -594,17 +594,20 @@ class GenerationConfig(_Config):
         0.75, "float", lo=0.0, hi=1.0, cli=("--draft-p-min", "--spec-draft-p-min"),
         doc="the draft model stops drafting at a token it gives a lower probability")
     spec_ngram_size_n: int = _param(
-        3, "int", lo=1, hi=64, cli=("--spec-ngram-size-n",),
-        doc="prompt lookup: the longest n-gram looked up (shorter ones down to "
-            "spec_ngram_size_min are tried when it is not found)")
-    spec_ngram_size_min: int = _param(
-        1, "int", lo=1, hi=64, cli=("--spec-ngram-size-min",),
-        doc="prompt lookup: the shortest n-gram looked up")
+        8, "int", lo=1, hi=64, cli=("--spec-ngram-size-n",),
+        doc="prompt lookup: the n-gram looked up (the history's last n tokens, found "
+            "earlier: what followed them there is the draft)")
+    spec_ngram_size_min: int | None = _param(
+        None, "int", lo=1, hi=64, optional=True, cli=("--spec-ngram-size-min",),
+        doc="prompt lookup: shorter n-grams, down to this size, are tried when the "
+            "spec_ngram_size_n-gram is not found (None: none; short matches draft often "
+            "and are often wrong, which costs more than it saves on a CPU)")
 
     def _check_together(self) -> None:
         if self.draft_min > self.draft_max:
             raise _bad("draft_min", self.draft_min, f"at most draft_max={self.draft_max}")
-        if self.spec_ngram_size_min > self.spec_ngram_size_n:
+        if self.spec_ngram_size_min is not None \
+                and self.spec_ngram_size_min > self.spec_ngram_size_n:
             raise _bad("spec_ngram_size_min", self.spec_ngram_size_min,
                        f"at most spec_ngram_size_n={self.spec_ngram_size_n}")
 

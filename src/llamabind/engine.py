@@ -24,7 +24,6 @@ have picked anyway, and the cells of the rest are removed.
 from __future__ import annotations
 
 import collections
-import logging
 import os
 import threading
 import time
@@ -59,7 +58,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Engine", "check_speculative"]
 
-_log = logging.getLogger("llamabind")
 
 # A slot's cells are saved to the prompt cache when it gives up at least this many.
 _MIN_CACHED_TOKENS = 32
@@ -287,7 +285,7 @@ class Engine:
         if not g.speculative:
             return None
         if g.spec_type == "ngram-simple":
-            key = (g.spec_ngram_size_n, g.spec_ngram_size_min)
+            key = (g.spec_ngram_size_n, g.spec_ngram_size_min or g.spec_ngram_size_n)
             drafter = self._ngram_drafters.get(key)
             if drafter is None:
                 drafter = self._ngram_drafters[key] = ngram_drafter(g)
@@ -649,12 +647,7 @@ class Engine:
             if budget <= 0:
                 break
             if gen.speculative:
-                try:
-                    n_draft = gen.plan_draft(budget)
-                except LlamaError as exc:  # the draft model failed: go on without
-                    _log.debug("drafting failed: %s", exc)
-                    gen.drop_draft()
-                    continue
+                n_draft = gen.plan_draft(budget)
                 budget -= n_draft
                 drafted = drafted or n_draft > 0
         if not gens and not chunks:

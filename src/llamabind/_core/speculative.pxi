@@ -119,15 +119,16 @@ cdef class Drafter:
 @cython.final
 cdef class NgramDrafter(Drafter):
     """Prompt lookup decoding: the draft is what followed the latest earlier
-    occurrence of the history's last ``size_n`` tokens (or of a shorter suffix, down
-    to ``size_min`` tokens)."""
+    occurrence of the history's last ``size_n`` tokens (or, with ``size_min``, of a
+    shorter suffix, down to ``size_min`` tokens; None: ``size_n`` only)."""
 
     cdef readonly int size_n
     cdef readonly int size_min
 
-    def __init__(self, size_n=3, size_min=1):
+    def __init__(self, size_n=8, size_min=None):
         self.size_n = _int_arg(size_n, "size_n", 1, 1024)
-        self.size_min = _int_arg(size_min, "size_min", 1, self.size_n)
+        self.size_min = self.size_n if size_min is None else \
+            _int_arg(size_min, "size_min", 1, self.size_n)
 
     cdef Py_ssize_t _propose(self, const int32_t * hist, Py_ssize_t n, int seq_id,
                              int32_t * out, Py_ssize_t k, float p_min) except -1:
