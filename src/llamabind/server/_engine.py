@@ -2,7 +2,8 @@
 
 Everything the server asks of the model goes through the protocols below, which are
 the engine's request-level API (``LoadedModel.submit``/``submit_chat``, request events,
-results and structured-output plan, ``cancel()``, ``stats()``, ``aembed``,
+results and structured-output plan (events and results are the library's own
+``Event``/``GenerationResult``), ``cancel()``, ``stats()``, ``aembed``,
 ``tokenize``/``detokenize``). ``load_model`` and ``engine_of`` are the two places that
 name a concrete class.
 
@@ -18,33 +19,10 @@ import numpy as np
 
 if TYPE_CHECKING:
     from llamabind.api import GenerationResult
+    from llamabind.results import Event
     from llamabind.structured import GenerationPlan
 
-__all__ = ["Engine", "EngineEvent", "EngineRequest", "TokenLogprob", "engine_of", "load_model"]
-
-
-class TokenLogprob(Protocol):
-    @property
-    def token(self) -> int: ...
-    @property
-    def text(self) -> str: ...
-    @property
-    def logprob(self) -> float: ...
-    @property
-    def top(self) -> Sequence[tuple[int, str, float]]: ...
-
-
-class EngineEvent(Protocol):
-    @property
-    def index(self) -> int: ...
-    @property
-    def text(self) -> str: ...
-    @property
-    def tokens(self) -> Sequence[int]: ...
-    @property
-    def logprobs(self) -> Sequence[TokenLogprob] | None: ...
-    @property
-    def finish_reason(self) -> str | None: ...
+__all__ = ["Engine", "EngineRequest", "engine_of", "load_model"]
 
 
 class EngineRequest(Protocol):
@@ -59,7 +37,7 @@ class EngineRequest(Protocol):
     @property
     def plan(self) -> GenerationPlan | None: ...
     def cancel(self) -> None: ...
-    def __aiter__(self) -> AsyncIterator[Any]: ...
+    def __aiter__(self) -> AsyncIterator[Event]: ...
     def result(self, timeout: float | None = None) -> list[GenerationResult]: ...
     async def aresult(self) -> list[GenerationResult]: ...
 

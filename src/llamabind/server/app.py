@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from starlette.applications import Starlette
@@ -65,6 +65,8 @@ __all__ = ["DEFAULT_MAX_BODY_BYTES", "create_app"]
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 log = logging.getLogger("llamabind.server")
+
+_Gen = TypeVar("_Gen", ChatRequest, CompletionRequest)
 
 
 # --- generation bookkeeping ------------------------------------------------------------
@@ -106,6 +108,14 @@ class _Api:
                                    status=413)
             chunks.append(chunk)
         return b"".join(chunks)
+
+    async def _generation_body(self, request: Request, model: type[_Gen]) -> _Gen:
+        """The request body read as ``model``, its fields checked: what this server does
+        not do refused, the model name the served one."""
+        body = parse_body(model, await self.body(request))
+        body.refuse_unsupported()
+        self.state.check_model(body.model)
+        return body
 
     def endpoint(self, fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
         async def handle(request: Request) -> Response:
@@ -348,10 +358,8 @@ class _Api:
 
     async def chat_completions(self, request: Request) -> Response:
         t0 = time.perf_counter()
-        body = parse_body(ChatRequest, await self.body(request))
+        body = await self._generation_body(request, ChatRequest)
         st = self.state
-        body.refuse_unsupported()
-        st.check_model(body.model)
         k = body.logprobs_k()
         messages = body.engine_messages()
         n = self._check_n(body.n)
@@ -558,10 +566,8 @@ class _Api:
 
     async def completions(self, request: Request) -> Response:
         t0 = time.perf_counter()
-        body = parse_body(CompletionRequest, await self.body(request))
+        body = await self._generation_body(request, CompletionRequest)
         st = self.state
-        body.refuse_unsupported()
-        st.check_model(body.model)
         n = self._check_n(body.n)
         options = body.engine_options(st.engine.n_ctx)
         reqs: list[_engine.EngineRequest] = []
