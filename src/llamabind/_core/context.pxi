@@ -45,7 +45,7 @@ cdef tuple _pos_range(object p0, object p1):
 
 
 @cython.no_gc_clear  # __dealloc__ frees the llama_context, which needs self.model alive
-cdef class Context:
+cdef class Context(_NativeObject):
     """A llama.cpp context on a :class:`Model`: KV cache, decode, logits, state.
 
     One thread at a time may use a context (a second gets ``ConcurrentUseError``).
@@ -56,11 +56,6 @@ cdef class Context:
     cdef llama_memory_t _mem
     cdef readonly Model model
     cdef _AbortState _abort
-    cdef bint _busy
-    cdef bint _closed
-    cdef bint _close_requested
-    cdef int _fork_gen
-    cdef int _exports
     cdef int32_t _n_vocab
     cdef uint32_t _n_ctx, _n_batch, _n_ubatch, _n_seq_max
     cdef int32_t _n_embd_out
@@ -78,26 +73,21 @@ cdef class Context:
     cdef list _retired_pools             # replaced pools (addresses), freed with the context
     cdef llama_seq_id _one_seq
     cdef int _threads, _threads_batch    # CPU gate units a decode takes
+    cdef list _lora_refs                 # the LoRA adapters applied (pinned)
 
     def __cinit__(self):
         self._ptr = NULL
-        self._busy = False
-        self._closed = True
-        self._close_requested = False
-        self._exports = 0
         self._out_rows = NULL
         self._last_n_tokens = 0
         self._decode_count = 0
         memset(&self._one, 0, sizeof(llama_batch))
         memset(&self._abort, 0, sizeof(_AbortState))
-        self._fork_gen = _fork_generation
 
     def __init__(self, Model model not None, config=None, **options):
         """``Context(model, n_ctx=..., n_batch=..., ...)``: the options are the fields
         of :class:`llamabind.ContextConfig` (or pass one as ``config``), checked by
         their rules there."""
-        if self._ptr != NULL:
-            raise InvalidArgumentError("Context is already initialised")
+        self._check_new()
         cfg = _options_config(_ContextConfig, config, options)
         n_ctx = cfg.n_ctx
         n_batch = cfg.n_batch
@@ -112,7 +102,7 @@ cdef class Context:
         no_perf = cfg.no_perf
         kv_unified = bool(cfg.kv_unified)
         swa_full = cfg.swa_full
-        model._check_open()
+        model._check()
         # llama.cpp aborts (output_reserve) when more sequences than batch rows exist
         effective = min(n_batch, n_ctx if n_ctx > 0 else model.n_ctx_train)
         if n_seq_max > effective:
@@ -120,7 +110,7 @@ cdef class Context:
                 f"n_seq_max = {n_seq_max} must not exceed min(n_batch, n_ctx) = {effective}")
         threads = _default_threads() if cfg.n_threads is None else cfg.n_threads
         threads_batch = threads if cfg.n_threads_batch is None else cfg.n_threads_batch
-        model._check_open()
+        model._check()
         if model.vocab_only:
             raise InvalidArgumentError(
                 f"model {model.path!r} was loaded with vocab_only=True: it has no weights "
@@ -179,8 +169,6 @@ cdef class Context:
         self._ptr = ptr
         self._mem = llama_get_memory(ptr)
         self.model = model
-        self._closed = False
-        self._fork_gen = _fork_generation
         self._n_vocab = model._n_vocab
         self._n_ctx = llama_n_ctx(ptr)
         self._n_batch = llama_n_batch(ptr)
@@ -190,87 +178,36 @@ cdef class Context:
         self._embeddings = embeddings
         self._kv_unified = kv_unified
         self._out_capacity = self._n_seq_max
+        self._opened(True)
 
-    # --- lifetime ------------------------------------------------------------------
+    # --- lifetime (_NativeObject): NumPy views of the outputs pin it -----------------
 
-    cdef int _enter(self) except -1:
-        """Begin an operation: check state, claim the context for this thread."""
-        if self._closed:
-            raise ClosedError("context is closed")
-        if self._fork_gen != _fork_generation:
-            _check_fork(self._fork_gen, "context")
-        if self._busy:
-            raise ConcurrentUseError(
-                "this context is being used by another thread; use one context per thread")
-        self._busy = True
-        return 0
-
-    cdef void _leave(self) noexcept:
-        self._busy = False
-        if self._close_requested:
-            self._free()
-
-    cdef void _free(self) noexcept:
-        if self._exports > 0:
-            # NumPy views of the outputs are alive: free when the last one goes.
-            self._closed = True
-            self._close_requested = True
-            return
+    cdef void _free_native(self) noexcept:
         cdef llama_context * ptr = self._ptr
         self._ptr = NULL
         self._mem = NULL
-        self._closed = True
-        self._close_requested = False
         if self._one.token != NULL:
             llama_batch_free(self._one)
             memset(&self._one, 0, sizeof(llama_batch))
         free(self._out_rows)
         self._out_rows = NULL
         if ptr != NULL:
-            if self._fork_gen == _fork_generation:
-                with nogil:
-                    llama_free(ptr)
-                _free_pools(self)
-            # (in a forked child the pools' threads do not exist: nothing to join)
-            self._pool = self._pool_batch = NULL
-            self._retired_pools = None
-            if self.model is not None:
-                self.model._unpin()
+            with nogil:
+                llama_free(ptr)
+            _free_pools(self)
+        refs, self._lora_refs = self._lora_refs, None
+        _unpin_lora_adapters(refs)
+        if self.model is not None:
+            self.model._unpin()
 
-    def close(self):
-        """Free the context. If another thread is inside it, that operation is
-        cancelled and the context is freed when it returns."""
-        if self._ptr == NULL:
-            self._closed = True
-            return
-        if self._busy:
-            self._abort.cancel = True
-            self._close_requested = True
-            self._closed = True
-            return
-        self._free()
-
-    @property
-    def closed(self):
-        return self._closed
-
-    def __enter__(self):
-        if self._closed:
-            raise ClosedError("context is closed")
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
+    cdef void _interrupt(self) noexcept:
+        self._abort.cancel = True
 
     def __dealloc__(self):
-        if self._ptr != NULL:
-            if not self._closed:
-                _warn_unclosed("llamabind.Context")
-            self._exports = 0
-            self._free()
+        self._finalize()
 
     def __repr__(self):
-        if self._closed:
+        if self._state != _OPEN:
             return "<llamabind.Context closed>"
         return f"<llamabind.Context n_ctx={self._n_ctx} n_batch={self._n_batch}>"
 
@@ -348,7 +285,7 @@ cdef class Context:
         enabled = _bool_arg(enabled, "enabled")
         self._enter()
         try:
-            if enabled != self._embeddings and self._exports > 0:
+            if enabled != self._embeddings and self._users > 0:
                 raise ConcurrentUseError(
                     "release the NumPy views of this context's outputs before switching "
                     "embeddings (the output buffer may be reallocated)")
@@ -364,13 +301,6 @@ cdef class Context:
             llama_set_causal_attn(self._ptr, causal)
         finally:
             self._leave()
-
-    cdef inline int _check(self) except -1:
-        if self._closed:
-            raise ClosedError("context is closed")
-        if self._fork_gen != _fork_generation:
-            _check_fork(self._fork_gen, "context")
-        return 0
 
     # --- decode --------------------------------------------------------------------
 
@@ -399,7 +329,7 @@ cdef class Context:
                         f"batch seq_id[{i}][{k}] = {b.seq_id[i][k]} out of range: this "
                         f"context has n_seq_max={self._n_seq_max} (ids 0..{self._n_seq_max - 1})")
             n_out += b.logits[i] != 0
-        if n_out > <int32_t>self._out_capacity and self._exports > 0:
+        if n_out > <int32_t>self._out_capacity and self._users > 0:
             raise ConcurrentUseError(
                 "release the NumPy views of this context's logits/embeddings before decoding "
                 "a batch with more outputs than before (the output buffer will be reallocated)")
@@ -491,23 +421,27 @@ cdef class Context:
     def decode(self, Batch batch not None):
         """Run the model on ``batch`` (GIL released). Raises DecodeError with llama.cpp's
         code, GenerationCancelled after cancel(), KeyboardInterrupt on Ctrl+C."""
-        batch._check()
-        self._enter()
-        try:
-            self._run(&batch._b, False, True)
-        finally:
-            self._leave()
+        self._run_batch(batch, False)
 
     def encode(self, Batch batch not None):
         """Run the encoder of an encoder-decoder model on ``batch``."""
-        batch._check()
-        self._enter()
+        self._run_batch(batch, True)
+
+    cdef int _run_batch(self, Batch batch, bint encode) except -1:
+        """decode/encode: the batch too is claimed while it is read (closing it from
+        another thread meanwhile frees it afterwards)."""
+        batch._enter()
         try:
-            if not llama_model_has_encoder(self.model._ptr):
-                raise InvalidArgumentError("this model has no encoder; use decode()")
-            self._run(&batch._b, True, True)
+            self._enter()
+            try:
+                if encode and not llama_model_has_encoder(self.model._ptr):
+                    raise InvalidArgumentError("this model has no encoder; use decode()")
+                self._run(&batch._b, encode, True)
+            finally:
+                self._leave()
         finally:
-            self._leave()
+            batch._leave()
+        return 0
 
     def eval(self, tokens, pos0=None, seq_id=0, logits="last"):
         """Decode ``tokens`` for one sequence, in n_batch-sized chunks.
@@ -546,13 +480,15 @@ cdef class Context:
         if pos0 > 2147483647 - n:
             raise InvalidArgumentError(f"pos0 = {pos0} is too large")
         cdef Batch batch = Batch(min(n, <int32_t>self._n_batch), 1)
-        while done < n:
-            chunk = min(n - done, <int32_t>self._n_batch)
-            _fill_batch(&batch._b, &view[done], chunk, <llama_pos>(pos0 + done), seq,
-                        logits_mode if done + chunk == n else (2 if logits_mode == 2 else 0))
-            self._run(&batch._b, False, True)
-            done += chunk
-        batch.close()
+        try:
+            while done < n:
+                chunk = min(n - done, <int32_t>self._n_batch)
+                _fill_batch(&batch._b, &view[done], chunk, <llama_pos>(pos0 + done), seq,
+                            logits_mode if done + chunk == n else (2 if logits_mode == 2 else 0))
+                self._run(&batch._b, False, True)
+                done += chunk
+        finally:
+            batch.close()
         return done
 
     cdef int _decode_one(self, llama_token token, llama_pos pos, llama_seq_id seq) except -1:
@@ -765,8 +701,6 @@ cdef class Context:
     def set_lora_adapters(self, adapters=()):
         """Apply LoRA adapters: a sequence of (LoraAdapter, scale); empty removes all."""
         _set_lora_adapters(self, adapters)
-
-    cdef public object _lora_refs
 
     # --- perf ----------------------------------------------------------------------
 

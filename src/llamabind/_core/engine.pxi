@@ -6,7 +6,7 @@
 # choice (llamabind.engine, in Python).
 
 
-cdef class EngineCore:
+cdef class EngineCore(_NativeObject):
     """The decoding step of the batching engine, on a context with several sequences.
 
     ``step(gens, chunks)``: ``gens`` are Generations whose pending token is decoded now
@@ -44,6 +44,7 @@ cdef class EngineCore:
         memset(&self._b, 0, sizeof(llama_batch))
 
     def __init__(self, Context ctx not None):
+        self._check_new()
         ctx._check()
         self._ctx = ctx
         self._cap = ctx._n_batch
@@ -52,11 +53,14 @@ cdef class EngineCore:
         if self._b.token == NULL:
             raise MemoryError()
         self.record = None
+        self._opened(False)
+
+    cdef void _free_native(self) noexcept:
+        llama_batch_free(self._b)
+        memset(&self._b, 0, sizeof(llama_batch))
 
     def __dealloc__(self):
-        if self._b.token != NULL:
-            llama_batch_free(self._b)
-            memset(&self._b, 0, sizeof(llama_batch))
+        self._finalize()
 
     @property
     def context(self):
@@ -68,6 +72,24 @@ cdef class EngineCore:
         return self._cap
 
     def step(self, list gens not None, list chunks not None):
+        cdef list claimed = []
+        cdef Generation g
+        self._enter()
+        try:
+            for g in gens:
+                g._enter()
+                claimed.append(g)
+            for chunk in chunks:
+                for g in chunk[0] or ():
+                    g._enter()
+                    claimed.append(g)
+            return self._step(gens, chunks)
+        finally:
+            for g in claimed:
+                g._leave()
+            self._leave()
+
+    cdef int _step(self, list gens, list chunks) except -1:
         cdef Context ctx = self._ctx
         cdef llama_batch * b = &self._b
         cdef int32_t n = 0, i, k, count, row

@@ -74,7 +74,7 @@ cdef tuple _top_logprobs(const float * logits, int32_t n, llama_token chosen, in
 
 
 @cython.final
-cdef class Generation:
+cdef class Generation(_NativeObject):
     """One sequence being generated (the state of the one token loop).
 
     ``Generation(model, pos, sampler=None, *, max_tokens=256, stop=(), ignore_eos=False,
@@ -154,7 +154,7 @@ cdef class Generation:
         self._drafter = None
         memset(&self._sbatch, 0, sizeof(llama_batch))
 
-    def __dealloc__(self):
+    cdef void _free_native(self) noexcept:
         free(self._hist)
         free(self._draft)
         self._hist = NULL
@@ -163,13 +163,15 @@ cdef class Generation:
             llama_batch_free(self._sbatch)
             memset(&self._sbatch, 0, sizeof(llama_batch))
 
+    def __dealloc__(self):
+        self._finalize()
+
     def __init__(self, Model model not None, pos, Sampler sampler=None, *, max_tokens=256,
                  stop=(), ignore_eos=False, logprobs=None, seq_id=0, n_ctx=None,
                  render_special=False, preserved_tokens=(), Drafter drafter=None,
                  prompt=None, draft_max=16, draft_min=0, draft_p_min=0.75):
-        model._check_open()
-        if self._hist != NULL or self._drafter is not None:
-            raise InvalidArgumentError("Generation is already initialised")
+        self._check_new()
+        model._check()
         self._preserved = frozenset()
         if preserved_tokens:
             self._preserved = frozenset(_token_array(list(preserved_tokens), model._n_vocab,
@@ -221,7 +223,33 @@ cdef class Generation:
         self._draft_min = _option(_GenerationConfig, "draft_min", draft_min)
         self._draft_p_min = _option(_GenerationConfig, "draft_p_min", draft_p_min)
         if drafter is not None and self._draft_max > 0:
-            self._start_drafting(drafter, prompt)
+            try:
+                self._start_drafting(drafter, prompt)
+            except BaseException:
+                self._free_native()
+                raise
+        self._opened(False)
+
+    # --- lifetime (_NativeObject): busy while it steps; the context is claimed too ----
+
+    cdef int _claim(self, Context ctx) except -1:
+        self._enter()
+        try:
+            ctx._enter()
+        except BaseException:
+            self._leave()
+            raise
+        return 0
+
+    cdef void _unclaim(self, Context ctx) noexcept:
+        ctx._leave()
+        self._leave()
+
+    cdef void _interrupt(self) noexcept:
+        """close() while it steps: the generation ends after the token in progress."""
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+            self._has_next = False
 
     cdef int _start_drafting(self, Drafter drafter, object prompt) except -1:
         if prompt is None:
@@ -340,7 +368,6 @@ cdef class Generation:
             if self._ignore_eos and llama_vocab_is_eog(self._vocab, tok):
                 tok = self._argmax_not_eog(<float *>logits)
         else:
-            self._sampler._check()
             tok = self._sampler._sample_row(ctx, row)
         self.last_sampled = tok
         if self._logprobs >= 0:
@@ -569,7 +596,12 @@ cdef class Generation:
         """Choose the draft the next decode carries, at most ``limit`` tokens (the
         batching engine calls this before each step with the rows it can spare).
         Returns its length."""
-        return self._plan(_int_arg(limit, "limit", 0, 2147483647))
+        cdef int n = _int_arg(limit, "limit", 0, 2147483647)
+        self._enter()
+        try:
+            return self._plan(n)
+        finally:
+            self._leave()
 
     def drop_draft(self):
         """Forget the planned draft (the next decode carries only the pending token)."""
@@ -578,6 +610,7 @@ cdef class Generation:
     @property
     def draft(self):
         """The planned draft (token ids)."""
+        self._check()
         return [self._draft[i] for i in range(self._n_draft)]
 
     @property
@@ -589,35 +622,38 @@ cdef class Generation:
         """Pick the next token from ``row`` of ``ctx``'s last batch (after the prompt:
         its last row). Returns the token, or None when the generation ended without
         one (an end-of-generation token, or no room)."""
-        ctx._enter()
-        try:
-            n = self.n_generated
-            self._accept(ctx, ctx._resolve_row(_row_arg(row, "row")))
-        finally:
-            ctx._leave()
-        return self.last_token if self.n_generated > n else None
+        return self._advance(ctx, _row_arg(row, "row"), False)
 
     def step(self, Context ctx not None):
         """Decode the pending token and pick the next. Returns the new token or None."""
-        ctx._enter()
+        return self._advance(ctx, -1, True)
+
+    cdef object _advance(self, Context ctx, int32_t row, bint decode):
+        """One token: accepted from ``row`` of the last batch, or (``decode``) after
+        decoding the pending one. Returns it, or None when none came."""
+        cdef int n = self.n_generated
+        self._claim(ctx)
         try:
-            n = self.n_generated
-            self._step(ctx)
+            if decode:
+                self._step(ctx)
+            else:
+                self._accept(ctx, ctx._resolve_row(row))
         finally:
-            ctx._leave()
-        PyErr_CheckSignals()
+            self._unclaim(ctx)
+        if decode:
+            PyErr_CheckSignals()
         return self.last_token if self.n_generated > n else None
 
     def run(self, Context ctx not None):
         """Step to the end, with no Python code between tokens. Returns finish_reason.
         Cancelled (ctx.cancel()): GenerationCancelled, with the tokens made so far kept."""
-        ctx._enter()
+        self._claim(ctx)
         try:
             while self.finish_reason is None:
                 self._step(ctx)
                 PyErr_CheckSignals()
         finally:
-            ctx._leave()
+            self._unclaim(ctx)
         return self.finish_reason
 
 
@@ -677,24 +713,13 @@ cdef class TokenGenerator:
         return self
 
     def __next__(self):
-        cdef Generation gen = self._gen
-        cdef Context ctx = self._ctx
-        if gen.finish_reason is not None:
+        if self._gen.finish_reason is not None:
             raise StopIteration
-        cdef int n = gen.n_generated
-        ctx._enter()
-        try:
-            if not self._started:
-                self._started = True
-                gen._accept(ctx, ctx._resolve_row(-1))
-            else:
-                gen._step(ctx)
-        finally:
-            ctx._leave()
-        PyErr_CheckSignals()
-        if gen.n_generated == n:
+        token = self._gen._advance(self._ctx, -1, self._started)
+        self._started = True
+        if token is None:
             raise StopIteration
-        return gen.last_token, gen.last_piece
+        return token, self._gen.last_piece
 
     def finish(self, reason="stop"):
         """End iteration early (e.g. a stop string matched) with ``reason``."""

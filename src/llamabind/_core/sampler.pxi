@@ -26,7 +26,7 @@ cdef int32_t _last_n(object last_n, str name, object n_ctx) except? -2:
 
 
 @cython.no_gc_clear  # __dealloc__ frees samplers that read the models in self._models
-cdef class Sampler:
+cdef class Sampler(_NativeObject):
     """A chain of llama.cpp samplers, built with ``add_*`` methods (each returns
     the sampler, so calls chain)::
 
@@ -40,8 +40,6 @@ cdef class Sampler:
     cdef llama_sampler * _ptr
     cdef list _names
     cdef list _models      # models pinned by vocabulary-reading samplers
-    cdef bint _busy
-    cdef int _fork_gen
     cdef bint _selects      # the chain ends with a selecting sampler
     cdef int _grammar_index  # position of a grammar sampler in the chain, or -1
     cdef int32_t _grammar_n_vocab  # the vocabulary size of the grammar's model
@@ -60,53 +58,48 @@ cdef class Sampler:
         self._cur_cap = 0
         self._names = []
         self._models = []
-        self._busy = False
         self._selects = False
         self._grammar_index = -1
         self._window = NULL
         self._narrow = True
-        self._fork_gen = _fork_generation
 
     def __init__(self, *, perf=False):
         perf = _bool_arg(perf, "perf")
-        if self._ptr != NULL:
-            raise InvalidArgumentError("Sampler is already initialised")
+        self._check_new()
         cdef llama_sampler_chain_params params = llama_sampler_chain_default_params()
         params.no_perf = not perf
         self._ptr = llama_sampler_chain_init(params)
         if self._ptr == NULL:
             raise SamplingError("llama.cpp could not create a sampler chain")
-
-    cdef int _check(self) except -1:
-        if self._ptr == NULL:
-            raise ClosedError("sampler is closed")
-        if self._fork_gen != _fork_generation:
-            _check_fork(self._fork_gen, "sampler")
-        if self._busy:
-            raise ConcurrentUseError("this sampler is being used by another thread")
-        return 0
+        self._opened(True)
 
     cdef object _add(self, llama_sampler * smpl, str name, bint selects, Model model=None):
+        """Append ``smpl`` (made by the caller; freed here if it cannot be added)."""
         if smpl == NULL:
             raise _native_error(SamplingError, f"llama.cpp could not create the {name} sampler")
+        try:
+            self._check_idle()
+            if model is not None:
+                model._pin()
+        except BaseException:
+            llama_sampler_free(smpl)
+            raise
         llama_sampler_chain_add(self._ptr, smpl)
         self._names.append(name)
         self._selects = selects
         if model is not None:
-            model._pin()
             self._models.append(model)
         return self
 
-    def close(self):
-        cdef llama_sampler * ptr = self._ptr
-        if self._busy:
-            raise ConcurrentUseError("cannot close a sampler while another thread samples")
-        self._ptr = NULL
-        if ptr != NULL and self._fork_gen == _fork_generation:
-            llama_sampler_free(ptr)
-        if self._window != NULL and self._fork_gen == _fork_generation:
+    # --- lifetime (_NativeObject): busy while it samples ------------------------------
+
+    cdef void _free_native(self) noexcept:
+        if self._ptr != NULL:
+            llama_sampler_free(self._ptr)
+            self._ptr = NULL
+        if self._window != NULL:
             llama_sampler_free(self._window)
-        self._window = NULL
+            self._window = NULL
         free(self._cur)
         self._cur = NULL
         self._cur_cap = 0
@@ -115,27 +108,7 @@ cdef class Sampler:
             (<Model>m)._unpin()
 
     def __dealloc__(self):
-        if self._ptr != NULL and self._fork_gen == _fork_generation:
-            llama_sampler_free(self._ptr)
-        self._ptr = NULL
-        if self._window != NULL and self._fork_gen == _fork_generation:
-            llama_sampler_free(self._window)
-        self._window = NULL
-        free(self._cur)
-        self._cur = NULL
-        for m in self._models:
-            (<Model>m)._unpin()
-        self._models = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-    @property
-    def closed(self):
-        return self._ptr == NULL
+        self._finalize()
 
     @property
     def names(self):
@@ -265,7 +238,7 @@ cdef class Sampler:
         """DRY ("don't repeat yourself") penalty; ``last_n=-1`` covers the context
         (then ``n_ctx`` is needed)."""
         self._check()
-        model._check_open()
+        model._check()
         cdef float mult = _option(_SamplingConfig, "dry_multiplier", multiplier)
         cdef float b = _option(_SamplingConfig, "dry_base", base)
         cdef int32_t al = _option(_SamplingConfig, "dry_allowed_length", allowed_length)
@@ -289,7 +262,7 @@ cdef class Sampler:
         """Add ``bias[token]`` to the logit of each token (a dict token -> float;
         ``float('-inf')`` bans a token)."""
         self._check()
-        model._check_open()
+        model._check()
         checked = _option(_SamplingConfig, "logit_bias", bias)
         cdef Py_ssize_t n = len(checked)
         cdef llama_logit_bias * arr = <llama_logit_bias *>malloc(max(n, 1) * sizeof(llama_logit_bias))
@@ -313,7 +286,7 @@ cdef class Sampler:
         """Constrain output to a GBNF grammar. With ``trigger_patterns`` (regexes) or
         ``trigger_tokens`` the grammar is lazy: it applies from the first trigger on."""
         self._check()
-        model._check_open()
+        model._check()
         g = _utf8(grammar, "grammar")
         r = _utf8(root, "root")
         if not g.strip():
@@ -350,9 +323,10 @@ cdef class Sampler:
         if self._grammar_index >= 0:
             llama_sampler_free(smpl)
             raise InvalidArgumentError("this sampler chain already has a grammar")
-        self._grammar_index = len(self._names)
+        self._add(smpl, "grammar", False, model)
+        self._grammar_index = len(self._names) - 1
         self._grammar_n_vocab = model._n_vocab
-        return self._add(smpl, "grammar", False, model)
+        return self
 
     def add_infill(self, Model model not None):
         """Fill-in-the-middle helper sampler (for FIM models). It needs a ``top_k``
@@ -360,7 +334,7 @@ cdef class Sampler:
         compares every candidate with every other, O(n^2) over the whole vocabulary
         (minutes per token for 150k tokens)."""
         self._check()
-        model._check_open()
+        model._check()
         if "top_k" not in self._names:
             raise InvalidArgumentError(
                 "add_infill needs add_top_k(...) earlier in the chain: over the whole "
@@ -387,18 +361,26 @@ cdef class Sampler:
         return tok
 
     cdef llama_token _sample_row(self, Context ctx, int32_t row) except -1:
-        """Caller holds ctx._enter(); row is validated."""
+        """Caller holds ctx._enter(); row is validated. The sampler is claimed while it
+        samples (a close() from another thread meanwhile frees it afterwards)."""
         cdef llama_token tok
-        if self._grammar_index >= 0:
-            return self._sample_row_grammar(ctx, row)
-        self._busy = True
+        self._enter()
+        try:
+            if self._grammar_index >= 0:
+                tok = self._sample_row_grammar(ctx, row)
+            else:
+                tok = self._sample_chain(ctx, row)
+        finally:
+            self._leave()
+        return tok
+
+    cdef llama_token _sample_chain(self, Context ctx, int32_t row) except -1:
+        cdef llama_token tok
         try:
             with nogil:
                 tok = llama_sampler_sample(self._ptr, ctx._ptr, row)
         except RuntimeError as exc:
             raise SamplingError(f"sampling failed: {exc}") from None
-        finally:
-            self._busy = False
         if tok < 0 or tok >= ctx._n_vocab:
             raise SamplingError(
                 f"no token could be sampled (got {tok}); a grammar may allow no token here")
@@ -474,7 +456,6 @@ cdef class Sampler:
         arr.selected = -1
         arr.sorted = False
         grammar = llama_sampler_chain_get(self._ptr, self._grammar_index)
-        self._busy = True
         try:
             with nogil:
                 for i in range(tail):
@@ -496,8 +477,6 @@ cdef class Sampler:
                         llama_sampler_apply(llama_sampler_chain_get(self._ptr, i), &arr)
         except RuntimeError as exc:
             raise SamplingError(f"sampling failed: {exc}") from None
-        finally:
-            self._busy = False
         if allowed < k:
             self._grammar_full_masks += 1
             return self._apply_chain(logits, n, True)
@@ -547,7 +526,6 @@ cdef class Sampler:
         arr.size = n
         arr.selected = -1
         arr.sorted = False
-        self._busy = True
         try:
             with nogil:
                 for i in range(n):
@@ -559,8 +537,6 @@ cdef class Sampler:
                         llama_sampler_apply(llama_sampler_chain_get(self._ptr, k), &arr)
         except RuntimeError as exc:
             raise SamplingError(f"sampling failed: {exc}") from None
-        finally:
-            self._busy = False
         if arr.selected < 0 or arr.selected >= <int64_t>arr.size:
             raise SamplingError(f"the sampler chain selected no token (index {arr.selected})")
         return arr.data[arr.selected].id
@@ -601,9 +577,13 @@ cdef class Sampler:
                     f"token {token} is not in the vocabulary ({(<Model>m)._n_vocab} tokens)")
         # llama.cpp aborts the process when a grammar is fed a token it forbids:
         # ask the grammar about this one token first.
-        if self._grammar_index >= 0 and not self._grammar_allows(token):
-            raise GrammarError(f"token {token} is not allowed by the grammar at this point")
-        self._accept(token)
+        self._enter()
+        try:
+            if self._grammar_index >= 0 and not self._grammar_allows(token):
+                raise GrammarError(f"token {token} is not allowed by the grammar at this point")
+            self._accept(token)
+        finally:
+            self._leave()
 
     def accept_grammar(self, tokens):
         """Feed ``tokens`` to the chain's grammar only (the other samplers do not see
@@ -613,36 +593,46 @@ cdef class Sampler:
         if self._grammar_index < 0:
             raise InvalidArgumentError("this sampler chain has no grammar")
         arr = _token_array(list(tokens), self._grammar_n_vocab, "tokens")
-        cdef llama_sampler * grammar = llama_sampler_chain_get(self._ptr, self._grammar_index)
-        for tok in arr:
-            if not self._grammar_allows(tok):
-                raise GrammarError(f"token {tok} is not allowed by the grammar at this point")
-            try:
-                llama_sampler_accept(grammar, tok)
-            except RuntimeError as exc:
-                raise SamplingError(f"the grammar failed on token {tok}: {exc}") from None
+        cdef llama_sampler * grammar
+        self._enter()
+        try:
+            grammar = llama_sampler_chain_get(self._ptr, self._grammar_index)
+            for tok in arr:
+                if not self._grammar_allows(tok):
+                    raise GrammarError(f"token {tok} is not allowed by the grammar at this point")
+                try:
+                    llama_sampler_accept(grammar, tok)
+                except RuntimeError as exc:
+                    raise SamplingError(f"the grammar failed on token {tok}: {exc}") from None
+        finally:
+            self._leave()
 
     def reset(self):
         """Forget accepted tokens (and reseed nothing: the RNG keeps its state)."""
-        self._check()
+        self._check_idle()
         llama_sampler_reset(self._ptr)
 
     def clone(self):
         """An independent copy of the chain with the same state."""
-        self._check()
         cdef Sampler other = Sampler.__new__(Sampler)
+        self._check_idle()
         other._ptr = llama_sampler_clone(self._ptr)
         if other._ptr == NULL:
             raise SamplingError("llama.cpp could not clone this sampler chain")
+        other._opened(True)
         other._names = list(self._names)
         other._selects = self._selects
         other._grammar_index = self._grammar_index
         other._grammar_n_vocab = self._grammar_n_vocab
         other._top_k = self._top_k
         other._narrow = self._narrow
-        for m in self._models:
-            (<Model>m)._pin()
-            other._models.append(m)
+        try:
+            for m in self._models:
+                (<Model>m)._pin()
+                other._models.append(m)
+        except BaseException:
+            other.close()
+            raise
         return other
 
     def perf(self):

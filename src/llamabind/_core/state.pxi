@@ -94,7 +94,7 @@ cdef int _load_state(Context self, object data, object seq_id) except -1:
     try:
         if not whole:
             seq = self._check_seq(seq_id, False)
-        if self._exports > 0:
+        if self._users > 0:
             raise ConcurrentUseError(
                 "release the NumPy views of this context's outputs before loading state")
         _take_recent_errors()
@@ -161,7 +161,7 @@ cdef list _load_state_file(Context self, object path, object seq_id, object max_
     try:
         if not whole:
             seq = self._check_seq(seq_id, False)
-        if self._exports > 0:
+        if self._users > 0:
             raise ConcurrentUseError(
                 "release the NumPy views of this context's outputs before loading state")
         _take_recent_errors()

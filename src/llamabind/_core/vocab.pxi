@@ -26,7 +26,7 @@ cdef class Vocab:
         raise TypeError("use model.vocab to get a Vocab")
 
     cdef inline int _check(self) except -1:
-        self._model._check_open()
+        self._model._check()
         return 0
 
     cdef inline int _check_token(self, object token, str name) except -1:
