@@ -19,19 +19,13 @@ cdef class Batch(_NativeObject):
         self._check_new()
         capacity = _int_arg(capacity, "capacity", 1, 1 << 24)
         n_seq_max = _int_arg(n_seq_max, "n_seq_max", 1, llama_max_parallel_sequences())
-        self._b = llama_batch_init(capacity, 0, n_seq_max)
-        if self._b.token == NULL:
-            raise MemoryError()
+        _new_batch(&self._b, capacity, n_seq_max)
         self.capacity = capacity
         self.n_seq_max = n_seq_max
         self._opened(True)
 
     cdef void _free_native(self) noexcept:
-        llama_batch_free(self._b)
-        memset(&self._b, 0, sizeof(llama_batch))
-
-    def __dealloc__(self):
-        self._finalize()
+        _free_batch(&self._b)
 
     @property
     def n_tokens(self):
@@ -140,6 +134,21 @@ cdef class Batch(_NativeObject):
         """Rows whose logits will be output."""
         self._check()
         return [i for i in range(self._b.n_tokens) if self._b.logits[i]]
+
+
+cdef int _new_batch(llama_batch * b, int32_t n_tokens, int32_t n_seq_max) except -1:
+    """Allocate ``b`` (token ids, no embeddings) for the objects that own a batch."""
+    b[0] = llama_batch_init(n_tokens, 0, n_seq_max)
+    if b.token == NULL:
+        raise MemoryError()
+    return 0
+
+
+cdef void _free_batch(llama_batch * b) noexcept:
+    """Free a batch made by _new_batch (or never made: all zero), once."""
+    if b.token != NULL:
+        llama_batch_free(b[0])
+    memset(b, 0, sizeof(llama_batch))
 
 
 cdef void _fill_batch(llama_batch * b, const llama_token * tokens, int32_t n, llama_pos pos0,

@@ -157,9 +157,6 @@ cdef class GGUFFile(_NativeObject):
         gguf_free(self._ctx)
         self._ctx = NULL
 
-    def __dealloc__(self):
-        self._finalize()
-
     @property
     def data_offset(self):
         """Where the tensor data starts in the file."""

@@ -22,8 +22,10 @@
 #   ChatParser, GGUFFile) are freed silently.
 #
 # Cython runs a subclass's __dealloc__ before the base's, and clears the subclass's
-# object fields in between: so each subclass's __dealloc__ calls _finalize() itself
-# (while its fields, which _free_native may need, are still set); the base has none.
+# object fields in between (to NULL: reading one then crashes). The base's __dealloc__
+# finalizes the objects whose _free_native and _describe read only C fields; a class
+# whose _free_native reads an object field (Model, Context, Sampler, LoraAdapter,
+# ModelDrafter) calls _finalize() from a __dealloc__ of its own, while it is still set.
 
 # --- fork generations ----------------------------------------------------------------
 # Each object records the fork generation it was made in; the child of os.fork() is a
@@ -117,6 +119,20 @@ cdef class _NativeObject:
         if self._state == _CLOSED and self._users == 0:
             self._release()
 
+    cdef int _enter_with(self, _NativeObject other) except -1:
+        """Claim this object and ``other`` for one call (both, or neither)."""
+        self._enter()
+        try:
+            other._enter()
+        except BaseException:
+            self._leave()
+            raise
+        return 0
+
+    cdef void _leave_with(self, _NativeObject other) noexcept:
+        other._leave()
+        self._leave()
+
     cdef inline int _pin(self) except -1:
         """Something keeps using the memory (and may outlive an explicit close())."""
         self._check()
@@ -168,7 +184,7 @@ cdef class _NativeObject:
             self._free_native()
 
     cdef void _finalize(self) noexcept:
-        """Called by each subclass's __dealloc__."""
+        """Free what close() did not, warning if it was left open (once)."""
         if not self._held:
             return
         if self._state == _OPEN and self._warn_open:
@@ -178,6 +194,9 @@ cdef class _NativeObject:
             self._release()
         # else: something that pinned the object lost its reference without unpinning:
         # leak rather than free memory that may still be in use
+
+    def __dealloc__(self):
+        self._finalize()
 
     def close(self):
         """Free the native memory; idempotent. When another thread is inside a call

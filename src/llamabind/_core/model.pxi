@@ -9,6 +9,12 @@ cdef dict _SPLIT_MODES = {
 }
 
 
+cdef dict _LOAD_MODES = {  # (use_mmap, use_mlock): how llama.cpp reads the weights
+    (True, True): LLAMA_LOAD_MODE_MMAP_MLOCK, (True, False): LLAMA_LOAD_MODE_MMAP,
+    (False, True): LLAMA_LOAD_MODE_MLOCK, (False, False): LLAMA_LOAD_MODE_NONE,
+}
+
+
 cdef struct _LoadState:
     PyObject * model          # borrowed: the Model being loaded
     bint check_signals        # loading on the main thread: poll for Ctrl+C
@@ -124,35 +130,20 @@ cdef class Model(_NativeObject):
                 f"rpc_servers={list(endpoints)!r} with n_gpu_layers=0 would put no layer on "
                 "the workers: give n_gpu_layers (-1: all; fewer keeps the first layers on "
                 "this CPU)")
-        main_gpu = cfg.main_gpu
-        split_mode = cfg.split_mode
         tensor_split = cfg.tensor_split
-        use_mmap = cfg.use_mmap
-        use_mlock = cfg.use_mlock
-        vocab_only = cfg.vocab_only
-        check_tensors = cfg.check_tensors
         kv_overrides = cfg.kv_overrides
-        devices = cfg.devices
-        use_extra_bufts = cfg.use_extra_bufts
         if progress is not None and not callable(progress):
             raise InvalidArgumentError(f"progress must be callable or None, got {progress!r}")
         _ensure_backend()
 
         cdef llama_model_params params = llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
-        params.main_gpu = main_gpu
-        params.split_mode = _SPLIT_MODES[split_mode]
-        params.vocab_only = vocab_only
-        params.check_tensors = check_tensors
-        params.use_extra_bufts = use_extra_bufts
-        if use_mmap and use_mlock:
-            params.load_mode = LLAMA_LOAD_MODE_MMAP_MLOCK
-        elif use_mmap:
-            params.load_mode = LLAMA_LOAD_MODE_MMAP
-        elif use_mlock:
-            params.load_mode = LLAMA_LOAD_MODE_MLOCK
-        else:
-            params.load_mode = LLAMA_LOAD_MODE_NONE
+        params.main_gpu = cfg.main_gpu
+        params.split_mode = _SPLIT_MODES[cfg.split_mode]
+        params.vocab_only = cfg.vocab_only
+        params.check_tensors = cfg.check_tensors
+        params.use_extra_bufts = cfg.use_extra_bufts
+        params.load_mode = _LOAD_MODES[cfg.use_mmap, cfg.use_mlock]
 
         cdef size_t n_dev_max = llama_max_devices()
         cdef float * split = NULL
@@ -178,12 +169,13 @@ cdef class Model(_NativeObject):
                 overrides = _make_kv_overrides(dict(kv_overrides))
                 params.kv_overrides = overrides
             # what llama.cpp would abort on, with the overrides applied
-            _check_model_file(fspath, vocab_only, dict(kv_overrides) if kv_overrides else None)
+            _check_model_file(fspath, cfg.vocab_only,
+                              dict(kv_overrides) if kv_overrides else None)
             if endpoints:
-                devs = _rpc_model_devices(endpoints, devices, n_dev_max, tensor_split)
+                devs = _rpc_model_devices(endpoints, cfg.devices, n_dev_max, tensor_split)
                 params.devices = devs
-            elif devices is not None:
-                devs = _device_list(devices)
+            elif cfg.devices is not None:
+                devs = _device_list(cfg.devices)
                 params.devices = devs
             failures = _rpc_failure_counts(endpoints)
             self._progress = progress
@@ -224,7 +216,7 @@ cdef class Model(_NativeObject):
         self._ptr = ptr
         self._vocab = llama_model_get_vocab(ptr)
         self._n_vocab = llama_vocab_n_tokens(self._vocab)
-        self.vocab_only = vocab_only
+        self.vocab_only = cfg.vocab_only
         self.rpc_servers = endpoints
         self._rpc_failures = failures
         if endpoints:
@@ -379,8 +371,8 @@ cdef class Model(_NativeObject):
         return llama_model_n_cls_out(self._ptr)
 
     def cls_label(self, i):
-        self._check()
         i = _any_int_arg(i, "i")
+        self._check()
         if i < 0 or <uint32_t>i >= llama_model_n_cls_out(self._ptr):
             raise InvalidArgumentError(f"classifier label index {i} out of range")
         cdef const char * label = llama_model_cls_label(self._ptr, i)
@@ -400,19 +392,19 @@ cdef class Model(_NativeObject):
 
     def meta(self, key, default=None):
         """One metadata value as a string, or ``default`` when the key is absent."""
-        self._check()
         ckey = _utf8(key, "key")
+        self._check()
         value = _meta_string(_META_VALUE_OF, self._ptr, -1, ckey)
         return default if value is None else value
 
     def chat_template(self, name=None):
         """The model's chat template (Jinja source) from its metadata, or None."""
-        self._check()
         cdef const char * tmpl
         cdef const char * cname = NULL
         if name is not None:
             bname = _utf8(name, "name")
             cname = bname
+        self._check()
         tmpl = llama_model_chat_template(self._ptr, cname)
         return None if tmpl == NULL else tmpl.decode("utf-8", "replace")
 

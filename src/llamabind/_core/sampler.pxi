@@ -25,6 +25,13 @@ cdef int32_t _last_n(object last_n, str name, object n_ctx) except? -2:
     return _int_arg(n_ctx, "n_ctx", 1, 1 << 24)
 
 
+cdef llama_token _selected(const llama_token_data_array * arr) except -1:
+    """The token a chain selected in ``arr``."""
+    if arr.selected < 0 or arr.selected >= <int64_t>arr.size:
+        raise SamplingError(f"the sampler chain selected no token (index {arr.selected})")
+    return arr.data[arr.selected].id
+
+
 @cython.no_gc_clear  # __dealloc__ frees samplers that read the models in self._models
 cdef class Sampler(_NativeObject):
     """A chain of llama.cpp samplers, built with ``add_*`` methods (each returns
@@ -381,7 +388,7 @@ cdef class Sampler(_NativeObject):
                 tok = llama_sampler_sample(self._ptr, ctx._ptr, row)
         except RuntimeError as exc:
             raise SamplingError(f"sampling failed: {exc}") from None
-        if tok < 0 or tok >= ctx._n_vocab:
+        if tok < 0 or tok >= ctx.n_vocab:
             raise SamplingError(
                 f"no token could be sampled (got {tok}); a grammar may allow no token here")
         return tok
@@ -397,7 +404,7 @@ cdef class Sampler(_NativeObject):
         asked before a token is accepted: llama.cpp aborts the process when a grammar
         is fed a token it does not allow (the chain picks one when the grammar allows
         no token at all: every logit is -inf)."""
-        cdef int32_t n = ctx._n_vocab
+        cdef int32_t n = ctx.n_vocab
         cdef const float * logits = llama_get_logits_ith(ctx._ptr, row)
         cdef llama_token tok
         if logits == NULL:
@@ -431,7 +438,6 @@ cdef class Sampler(_NativeObject):
         cdef int32_t k = 0
         cdef int32_t i, j, allowed
         cdef int32_t n_samplers = llama_sampler_chain_n(self._ptr)
-        cdef llama_token_data * cur
         cdef llama_token_data_array arr
         cdef llama_sampler * grammar
         if self._narrow:
@@ -449,12 +455,7 @@ cdef class Sampler(_NativeObject):
             self._window = llama_sampler_init_top_k(_WINDOW)
             if self._window == NULL:
                 raise MemoryError()
-        self._fill(logits, n)
-        cur = self._cur
-        arr.data = cur
-        arr.size = n
-        arr.selected = -1
-        arr.sorted = False
+        self._fill(logits, n, &arr)
         grammar = llama_sampler_chain_get(self._ptr, self._grammar_index)
         try:
             with nogil:
@@ -480,11 +481,11 @@ cdef class Sampler(_NativeObject):
         if allowed < k:
             self._grammar_full_masks += 1
             return self._apply_chain(logits, n, True)
-        if arr.selected < 0 or arr.selected >= <int64_t>arr.size:
-            raise SamplingError(f"the sampler chain selected no token (index {arr.selected})")
-        return arr.data[arr.selected].id
+        return _selected(&arr)
 
-    cdef int _fill(self, const float * logits, int32_t n) except -1:
+    cdef int _fill(self, const float * logits, int32_t n,
+                   llama_token_data_array * arr) except -1:
+        """``arr``: every token with its logit, in the sampler's candidates buffer."""
         cdef llama_token_data * cur
         cdef int32_t i
         if self._cur_cap < <size_t>n:
@@ -499,6 +500,10 @@ cdef class Sampler(_NativeObject):
                 cur[i].id = i
                 cur[i].logit = logits[i]
                 cur[i].p = 0.0
+        arr.data = cur
+        arr.size = n
+        arr.selected = -1
+        arr.sorted = False
         return 0
 
     def _resample_over_window(self, bint on):
@@ -513,33 +518,16 @@ cdef class Sampler(_NativeObject):
         cdef int32_t i, k
         cdef int32_t n_samplers = llama_sampler_chain_n(self._ptr)
         cdef int32_t skip = -1 if with_grammar else self._grammar_index
-        cdef llama_token_data * cur
         cdef llama_token_data_array arr
-        if self._cur_cap < <size_t>n:
-            cur = <llama_token_data *>realloc(self._cur, n * sizeof(llama_token_data))
-            if cur == NULL:
-                raise MemoryError()
-            self._cur = cur
-            self._cur_cap = n
-        cur = self._cur
-        arr.data = cur
-        arr.size = n
-        arr.selected = -1
-        arr.sorted = False
+        self._fill(logits, n, &arr)
         try:
             with nogil:
-                for i in range(n):
-                    cur[i].id = i
-                    cur[i].logit = logits[i]
-                    cur[i].p = 0.0
                 for k in range(n_samplers):
                     if k != skip:
                         llama_sampler_apply(llama_sampler_chain_get(self._ptr, k), &arr)
         except RuntimeError as exc:
             raise SamplingError(f"sampling failed: {exc}") from None
-        if arr.selected < 0 or arr.selected >= <int64_t>arr.size:
-            raise SamplingError(f"the sampler chain selected no token (index {arr.selected})")
-        return arr.data[arr.selected].id
+        return _selected(&arr)
 
     cdef int _accept(self, llama_token token) except -1:
         try:

@@ -175,12 +175,13 @@ cdef class ModelDrafter(Drafter):
                                n_threads=n_threads, kv_unified=True)
         self.model = draft
         self._target_n_vocab = target._n_vocab
-        self._cached = [[] for _ in range(self.context._n_seq_max)]
-        self._cap = self.context._n_batch
-        self._b = llama_batch_init(self._cap, 0, 1)
-        if self._b.token == NULL:
+        self._cached = [[] for _ in range(self.context.n_seq_max)]
+        self._cap = self.context.n_batch
+        try:
+            _new_batch(&self._b, self._cap, 1)
+        except BaseException:
             self.context.close()
-            raise MemoryError()
+            raise
         self._opened(True)
 
     # --- lifetime (_NativeObject): busy while it drafts (the context is its own) ------
@@ -190,8 +191,7 @@ cdef class ModelDrafter(Drafter):
             self.context.close()
         except BaseException:
             pass
-        llama_batch_free(self._b)
-        memset(&self._b, 0, sizeof(llama_batch))
+        _free_batch(&self._b)
 
     def __dealloc__(self):
         self._finalize()
@@ -238,9 +238,9 @@ cdef class ModelDrafter(Drafter):
         cdef int32_t n_vocab, j
         if seq_id >= len(self._cached) or n < 1 or k < 1:
             return 0
-        if n >= <Py_ssize_t>ctx._n_ctx - 1:
+        if n >= <Py_ssize_t>ctx.n_ctx - 1:
             return 0
-        n_vocab = ctx._n_vocab
+        n_vocab = ctx.n_vocab
         for i in range(n):
             if hist[i] >= n_vocab:
                 return 0  # a token the draft model does not have
@@ -249,12 +249,7 @@ cdef class ModelDrafter(Drafter):
             keep += 1
         if keep == n:
             keep -= 1  # the last token is decoded again for its logits
-        self._enter()
-        try:
-            ctx._enter()
-        except BaseException:
-            self._leave()
-            raise
+        self._enter_with(ctx)
         try:
             llama_memory_seq_rm(ctx._mem, seq_id, keep, -1)
             self._cached[seq_id] = cached = [hist[i] for i in range(keep)]
@@ -263,7 +258,7 @@ cdef class ModelDrafter(Drafter):
                 self._cached[seq_id] = []
                 return 0
             cached.extend([hist[i] for i in range(keep, n)])
-            k = min(k, <Py_ssize_t>ctx._n_ctx - 1 - n)
+            k = min(k, <Py_ssize_t>ctx.n_ctx - 1 - n)
             while m < k:
                 logits = llama_get_logits_ith(ctx._ptr, -1)
                 if logits == NULL:
@@ -284,8 +279,7 @@ cdef class ModelDrafter(Drafter):
                     break
                 cached.append(tok)
         finally:
-            ctx._leave()
-            self._leave()
+            self._leave_with(ctx)
         return m
 
     def __repr__(self):

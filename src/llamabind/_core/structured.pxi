@@ -84,9 +84,6 @@ cdef class ChatTemplates(_NativeObject):
         chat_templates_free(self._ptr)
         self._ptr = NULL
 
-    def __dealloc__(self):
-        self._finalize()
-
     def caps(self):
         """The template's capabilities (JSON text of an object of booleans)."""
         self._check()
@@ -141,9 +138,6 @@ cdef class ChatParser(_NativeObject):
     cdef void _free_native(self) noexcept:
         chat_parser_free(self._ptr)
         self._ptr = NULL
-
-    def __dealloc__(self):
-        self._finalize()
 
     def parse(self, text, partial=False):
         """The assistant message in ``text`` (the whole output), as OpenAI-shaped
