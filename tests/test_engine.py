@@ -271,6 +271,37 @@ def test_preemption_when_a_unified_cache_fills(smol_path: str, native: NativeRef
         assert picks[req.rids[0]] == list(result.tokens)
 
 
+def test_prefill_budget_splits_prompts_while_others_generate(smol_path: str,
+                                                             native: NativeRef) -> None:
+    """With prefill_budget=8 a prompt that arrives while another request generates
+    enters 8 tokens a step; with nothing generating a prompt still enters whole. The
+    tokens are what llama.cpp's C API makes of the same batches."""
+    long_prompt = " ".join(PROMPTS) * 2
+    with LoadedModel.load(smol_path, n_ctx=512, n_parallel=2, cache_ram_mib=0,
+                          prefill_budget=8) as model:
+        assert model.engine.config.prefill_budget == 8
+        record = model.engine.record_schedule()
+        first = model.submit(PROMPTS[0], temperature=0, max_tokens=60, ignore_eos=True)
+        events = iter(first)
+        next(events)  # generating now
+        second = model.submit(long_prompt, temperature=0, max_tokens=4, stream=False)
+        out2 = second.result()[0]
+        out1 = first.result()[0]
+        params = model.engine.context_params()
+    steps = [op for op in record if "rows" in op]
+    prompt_rows = [sum(1 for r in op["rows"] if r[3] == "p") for op in steps]
+    generating = [any(r[3] == "g" for r in op["rows"]) for op in steps]
+    assert prompt_rows[0] == first.prompt_tokens and not generating[0]  # whole
+    assert out2.prompt_tokens > 40
+    mixed = [n for n, g in zip(prompt_rows, generating, strict=True) if g and n]
+    assert max(mixed) == 8 and sum(mixed) == out2.prompt_tokens
+    picks = native.replay(smol_path, record, params)
+    assert picks[first.rids[0]] == list(out1.tokens)
+    assert picks[second.rids[0]][:4] == list(out2.tokens)
+    with pytest.raises(InvalidArgumentError, match="prefill_budget"):
+        LoadedModel.load(smol_path, prefill_budget=0)
+
+
 def test_close_cancels_queued_and_running(smol_path: str) -> None:
     model = LoadedModel.load(smol_path, n_ctx=256, n_parallel=1)
     running = model.submit(PROMPTS[0], max_tokens=500, ignore_eos=True)

@@ -493,6 +493,13 @@ class EngineConfig(_Config):
             "when the slots share them, n_ctx x n_parallel when each has its own). Shared "
             "cells are handed out as requests need them; when they run out, the newest "
             "request is paused and resumed later")
+    prefill_budget: int | None = _param(
+        None, "int", lo=1, hi=1 << 24, optional=True, cli=("--prefill-budget",),
+        doc="prompt tokens one step may carry while other sequences are generating "
+            "(None: up to n_batch, a new prompt enters in one step). Smaller keeps the "
+            "running streams' pace while long prompts enter, at the cost of the new "
+            "requests' time to first token; steps with nothing generating take up to "
+            "n_batch either way")
 
 
 @dataclass(frozen=True)

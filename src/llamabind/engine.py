@@ -629,18 +629,23 @@ class Engine:
                     gens.append(gen)
                     in_flight.add(request)
         budget -= len(gens)
+        # while sequences generate, prompts enter at most prefill_budget tokens a step
+        prompt_budget = budget if not gens or self.config.prefill_budget is None \
+            else min(budget, self.config.prefill_budget)
+        budget -= prompt_budget
         taken: list[tuple[_PrefillJob, int]] = []
         for request in self._running:
             for job in request.jobs:
-                if budget <= 0:
+                if prompt_budget <= 0:
                     break
-                count = min(budget, len(job.tokens) - job.done)
+                count = min(prompt_budget, len(job.tokens) - job.done)
                 last = job.done + count == len(job.tokens)
                 chunks.append((job.outputs if last else None, job.tokens, job.done, count,
                                job.start_pos + job.done, (job.seq_id,)))
                 taken.append((job, count))
                 in_flight.add(request)
-                budget -= count
+                prompt_budget -= count
+        budget += prompt_budget  # what the prompts left is for drafts
         # the rows left carry drafts after the generated tokens
         drafted = False
         for gen in gens:

@@ -54,6 +54,8 @@ cdef class Sampler(_NativeObject):
     cdef int64_t _grammar_resamples  # of which the grammar refused the first choice
     cdef int64_t _grammar_full_masks  # of which the whole vocabulary had to be masked
     cdef int32_t _top_k             # k of the chain's top_k sampler (0: none)
+    cdef float _min_p               # p of the chain's first min_p sampler (0: none)
+    cdef size_t _min_keep           # the largest min_keep of its top_p/min_p samplers
     cdef llama_sampler * _window    # top-k over _WINDOW tokens, for narrow resampling
     cdef bint _narrow               # resample over the window first (see _resample)
     cdef llama_token_data * _cur  # candidates buffer for sampling with a grammar
@@ -163,6 +165,7 @@ cdef class Sampler(_NativeObject):
         self._check()
         cdef float pp = _option(_SamplingConfig, "top_p", p)
         cdef size_t mk = _option(_SamplingConfig, "min_keep", min_keep)
+        self._min_keep = max(self._min_keep, mk)
         return self._add(llama_sampler_init_top_p(pp, mk), "top_p", False)
 
     def add_min_p(self, p, min_keep=None):
@@ -170,7 +173,11 @@ cdef class Sampler(_NativeObject):
         self._check()
         cdef float pp = _option(_SamplingConfig, "min_p", p)
         cdef size_t mk = _option(_SamplingConfig, "min_keep", min_keep)
-        return self._add(llama_sampler_init_min_p(pp, mk), "min_p", False)
+        self._add(llama_sampler_init_min_p(pp, mk), "min_p", False)
+        if self._min_p == 0 and pp > 0:
+            self._min_p = pp
+        self._min_keep = max(self._min_keep, mk)
+        return self
 
     def add_typical(self, p, min_keep=None):
         """Locally typical sampling with mass ``p`` (1.0 disables)."""
@@ -433,10 +440,23 @@ cdef class Sampler(_NativeObject):
         it): the grammar is applied to the _WINDOW best tokens only, and when at least
         ``k`` of them are allowed, those are the ``k`` best allowed tokens of the whole
         vocabulary (every other token has a lower logit), so the rest of the chain sees
-        what it would have seen. Otherwise: the whole-vocabulary mask."""
+        what it would have seen.
+
+        Fewer than ``k`` allowed (a JSON grammar between two values allows a handful of
+        tokens) still serves a chain whose top_k is followed by top_p samplers and a
+        min_p: the whole-vocabulary run would add allowed tokens from outside the window,
+        all with logits at most the window's lowest; top_p may keep more tokens there
+        (they add to its sum), but min_p drops every token below the best one's logit +
+        log(p). So when the token after those the window run keeps (the next allowed
+        one, else the window's lowest logit, a bound on every token outside it) is below
+        that line, the whole-vocabulary run keeps the very same tokens, and the samplers
+        after min_p see what they would have seen. Otherwise: the whole-vocabulary
+        mask."""
         cdef int32_t tail = -1
         cdef int32_t k = 0
         cdef int32_t i, j, allowed
+        cdef int32_t upto = -1      # the min_p sampler that proves a short window exact
+        cdef float lowest = 0, next_logit = 0
         cdef int32_t n_samplers = llama_sampler_chain_n(self._ptr)
         cdef llama_token_data_array arr
         cdef llama_sampler * grammar
@@ -451,6 +471,13 @@ cdef class Sampler(_NativeObject):
         if tail < 0 or k <= 0 or k > _WINDOW // 2 or n <= _WINDOW:
             self._grammar_full_masks += 1
             return self._apply_chain(logits, n, True)
+        if self._names[tail] == "top_k" and self._min_p > 0 and self._min_keep <= 1:
+            for i in range(tail + 1, len(self._names)):
+                if self._names[i] == "min_p":
+                    upto = i
+                    break
+                if self._names[i] != "top_p":
+                    break
         if self._window == NULL:
             self._window = llama_sampler_init_top_k(_WINDOW)
             if self._window == NULL:
@@ -463,6 +490,7 @@ cdef class Sampler(_NativeObject):
                     if i != self._grammar_index:
                         llama_sampler_apply(llama_sampler_chain_get(self._ptr, i), &arr)
                 llama_sampler_apply(self._window, &arr)
+                lowest = arr.data[arr.size - 1].logit   # the window is sorted
                 llama_sampler_apply(grammar, &arr)
                 # keep the allowed tokens, in their order: the window is sorted by
                 # logit, and samplers trust that flag (greedy takes the first token)
@@ -476,9 +504,19 @@ cdef class Sampler(_NativeObject):
                 if allowed >= k:
                     for i in range(tail, n_samplers):
                         llama_sampler_apply(llama_sampler_chain_get(self._ptr, i), &arr)
+                elif allowed > 0 and upto > 0:
+                    for i in range(tail, upto + 1):
+                        llama_sampler_apply(llama_sampler_chain_get(self._ptr, i), &arr)
+                    # top_p and min_p keep a prefix of the sorted tokens, in place
+                    next_logit = arr.data[arr.size].logit if <int32_t>arr.size < allowed \
+                        else lowest
+                    if next_logit < arr.data[0].logit + logf(self._min_p):
+                        k = 0   # proved: the rest of the chain sees what it would have
+                        for i in range(upto + 1, n_samplers):
+                            llama_sampler_apply(llama_sampler_chain_get(self._ptr, i), &arr)
         except RuntimeError as exc:
             raise SamplingError(f"sampling failed: {exc}") from None
-        if allowed < k:
+        if allowed < k or allowed == 0:
             self._grammar_full_masks += 1
             return self._apply_chain(logits, n, True)
         return _selected(&arr)
@@ -613,6 +651,8 @@ cdef class Sampler(_NativeObject):
         other._grammar_index = self._grammar_index
         other._grammar_n_vocab = self._grammar_n_vocab
         other._top_k = self._top_k
+        other._min_p = self._min_p
+        other._min_keep = self._min_keep
         other._narrow = self._narrow
         try:
             for m in self._models:
