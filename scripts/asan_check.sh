@@ -61,7 +61,7 @@ if ((${#pytest_args[@]} == 0)); then
   pytest_args=(
     tests/test_core_context.py tests/test_core_model_vocab.py
     tests/test_concurrency.py tests/test_fork.py tests/test_signals.py
-    tests/test_resources.py
+    tests/test_resources.py tests/test_lifetime.py
     -m "not slow" -k "not close_frees and not fork_while_another_thread_decodes"
     -p no:cacheprovider
   )

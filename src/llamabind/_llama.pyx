@@ -13,6 +13,7 @@ live only in ``_core/llama.pxd``, ``_core/ggml.pxd`` and ``_core/ggml_rpc.pxd``.
 """
 
 include "_core/common.pxi"
+include "_core/lifetime.pxi"
 include "_core/log.pxi"
 include "_core/backend.pxi"
 include "_core/rpc.pxi"

@@ -273,11 +273,17 @@ class _Walker:
         if target is not None:
             self.walk(target, ref)
 
+    def read_first(self, schema: dict[str, Any], path: str, first: str, second: str,
+                   skipped: str) -> str:
+        """Of two keywords the converter reads only one of: ``first`` if given (then
+        ``second`` is flagged with ``skipped``), else ``second``."""
+        if first in schema and second in schema:
+            self.flag(json_pointer(path, second), second, skipped)
+        return first if first in schema else second
+
     def node_alternatives(self, schema: dict[str, Any], path: str) -> None:
-        key = "oneOf" if "oneOf" in schema else "anyOf"
-        if key == "oneOf" and "anyOf" in schema:
-            self.flag(json_pointer(path, "anyOf"), "anyOf",
-                      "next to oneOf, anyOf is skipped (the converter reads only oneOf)")
+        key = self.read_first(schema, path, "oneOf", "anyOf",
+                              "next to oneOf, anyOf is skipped (the converter reads only oneOf)")
         branches = schema[key]
         if not isinstance(branches, list):
             return
@@ -397,19 +403,15 @@ class _Walker:
                           "writes only listed properties, so it would never be there")
 
     def node_array(self, schema: dict[str, Any], path: str) -> None:
-        if "items" in schema and "prefixItems" in schema:
-            self.flag(json_pointer(path, "prefixItems"), "prefixItems",
-                      "next to items, prefixItems is skipped")
-        key = "items" if "items" in schema else "prefixItems"
+        key = self.read_first(schema, path, "items", "prefixItems",
+                              "next to items, prefixItems is skipped")
         if key in schema:
             self.walk(schema[key], json_pointer(path, key))
         self.check_counts(schema, path, "minItems", "maxItems")
 
     def node_tuple(self, schema: dict[str, Any], path: str) -> None:
-        key = "items" if "items" in schema else "prefixItems"
-        if key == "items" and "prefixItems" in schema:
-            self.flag(json_pointer(path, "prefixItems"), "prefixItems",
-                      "next to an items list, prefixItems is skipped")
+        key = self.read_first(schema, path, "items", "prefixItems",
+                              "next to an items list, prefixItems is skipped")
         items = schema[key]
         for i, sub in enumerate(items):
             self.walk(sub, json_pointer(json_pointer(path, key), i))

@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING, Any
 from llamabind import _llama
 from llamabind.chat import ChatTemplate, validate_messages
 from llamabind.config import (
+    LOAD_CONFIGS,
     SPECULATIVE_OPTIONS,
     ContextConfig,
     EngineConfig,
     GenerationConfig,
     ModelConfig,
     SamplingConfig,
-    check_option,
+    route_options,
 )
 from llamabind.engine import Engine
 from llamabind.errors import (
@@ -145,22 +146,10 @@ class LoadedModel:
         ``spec_type="draft-simple"`` unless they say otherwise. The speculative options
         (spec_type, draft_max, draft_min, draft_p_min, spec_ngram_size_n,
         spec_ngram_size_min) given here are the defaults of every request."""
-        groups: dict[type, dict[str, Any]] = {ModelConfig: {}, ContextConfig: {},
-                                              EngineConfig: {}}
-        speculative: dict[str, Any] = {}
-        for name, value in options.items():
-            if name in SPECULATIVE_OPTIONS:
-                speculative[name] = check_option(GenerationConfig, name, value)
-                continue
-            for owner in groups:
-                if name in owner.names():  # type: ignore[attr-defined]
-                    groups[owner][name] = value
-                    break
-            else:
-                known = (ModelConfig.names() | ContextConfig.names() | EngineConfig.names()
-                         | SPECULATIVE_OPTIONS)
-                raise InvalidArgumentError(f"unknown option {name!r}; options: {sorted(known)}")
-        GenerationConfig(**speculative)  # the rules between them (draft_min <= draft_max)
+        groups, given = route_options(options, LOAD_CONFIGS, apart=SPECULATIVE_OPTIONS)
+        # the speculative options by their rules, between them too (draft_min <= draft_max)
+        checked = GenerationConfig(**given)
+        speculative = {name: getattr(checked, name) for name in given}
         m_opts = groups[ModelConfig]
         if config is None:
             config = ModelConfig(path=os.fspath(path) if path is not None

@@ -271,53 +271,56 @@ def _rpc_servers(name: str, value: Any) -> tuple[str, ...]:
     return _rpc_parse_servers(value)
 
 
-def _kv_overrides(name: str, value: Any) -> Mapping[str, Any]:
+def _checked_mapping(name: str, value: Any, expected: str,
+                     item: Callable[[Any, Any], tuple[Any, Any]]) -> Mapping[Any, Any]:
+    """A mapping (``expected`` says of what), each item as ``item(key, value)`` checks
+    and returns it; frozen."""
     if not isinstance(value, Mapping):
-        raise _bad(name, value, "a mapping of metadata key -> int, float, bool or str")
-    out: dict[str, Any] = {}
-    for key, v in value.items():
+        raise _bad(name, value, expected)
+    return _FrozenMap(dict(item(k, v) for k, v in value.items()))
+
+
+def _kv_overrides(name: str, value: Any) -> Mapping[str, Any]:
+    def item(key: Any, v: Any) -> tuple[str, Any]:
         if not isinstance(key, str) or not 0 < len(key.encode("utf-8", "replace")) < 128:
             raise _bad(f"{name} key", key, "a str of 1..127 bytes")
         if isinstance(v, bool) or _is_numpy_bool(v):
-            out[key] = bool(v)
-        elif isinstance(v, int):
+            return key, bool(v)
+        if isinstance(v, int):
             if not -(2**63) <= v < 2**63:
                 raise _bad(f"{name}[{key!r}]", v, "an int that fits in int64")
-            out[key] = v
-        elif isinstance(v, float):
-            out[key] = v
         elif isinstance(v, str):
             if len(v.encode("utf-8", "replace")) >= 128 or "\0" in v:
                 raise _bad(f"{name}[{key!r}]", v, "a str under 128 bytes, without NUL")
-            out[key] = v
-        else:
+        elif not isinstance(v, float):
             raise _bad(f"{name}[{key!r}]", v, "an int, float, bool or str")
-    return _FrozenMap(out)
+        return key, v
+
+    return _checked_mapping(name, value, "a mapping of metadata key -> int, float, bool or str",
+                            item)
 
 
 def _logit_bias(name: str, value: Any) -> Mapping[int, float]:
-    if not isinstance(value, Mapping):
-        raise _bad(name, value, "a mapping token id -> bias")
-    out: dict[int, float] = {}
-    for tok, b in value.items():
-        if isinstance(tok, bool):
-            raise _bad(name, value, "a mapping with non-negative int token ids")
+    def item(tok: Any, b: Any) -> tuple[int, float]:
         try:
+            if isinstance(tok, bool):
+                raise TypeError
             t = operator.index(tok)
         except TypeError:
             raise _bad(name, value, "a mapping with non-negative int token ids") from None
         if not 0 <= t <= INT32_MAX:
             raise _bad(name, value, "a mapping with non-negative int token ids")
-        if isinstance(b, (bool, str, bytes)):
-            raise _bad(f"{name}[{t}]", b, "a number (or -inf to ban)")
         try:
+            if isinstance(b, (bool, str, bytes)):
+                raise TypeError
             fb = float(b)
         except (TypeError, ValueError):
             raise _bad(f"{name}[{t}]", b, "a number (or -inf to ban)") from None
         if math.isnan(fb) or fb == math.inf:
             raise _bad(f"{name}[{t}]", b, "a number (or -inf to ban)")
-        out[t] = fb
-    return _FrozenMap(out)
+        return t, fb
+
+    return _checked_mapping(name, value, "a mapping token id -> bias", item)
 
 
 def _grammar(name: str, value: Any) -> str:
@@ -629,9 +632,27 @@ SPECULATIVE_OPTIONS = frozenset({"spec_type", "draft_max", "draft_min", "draft_p
                                  "spec_ngram_size_n", "spec_ngram_size_min"})
 
 
-def option_owner(name: str) -> type[_Config] | None:
-    """The config class that has option ``name``, or None."""
-    for cls in (SamplingConfig, GenerationConfig, ContextConfig, ModelConfig, EngineConfig):
-        if name in cls.names():
-            return cls
-    return None
+# the configs of loading a model, and of one generation
+LOAD_CONFIGS: tuple[type[_Config], ...] = (ModelConfig, ContextConfig, EngineConfig)
+GENERATE_CONFIGS: tuple[type[_Config], ...] = (SamplingConfig, GenerationConfig)
+
+
+def route_options(options: Mapping[str, Any], classes: Iterable[type[_Config]], *,
+                  apart: Iterable[str] = (), refused: Iterable[str] = ()
+                  ) -> tuple[dict[type[_Config], dict[str, Any]], dict[str, Any]]:
+    """Keyword options split by the config class (of ``classes``) that has each, and
+    the names in ``apart`` kept aside (unchecked, in the second dict). Any other name,
+    or one in ``refused``, raises InvalidArgumentError listing the options."""
+    groups: dict[type[_Config], dict[str, Any]] = {cls: {} for cls in classes}
+    aside: dict[str, Any] = {}
+    apart, refused = frozenset(apart), frozenset(refused)
+    for name, value in options.items():
+        if name in apart:
+            aside[name] = value
+            continue
+        owner = next((cls for cls in groups if name in cls.names()), None)
+        if owner is None or name in refused:
+            known = apart.union(*(cls.names() for cls in groups)) - refused
+            raise InvalidArgumentError(f"unknown option {name!r}; options: {sorted(known)}")
+        groups[owner][name] = value
+    return groups, aside

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import threading
 import time
@@ -126,31 +127,33 @@ class Request:
         """The results, one per choice (by index), when the request is done. A
         KeyboardInterrupt while waiting cancels the request."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            with self._cond:
-                while not self._done:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
-                    self._cond.wait(remaining)
-        except BaseException:
-            if not self._done:
-                self.cancel()
-            raise
-        if self._error is not None:
-            raise self._error
-        assert self._results is not None
-        return self._results
+        with self._cancelled_if_left(), self._cond:
+            while not self._done:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"request {self.id} did not finish in {timeout} s")
+                self._cond.wait(remaining)
+        return self._outcome()
 
     async def aresult(self) -> list[GenerationResult]:
         """``result()`` for asyncio: cancelling the awaiting task cancels the request."""
-        try:
+        with self._cancelled_if_left():
             while not self._done:
                 await self._wait_async()
+        return self._outcome()
+
+    @contextlib.contextmanager
+    def _cancelled_if_left(self) -> Iterator[None]:
+        """A wait for the results that ends by an exception (a timeout, Ctrl+C, a
+        cancelled task) cancels the request."""
+        try:
+            yield
         except BaseException:
             if not self._done:
                 self.cancel()
             raise
+
+    def _outcome(self) -> list[GenerationResult]:
         if self._error is not None:
             raise self._error
         assert self._results is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from llamabind import _llama
@@ -176,21 +177,19 @@ class Session:
         return self._drafter
 
 
+@dataclass(eq=False)
 class _SessionRun:
     """One generation on a Session: iterating it runs it (yielding text pieces when
     streaming); ``result`` is set at the end."""
 
-    def __init__(self, session: Session, prompt: list[int], gen: _llama.Generation,
-                 sampler: _llama.Sampler | None, reuse_prefix: bool, streaming: bool,
-                 plan: GenerationPlan | None = None) -> None:
-        self.plan = plan
-        self.session = session
-        self.prompt = prompt
-        self.gen = gen
-        self.sampler = sampler
-        self.reuse_prefix = reuse_prefix
-        self.streaming = streaming
-        self.result: GenerationResult | None = None
+    session: Session
+    prompt: list[int]
+    gen: _llama.Generation
+    sampler: _llama.Sampler | None
+    reuse_prefix: bool
+    streaming: bool
+    plan: GenerationPlan | None = None
+    result: GenerationResult | None = field(default=None, init=False)
 
     def __iter__(self) -> Iterator[str]:
         session = self.session

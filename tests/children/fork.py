@@ -11,13 +11,32 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+from test_lifetime import chat_parser, lora_file
+
 from children.channel import say
-from llamabind import Context, ContextConfig, LoadedModel, Model, Sampler, TokenGenerator
+from llamabind import (
+    Batch,
+    Context,
+    ContextConfig,
+    Generation,
+    LoadedModel,
+    LoraAdapter,
+    Model,
+    ModelDrafter,
+    NgramDrafter,
+    Sampler,
+    TokenGenerator,
+    _gguf,
+    _llama,
+)
 
 SMALL = ContextConfig(n_ctx=256, n_batch=64, n_ubatch=64, n_threads=1)
 PROMPT = "The sky is"
@@ -63,7 +82,8 @@ def forked(fn: Callable[[], Any], timeout: float = 120.0) -> dict[str, Any]:
 
 class Parent:
     """What the parent has open when it forks: a LoadedModel with its engine running and
-    a session of its own, a core model and context (on a 2-thread pool), a sampler."""
+    a session of its own, a core model and context (on a 2-thread pool), a sampler, and
+    one of every other native object of the core."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -77,6 +97,17 @@ class Parent:
         self.core_ctx.eval(self.core_model.vocab.tokenize(PROMPT))
         self.vocab = self.core_model.vocab
         self.smp = Sampler().add_top_k(5).add_dist(1)
+        self.batch = Batch(8)
+        self.lora = LoraAdapter(self.core_model,
+                                lora_file(self.core_model, Path(tempfile.mkdtemp())))
+        self.gen = Generation(self.core_model, 2)
+        self.ngram = NgramDrafter(2)
+        self.drafter = ModelDrafter(self.core_model, self.core_model, n_ctx=64, n_batch=32)
+        self.engine_ctx = Context(self.core_model, n_ctx=64, n_batch=32)
+        self.engine_core = _llama.EngineCore(self.engine_ctx)
+        self.templates = _llama.ChatTemplates(self.core_model)
+        self.parser = chat_parser(self.core_model)
+        self.gguf = _gguf.read_file(path)
 
     def load_new(self) -> list[int]:
         with LoadedModel.load(self.path, context=SMALL) as m:
@@ -108,6 +139,18 @@ def fork_uses(path: str) -> None:
         "Context.save_state": lambda: core_ctx.save_state(),
         "TokenGenerator": lambda: next(TokenGenerator(core_ctx, 4)),
         "Sampler.sample": lambda: p.smp.sample(core_ctx),
+        "Batch.add": lambda: p.batch.add(1, 0),
+        "LoraAdapter.metadata": lambda: p.lora.metadata,
+        "Context.set_lora_adapters": lambda: core_ctx.set_lora_adapters([(p.lora, 1.0)]),
+        "Generation.step": lambda: p.gen.step(core_ctx),
+        "NgramDrafter.draft": lambda: p.ngram.draft([1, 2, 1], 2),
+        "ModelDrafter.draft": lambda: p.drafter.draft([1, 2, 3], 2),
+        "EngineCore.step": lambda: p.engine_core.step(
+            [], [([p.gen], np.asarray([1, 2], dtype=np.int32), 0, 2, 0, (0,))]),
+        "ChatTemplates.apply": lambda: p.templates.apply(json.dumps(
+            {"messages": [{"role": "user", "content": "hi"}]})),
+        "ChatParser.parse": lambda: p.parser.parse("hello"),
+        "GGUFFile.keys": lambda: p.gguf.keys(),
     }
     say("uses", results={name: forked(fn, 60) for name, fn in uses.items()})
 
@@ -116,7 +159,9 @@ def fork_uses(path: str) -> None:
         lm.close()
         core_ctx.close()
         p.core_model.close()
-        p.smp.close()
+        for obj in (p.smp, p.batch, p.lora, p.gen, p.ngram, p.drafter, p.engine_core,
+                    p.engine_ctx, p.templates, p.parser, p.gguf):
+            obj.close()
         return "closed"
 
     say("close", result=forked(close_everything, 60))

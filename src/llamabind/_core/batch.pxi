@@ -1,7 +1,7 @@
 # Batch: the input of llama_decode/llama_encode (llama_batch), owned and freed here.
 # Filled from arrays in C; each token can belong to several sequences.
 
-cdef class Batch:
+cdef class Batch(_NativeObject):
     """Tokens to decode, with positions, sequence ids and which rows output logits.
 
     ``Batch(capacity, n_seq_max=1)``. Fill it with ``add()`` for single tokens or
@@ -11,45 +11,21 @@ cdef class Batch:
     cdef llama_batch _b
     cdef readonly int32_t capacity
     cdef readonly int32_t n_seq_max
-    cdef bint _allocated
 
     def __cinit__(self):
-        self._allocated = False
         memset(&self._b, 0, sizeof(llama_batch))
 
     def __init__(self, capacity=512, n_seq_max=1):
-        if self._allocated:
-            raise InvalidArgumentError("Batch is already initialised")
+        self._check_new()
         capacity = _int_arg(capacity, "capacity", 1, 1 << 24)
         n_seq_max = _int_arg(n_seq_max, "n_seq_max", 1, llama_max_parallel_sequences())
-        self._b = llama_batch_init(capacity, 0, n_seq_max)
-        if self._b.token == NULL:
-            raise MemoryError()
-        self._allocated = True
+        _new_batch(&self._b, capacity, n_seq_max)
         self.capacity = capacity
         self.n_seq_max = n_seq_max
+        self._opened(True)
 
-    def __dealloc__(self):
-        if self._allocated:
-            llama_batch_free(self._b)
-            self._allocated = False
-
-    def close(self):
-        if self._allocated:
-            llama_batch_free(self._b)
-            memset(&self._b, 0, sizeof(llama_batch))
-            self._allocated = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-    cdef inline int _check(self) except -1:
-        if not self._allocated:
-            raise ClosedError("batch is closed")
-        return 0
+    cdef void _free_native(self) noexcept:
+        _free_batch(&self._b)
 
     @property
     def n_tokens(self):
@@ -58,18 +34,17 @@ cdef class Batch:
     def __len__(self):
         return self._b.n_tokens
 
+    # Each change checks the batch (open, and not being decoded by another thread) after
+    # its arguments are read, right before it writes: no Python code runs in between.
+
     def clear(self):
         """Empty the batch (keeps its memory)."""
-        self._check()
+        self._check_idle()
         self._b.n_tokens = 0
 
     def add(self, token, pos, seq_ids=(0,), logits=False):
         """Append one token at position ``pos`` belonging to ``seq_ids``."""
-        logits = _bool_arg(logits, "logits")
-        self._check()
-        cdef int32_t i = self._b.n_tokens
-        if i >= self.capacity:
-            raise InvalidArgumentError(f"batch is full ({self.capacity} tokens)")
+        cdef bint out = _bool_arg(logits, "logits")
         cdef llama_token tok = _int_arg(token, "token", 0, 2147483647)
         cdef llama_pos p = _int_arg(pos, "pos", 0, 2147483647)
         if isinstance(seq_ids, int):
@@ -81,11 +56,16 @@ cdef class Batch:
         for k, s in enumerate(seqs):
             if isinstance(s, bool) or not isinstance(s, int) or s < 0 or s >= (1 << 30):
                 raise InvalidArgumentError(f"seq_ids[{k}] must be an int >= 0, got {s!r}")
+        self._check_idle()
+        cdef int32_t i = self._b.n_tokens
+        if i >= self.capacity:
+            raise InvalidArgumentError(f"batch is full ({self.capacity} tokens)")
+        for k, s in enumerate(seqs):    # checked ints: no Python code runs here
             self._b.seq_id[i][k] = s
         self._b.token[i] = tok
         self._b.pos[i] = p
         self._b.n_seq_id[i] = len(seqs)
-        self._b.logits[i] = logits
+        self._b.logits[i] = out
         self._b.n_tokens = i + 1
 
     def set_tokens(self, tokens, pos0=0, seq_id=0, logits="last"):
@@ -105,50 +85,70 @@ cdef class Batch:
         if logits not in ("last", "all", "none"):
             raise InvalidArgumentError(
                 f"logits must be 'last', 'all' or 'none', got {logits!r}")
-        _fill_batch(&self._b, &view[0] if n else NULL, n, pos0, seq_id,
-                    2 if logits == "all" else (1 if logits == "last" else 0))
+        cdef int mode = 2 if logits == "all" else (1 if logits == "last" else 0)
+        self._check_idle()
+        _fill_batch(&self._b, &view[0] if n else NULL, n, pos0, seq_id, mode)
 
     def add_sequence(self, tokens, seq_id=0, pos0=0, logits=True):
         """Append ``tokens`` at positions ``pos0, pos0 + 1, ...`` of sequence ``seq_id``
         (one C loop); ``logits`` marks every appended row as an output."""
-        logits = _bool_arg(logits, "logits")
+        cdef bint out = _bool_arg(logits, "logits")
         self._check()
         arr = _token_array(tokens, 2147483647, "tokens")
         cdef const int32_t[::1] view = arr
         cdef int32_t n = <int32_t>view.shape[0]
+        cdef llama_pos p0 = _int_arg(pos0, "pos0", 0, 2147483647 - n)
+        cdef llama_seq_id seq = _int_arg(seq_id, "seq_id", 0, (1 << 30) - 1)
+        self._check_idle()
         cdef int32_t i, at = self._b.n_tokens
         if at + n > self.capacity:
             raise InvalidArgumentError(
                 f"{n} more tokens do not fit in a batch of capacity {self.capacity} "
                 f"holding {at}")
-        cdef llama_pos p0 = _int_arg(pos0, "pos0", 0, 2147483647 - n)
-        cdef llama_seq_id seq = _int_arg(seq_id, "seq_id", 0, (1 << 30) - 1)
         for i in range(n):
             self._b.token[at + i] = view[i]
             self._b.pos[at + i] = p0 + i
             self._b.n_seq_id[at + i] = 1
             self._b.seq_id[at + i][0] = seq
-            self._b.logits[at + i] = logits
+            self._b.logits[at + i] = out
         self._b.n_tokens = at + n
 
     def set_logits(self, i, value=True):
         """Choose whether row ``i`` outputs logits."""
-        value = _bool_arg(value, "value")
-        self._check()
-        i = _any_int_arg(i, "i")
-        if i < 0 or i >= self._b.n_tokens:
-            raise InvalidArgumentError(f"row {i} out of range (batch has {self._b.n_tokens})")
-        self._b.logits[i] = value
+        cdef bint out = _bool_arg(value, "value")
+        cdef int64_t row = _any_int_arg(i, "i")
+        self._check_idle()
+        if row < 0 or row >= self._b.n_tokens:
+            raise InvalidArgumentError(f"row {row} out of range (batch has {self._b.n_tokens})")
+        self._b.logits[row] = out
 
     def tokens(self):
+        self._check()
         return [self._b.token[i] for i in range(self._b.n_tokens)]
 
     def positions(self):
+        self._check()
         return [self._b.pos[i] for i in range(self._b.n_tokens)]
 
     def output_rows(self):
         """Rows whose logits will be output."""
+        self._check()
         return [i for i in range(self._b.n_tokens) if self._b.logits[i]]
+
+
+cdef int _new_batch(llama_batch * b, int32_t n_tokens, int32_t n_seq_max) except -1:
+    """Allocate ``b`` (token ids, no embeddings) for the objects that own a batch."""
+    b[0] = llama_batch_init(n_tokens, 0, n_seq_max)
+    if b.token == NULL:
+        raise MemoryError()
+    return 0
+
+
+cdef void _free_batch(llama_batch * b) noexcept:
+    """Free a batch made by _new_batch (or never made: all zero), once."""
+    if b.token != NULL:
+        llama_batch_free(b[0])
+    memset(b, 0, sizeof(llama_batch))
 
 
 cdef void _fill_batch(llama_batch * b, const llama_token * tokens, int32_t n, llama_pos pos0,

@@ -83,29 +83,6 @@ cdef object _logger = logging.getLogger("llamabind")
 # would print llama.cpp's warnings to stderr in a program that configured no logging.
 _logger.addHandler(logging.NullHandler())
 
-# --- fork safety -------------------------------------------------------------------
-# Native objects made before os.fork() hold threads, mutexes and device handles that
-# do not exist in the child. Each object records the fork generation it was made in;
-# using it in a child raises ForkError instead of deadlocking.
-cdef int _fork_generation = 0
-
-
-def _bump_fork_generation():
-    global _fork_generation
-    _fork_generation += 1
-
-
-os.register_at_fork(after_in_child=_bump_fork_generation)
-
-
-cdef inline int _check_fork(int generation, str what) except -1:
-    if generation != _fork_generation:
-        raise ForkError(
-            f"this {what} was created before os.fork() and cannot be used in the child "
-            "process; load the model again in the child (or use the 'spawn' start method)")
-    return 0
-
-
 cdef extern from "argmax.h" nogil:
     int32_t llamabind_argmax(const float * x, int32_t n)
 
@@ -245,21 +222,3 @@ cdef dict _DECODE_MEANING = {
 cdef int _raise_for_decode(int32_t rc, str op) except -1:
     meaning = _DECODE_MEANING.get(rc, "llama.cpp internal error")
     raise DecodeError(f"{op} failed with code {rc}: {meaning}", rc)
-
-
-# --- objects freed while open ------------------------------------------------------
-
-cdef void _warn_unclosed(str what) noexcept:
-    """ResourceWarning for an object freed while still open; called from __dealloc__.
-
-    The object is never passed as the warning's ``source``: it is being destroyed, and
-    a warning kept by catch_warnings(record=True) (pytest records every warning) would
-    hold a dangling pointer to it. Under ``-W error::ResourceWarning`` the error is
-    reported through sys.unraisablehook, as CPython does for unclosed files; at
-    interpreter exit, when the warnings machinery may be gone, nothing is said."""
-    try:
-        warnings.warn(f"unclosed {what}", ResourceWarning, stacklevel=2)
-    except Warning:
-        raise  # a noexcept function hands it to sys.unraisablehook
-    except BaseException:
-        pass

@@ -45,7 +45,7 @@ cdef tuple _pos_range(object p0, object p1):
 
 
 @cython.no_gc_clear  # __dealloc__ frees the llama_context, which needs self.model alive
-cdef class Context:
+cdef class Context(_NativeObject):
     """A llama.cpp context on a :class:`Model`: KV cache, decode, logits, state.
 
     One thread at a time may use a context (a second gets ``ConcurrentUseError``).
@@ -56,13 +56,8 @@ cdef class Context:
     cdef llama_memory_t _mem
     cdef readonly Model model
     cdef _AbortState _abort
-    cdef bint _busy
-    cdef bint _closed
-    cdef bint _close_requested
-    cdef int _fork_gen
-    cdef int _exports
-    cdef int32_t _n_vocab
-    cdef uint32_t _n_ctx, _n_batch, _n_ubatch, _n_seq_max
+    cdef readonly int32_t n_vocab
+    cdef readonly uint32_t n_ctx, n_batch, n_ubatch, n_seq_max
     cdef int32_t _n_embd_out
     cdef bint _embeddings
     cdef bint _kv_unified
@@ -78,71 +73,54 @@ cdef class Context:
     cdef list _retired_pools             # replaced pools (addresses), freed with the context
     cdef llama_seq_id _one_seq
     cdef int _threads, _threads_batch    # CPU gate units a decode takes
+    cdef list _lora_refs                 # the LoRA adapters applied (pinned)
 
     def __cinit__(self):
         self._ptr = NULL
-        self._busy = False
-        self._closed = True
-        self._close_requested = False
-        self._exports = 0
         self._out_rows = NULL
         self._last_n_tokens = 0
         self._decode_count = 0
         memset(&self._one, 0, sizeof(llama_batch))
         memset(&self._abort, 0, sizeof(_AbortState))
-        self._fork_gen = _fork_generation
 
     def __init__(self, Model model not None, config=None, **options):
         """``Context(model, n_ctx=..., n_batch=..., ...)``: the options are the fields
         of :class:`llamabind.ContextConfig` (or pass one as ``config``), checked by
         their rules there."""
-        if self._ptr != NULL:
-            raise InvalidArgumentError("Context is already initialised")
+        self._check_new()
         cfg = _options_config(_ContextConfig, config, options)
-        n_ctx = cfg.n_ctx
-        n_batch = cfg.n_batch
-        n_ubatch = min(n_batch, 512) if cfg.n_ubatch is None else cfg.n_ubatch
-        n_seq_max = cfg.n_seq_max
-        flash_attn = cfg.flash_attn
-        type_k = cfg.type_k
-        type_v = cfg.type_v
-        embeddings = cfg.embeddings
-        pooling = cfg.pooling
-        offload_kqv = cfg.offload_kqv
-        no_perf = cfg.no_perf
-        kv_unified = bool(cfg.kv_unified)
-        swa_full = cfg.swa_full
-        model._check_open()
+        model._check()
         # llama.cpp aborts (output_reserve) when more sequences than batch rows exist
-        effective = min(n_batch, n_ctx if n_ctx > 0 else model.n_ctx_train)
-        if n_seq_max > effective:
+        effective = min(cfg.n_batch, cfg.n_ctx if cfg.n_ctx > 0 else model.n_ctx_train)
+        if cfg.n_seq_max > effective:
             raise InvalidArgumentError(
-                f"n_seq_max = {n_seq_max} must not exceed min(n_batch, n_ctx) = {effective}")
+                f"n_seq_max = {cfg.n_seq_max} must not exceed min(n_batch, n_ctx) = {effective}")
         threads = _default_threads() if cfg.n_threads is None else cfg.n_threads
         threads_batch = threads if cfg.n_threads_batch is None else cfg.n_threads_batch
-        model._check_open()
+        model._check()
         if model.vocab_only:
             raise InvalidArgumentError(
                 f"model {model.path!r} was loaded with vocab_only=True: it has no weights "
                 "to run a context on")
         model._check_rpc()
         model._pin()
+        self.model = model
         cdef llama_context_params params = llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = n_batch
-        params.n_ubatch = n_ubatch
-        params.n_seq_max = n_seq_max
+        params.n_ctx = cfg.n_ctx
+        params.n_batch = cfg.n_batch
+        params.n_ubatch = min(cfg.n_batch, 512) if cfg.n_ubatch is None else cfg.n_ubatch
+        params.n_seq_max = cfg.n_seq_max
         params.n_threads = threads
         params.n_threads_batch = threads_batch
-        params.flash_attn_type = _FLASH_ATTN[flash_attn]
-        params.type_k = _KV_TYPES[type_k]
-        params.type_v = _KV_TYPES[type_v]
-        params.embeddings = embeddings
-        params.pooling_type = _POOLING[pooling]
-        params.offload_kqv = offload_kqv
-        params.no_perf = no_perf
-        params.kv_unified = kv_unified
-        params.swa_full = swa_full
+        params.flash_attn_type = _FLASH_ATTN[cfg.flash_attn]
+        params.type_k = _KV_TYPES[cfg.type_k]
+        params.type_v = _KV_TYPES[cfg.type_v]
+        params.embeddings = cfg.embeddings
+        params.pooling_type = _POOLING[cfg.pooling]
+        params.offload_kqv = cfg.offload_kqv
+        params.no_perf = cfg.no_perf
+        params.kv_unified = bool(cfg.kv_unified)
+        params.swa_full = cfg.swa_full
         params.abort_callback = _abort_callback
         params.abort_callback_data = &self._abort
         cdef llama_context * ptr = NULL
@@ -154,125 +132,59 @@ cdef class Context:
             if ptr == NULL:
                 raise _native_error(
                     ContextCreationError,
-                    f"llama.cpp could not create a context (n_ctx={n_ctx}, n_batch={n_batch}, "
-                    f"n_seq_max={n_seq_max})")
-            self._one = llama_batch_init(1, 0, 1)
-            self._out_rows = <int8_t *>malloc(max(n_batch, 1))
-            if self._one.token == NULL or self._out_rows == NULL:
-                raise MemoryError()
+                    f"llama.cpp could not create a context (n_ctx={cfg.n_ctx}, "
+                    f"n_batch={cfg.n_batch}, n_seq_max={cfg.n_seq_max})")
             self._ptr = ptr
+            _new_batch(&self._one, 1, 1)
+            self._out_rows = <int8_t *>malloc(max(cfg.n_batch, 1))
+            if self._out_rows == NULL:
+                raise MemoryError()
             _attach_pools(self, threads, threads_batch)
             self._threads = threads
             self._threads_batch = max(threads, threads_batch)
         except BaseException:
-            self._ptr = NULL
-            if ptr != NULL:
-                with nogil:
-                    llama_free(ptr)
-            if self._one.token != NULL:
-                llama_batch_free(self._one)
-                memset(&self._one, 0, sizeof(llama_batch))
-            free(self._out_rows)
-            self._out_rows = NULL
-            model._unpin()
+            self._free_native()   # what was made, and the model's pin
             raise
-        self._ptr = ptr
         self._mem = llama_get_memory(ptr)
-        self.model = model
-        self._closed = False
-        self._fork_gen = _fork_generation
-        self._n_vocab = model._n_vocab
-        self._n_ctx = llama_n_ctx(ptr)
-        self._n_batch = llama_n_batch(ptr)
-        self._n_ubatch = llama_n_ubatch(ptr)
-        self._n_seq_max = llama_n_seq_max(ptr)
+        self.n_vocab = model._n_vocab
+        self.n_ctx = llama_n_ctx(ptr)
+        self.n_batch = llama_n_batch(ptr)
+        self.n_ubatch = llama_n_ubatch(ptr)
+        self.n_seq_max = llama_n_seq_max(ptr)
         self._n_embd_out = llama_model_n_embd_out(model._ptr)
-        self._embeddings = embeddings
-        self._kv_unified = kv_unified
-        self._out_capacity = self._n_seq_max
+        self._embeddings = cfg.embeddings
+        self._kv_unified = params.kv_unified
+        self._out_capacity = self.n_seq_max
+        self._opened(True)
 
-    # --- lifetime ------------------------------------------------------------------
+    # --- lifetime (_NativeObject): NumPy views of the outputs pin it -----------------
 
-    cdef int _enter(self) except -1:
-        """Begin an operation: check state, claim the context for this thread."""
-        if self._closed:
-            raise ClosedError("context is closed")
-        if self._fork_gen != _fork_generation:
-            _check_fork(self._fork_gen, "context")
-        if self._busy:
-            raise ConcurrentUseError(
-                "this context is being used by another thread; use one context per thread")
-        self._busy = True
-        return 0
-
-    cdef void _leave(self) noexcept:
-        self._busy = False
-        if self._close_requested:
-            self._free()
-
-    cdef void _free(self) noexcept:
-        if self._exports > 0:
-            # NumPy views of the outputs are alive: free when the last one goes.
-            self._closed = True
-            self._close_requested = True
-            return
+    cdef void _free_native(self) noexcept:
         cdef llama_context * ptr = self._ptr
         self._ptr = NULL
         self._mem = NULL
-        self._closed = True
-        self._close_requested = False
-        if self._one.token != NULL:
-            llama_batch_free(self._one)
-            memset(&self._one, 0, sizeof(llama_batch))
+        _free_batch(&self._one)
         free(self._out_rows)
         self._out_rows = NULL
         if ptr != NULL:
-            if self._fork_gen == _fork_generation:
-                with nogil:
-                    llama_free(ptr)
-                _free_pools(self)
-            # (in a forked child the pools' threads do not exist: nothing to join)
-            self._pool = self._pool_batch = NULL
-            self._retired_pools = None
-            if self.model is not None:
-                self.model._unpin()
+            with nogil:
+                llama_free(ptr)
+            _free_pools(self)
+        refs, self._lora_refs = self._lora_refs, None
+        _unpin_lora_adapters(refs)
+        if self.model is not None:
+            self.model._unpin()
 
-    def close(self):
-        """Free the context. If another thread is inside it, that operation is
-        cancelled and the context is freed when it returns."""
-        if self._ptr == NULL:
-            self._closed = True
-            return
-        if self._busy:
-            self._abort.cancel = True
-            self._close_requested = True
-            self._closed = True
-            return
-        self._free()
-
-    @property
-    def closed(self):
-        return self._closed
-
-    def __enter__(self):
-        if self._closed:
-            raise ClosedError("context is closed")
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
+    cdef void _interrupt(self) noexcept:
+        self._abort.cancel = True
 
     def __dealloc__(self):
-        if self._ptr != NULL:
-            if not self._closed:
-                _warn_unclosed("llamabind.Context")
-            self._exports = 0
-            self._free()
+        self._finalize()
 
     def __repr__(self):
-        if self._closed:
+        if self._state != _OPEN:
             return "<llamabind.Context closed>"
-        return f"<llamabind.Context n_ctx={self._n_ctx} n_batch={self._n_batch}>"
+        return f"<llamabind.Context n_ctx={self.n_ctx} n_batch={self.n_batch}>"
 
     # --- cancellation --------------------------------------------------------------
 
@@ -295,29 +207,9 @@ cdef class Context:
     # --- information ---------------------------------------------------------------
 
     @property
-    def n_ctx(self):
-        return self._n_ctx
-
-    @property
-    def n_batch(self):
-        return self._n_batch
-
-    @property
-    def n_ubatch(self):
-        return self._n_ubatch
-
-    @property
-    def n_seq_max(self):
-        return self._n_seq_max
-
-    @property
     def n_ctx_seq(self):
         self._check()
         return llama_n_ctx_seq(self._ptr)
-
-    @property
-    def n_vocab(self):
-        return self._n_vocab
 
     @property
     def pooling(self):
@@ -343,34 +235,23 @@ cdef class Context:
         finally:
             self._leave()
 
+    # (the two switches below hold the GIL throughout: checking is claiming enough)
+
     def set_embeddings(self, enabled):
         """Turn embedding output on or off for the next decodes."""
         enabled = _bool_arg(enabled, "enabled")
-        self._enter()
-        try:
-            if enabled != self._embeddings and self._exports > 0:
-                raise ConcurrentUseError(
-                    "release the NumPy views of this context's outputs before switching "
-                    "embeddings (the output buffer may be reallocated)")
-            llama_set_embeddings(self._ptr, enabled)
-            self._embeddings = enabled
-        finally:
-            self._leave()
+        self._check_idle()
+        if enabled != self._embeddings and self._users > 0:
+            raise ConcurrentUseError(
+                "release the NumPy views of this context's outputs before switching "
+                "embeddings (the output buffer may be reallocated)")
+        llama_set_embeddings(self._ptr, enabled)
+        self._embeddings = enabled
 
     def set_causal_attn(self, causal):
         causal = _bool_arg(causal, "causal")
-        self._enter()
-        try:
-            llama_set_causal_attn(self._ptr, causal)
-        finally:
-            self._leave()
-
-    cdef inline int _check(self) except -1:
-        if self._closed:
-            raise ClosedError("context is closed")
-        if self._fork_gen != _fork_generation:
-            _check_fork(self._fork_gen, "context")
-        return 0
+        self._check_idle()
+        llama_set_causal_attn(self._ptr, causal)
 
     # --- decode --------------------------------------------------------------------
 
@@ -379,27 +260,27 @@ cdef class Context:
         cdef int32_t n_out = 0
         if n < 1:
             raise InvalidArgumentError("batch is empty")
-        if <uint32_t>n > self._n_batch:
+        if <uint32_t>n > self.n_batch:
             raise InvalidArgumentError(
-                f"batch has {n} tokens, more than the context's n_batch={self._n_batch}")
+                f"batch has {n} tokens, more than the context's n_batch={self.n_batch}")
         for i in range(n):
-            if b.token != NULL and (b.token[i] < 0 or b.token[i] >= self._n_vocab):
+            if b.token != NULL and (b.token[i] < 0 or b.token[i] >= self.n_vocab):
                 raise InvalidArgumentError(
                     f"batch token[{i}] = {b.token[i]} is not a valid token id "
-                    f"(vocabulary of {self._n_vocab})")
+                    f"(vocabulary of {self.n_vocab})")
             if b.pos[i] < 0 or <uint32_t>b.pos[i] >= 2147483647:
                 raise InvalidArgumentError(f"batch pos[{i}] = {b.pos[i]} must be >= 0")
-            if b.n_seq_id[i] < 1 or <uint32_t>b.n_seq_id[i] > self._n_seq_max:
+            if b.n_seq_id[i] < 1 or <uint32_t>b.n_seq_id[i] > self.n_seq_max:
                 raise InvalidArgumentError(
                     f"batch row {i} belongs to {b.n_seq_id[i]} sequences; must be 1.."
-                    f"{self._n_seq_max}")
+                    f"{self.n_seq_max}")
             for k in range(b.n_seq_id[i]):
-                if b.seq_id[i][k] < 0 or <uint32_t>b.seq_id[i][k] >= self._n_seq_max:
+                if b.seq_id[i][k] < 0 or <uint32_t>b.seq_id[i][k] >= self.n_seq_max:
                     raise InvalidArgumentError(
                         f"batch seq_id[{i}][{k}] = {b.seq_id[i][k]} out of range: this "
-                        f"context has n_seq_max={self._n_seq_max} (ids 0..{self._n_seq_max - 1})")
+                        f"context has n_seq_max={self.n_seq_max} (ids 0..{self.n_seq_max - 1})")
             n_out += b.logits[i] != 0
-        if n_out > <int32_t>self._out_capacity and self._exports > 0:
+        if n_out > <int32_t>self._out_capacity and self._users > 0:
             raise ConcurrentUseError(
                 "release the NumPy views of this context's logits/embeddings before decoding "
                 "a batch with more outputs than before (the output buffer will be reallocated)")
@@ -491,23 +372,23 @@ cdef class Context:
     def decode(self, Batch batch not None):
         """Run the model on ``batch`` (GIL released). Raises DecodeError with llama.cpp's
         code, GenerationCancelled after cancel(), KeyboardInterrupt on Ctrl+C."""
-        batch._check()
-        self._enter()
-        try:
-            self._run(&batch._b, False, True)
-        finally:
-            self._leave()
+        self._run_batch(batch, False)
 
     def encode(self, Batch batch not None):
         """Run the encoder of an encoder-decoder model on ``batch``."""
-        batch._check()
-        self._enter()
+        self._run_batch(batch, True)
+
+    cdef int _run_batch(self, Batch batch, bint encode) except -1:
+        """decode/encode: the batch too is claimed while it is read (closing it from
+        another thread meanwhile frees it afterwards)."""
+        batch._enter_with(self)
         try:
-            if not llama_model_has_encoder(self.model._ptr):
+            if encode and not llama_model_has_encoder(self.model._ptr):
                 raise InvalidArgumentError("this model has no encoder; use decode()")
-            self._run(&batch._b, True, True)
+            self._run(&batch._b, encode, True)
         finally:
-            self._leave()
+            batch._leave_with(self)
+        return 0
 
     def eval(self, tokens, pos0=None, seq_id=0, logits="last"):
         """Decode ``tokens`` for one sequence, in n_batch-sized chunks.
@@ -519,13 +400,13 @@ cdef class Context:
         if logits not in ("last", "all"):
             raise InvalidArgumentError(f"logits must be 'last' or 'all', got {logits!r}")
         self._check()
-        arr = _token_array(tokens, self._n_vocab, "tokens")
+        arr = _token_array(tokens, self.n_vocab, "tokens")
         seq_id = self._check_seq(seq_id, False)
         if pos0 is not None:
             pos0 = _int_arg(pos0, "pos0", 0, 2147483647)
-        if logits == "all" and len(arr) > self._n_batch:
+        if logits == "all" and len(arr) > self.n_batch:
             raise InvalidArgumentError(
-                f"logits='all' needs all {len(arr)} tokens in one batch; n_batch is {self._n_batch}")
+                f"logits='all' needs all {len(arr)} tokens in one batch; n_batch is {self.n_batch}")
         self._enter()
         try:
             return self._eval_array(arr, -1 if pos0 is None else pos0, seq_id,
@@ -545,14 +426,16 @@ cdef class Context:
             pos0 = llama_memory_seq_pos_max(self._mem, seq) + 1
         if pos0 > 2147483647 - n:
             raise InvalidArgumentError(f"pos0 = {pos0} is too large")
-        cdef Batch batch = Batch(min(n, <int32_t>self._n_batch), 1)
-        while done < n:
-            chunk = min(n - done, <int32_t>self._n_batch)
-            _fill_batch(&batch._b, &view[done], chunk, <llama_pos>(pos0 + done), seq,
-                        logits_mode if done + chunk == n else (2 if logits_mode == 2 else 0))
-            self._run(&batch._b, False, True)
-            done += chunk
-        batch.close()
+        cdef Batch batch = Batch(min(n, <int32_t>self.n_batch), 1)
+        try:
+            while done < n:
+                chunk = min(n - done, <int32_t>self.n_batch)
+                _fill_batch(&batch._b, &view[done], chunk, <llama_pos>(pos0 + done), seq,
+                            logits_mode if done + chunk == n else (2 if logits_mode == 2 else 0))
+                self._run(&batch._b, False, True)
+                done += chunk
+        finally:
+            batch.close()
         return done
 
     cdef int _decode_one(self, llama_token token, llama_pos pos, llama_seq_id seq) except -1:
@@ -602,7 +485,7 @@ cdef class Context:
         cdef float * p = llama_get_logits_ith(self._ptr, row)
         if p == NULL:
             raise InvalidArgumentError(f"no logits for row {row}")
-        return _OutputView._make(self, p, 1, self._n_vocab, "logits")
+        return _OutputView._make(self, p, 1, self.n_vocab, "logits")
 
     def embeddings(self, i=-1):
         """Embedding of row ``i`` of the last batch (context created with
@@ -641,84 +524,69 @@ cdef class Context:
         cdef int64_t v = _any_int_arg(seq_id, name)
         if allow_all and v == -1:
             return -1
-        if v < 0 or v >= self._n_seq_max:
+        if v < 0 or v >= self.n_seq_max:
             raise InvalidArgumentError(
-                f"{name} must be in [0, {self._n_seq_max - 1}]{' or -1 (all)' if allow_all else ''}, "
+                f"{name} must be in [0, {self.n_seq_max - 1}]{' or -1 (all)' if allow_all else ''}, "
                 f"got {v}")
         return <llama_seq_id>v
+
+    # (these hold the GIL throughout: checking that no call is inside is claiming enough)
 
     def memory_clear(self, data=True):
         """Empty the KV cache (all sequences)."""
         data = _bool_arg(data, "data")
-        self._enter()
-        try:
-            llama_memory_clear(self._mem, data)
-            self._last_n_tokens = 0
-        finally:
-            self._leave()
+        self._check_idle()
+        llama_memory_clear(self._mem, data)
+        self._last_n_tokens = 0
 
     def seq_rm(self, seq_id, p0=-1, p1=-1):
         """Remove positions [p0, p1) of a sequence (-1: all sequences / open ends).
         Returns False if llama.cpp cannot remove a partial range (recurrent models)."""
         seq_id = self._check_seq(seq_id, True)
         p0, p1 = _pos_range(p0, p1)
-        self._enter()
-        try:
-            return llama_memory_seq_rm(self._mem, seq_id, p0, p1)
-        finally:
-            self._leave()
+        self._check_idle()
+        return llama_memory_seq_rm(self._mem, seq_id, p0, p1)
 
     def seq_cp(self, src, dst, p0=-1, p1=-1):
         """Make positions [p0, p1) of sequence ``src`` also belong to ``dst``."""
         src = self._check_seq(src, False, "src")
         dst = self._check_seq(dst, False, "dst")
         p0, p1 = _pos_range(p0, p1)
-        if (src != dst and self._n_seq_max > 1 and not self._kv_unified
+        if (src != dst and self.n_seq_max > 1 and not self._kv_unified
                 and (p0 > 0 or p1 >= 0)):
             # each sequence has its own KV stream: llama.cpp can copy only whole ones
             raise InvalidArgumentError(
                 f"seq_cp of a partial range (p0={p0}, p1={p1}) between sequences needs a "
                 "context created with kv_unified=True; copy the whole sequence (p0=-1, p1=-1)")
-        self._enter()
-        try:
-            llama_memory_seq_cp(self._mem, src, dst, p0, p1)
-        finally:
-            self._leave()
+        self._check_idle()
+        llama_memory_seq_cp(self._mem, src, dst, p0, p1)
 
     def seq_keep(self, seq_id):
         """Remove every sequence but ``seq_id``."""
         seq_id = self._check_seq(seq_id, False)
-        self._enter()
-        try:
-            llama_memory_seq_keep(self._mem, seq_id)
-        finally:
-            self._leave()
+        self._check_idle()
+        llama_memory_seq_keep(self._mem, seq_id)
 
     def seq_add(self, seq_id, p0, p1, delta):
         """Shift positions [p0, p1) of a sequence by ``delta`` (needs can_shift)."""
-        seq_id = self._check_seq(seq_id, True)
-        p0, p1 = _pos_range(p0, p1)
-        delta = _int_arg(delta, "delta", -2147483647, 2147483647)
-        self._enter()
-        try:
-            if not llama_memory_can_shift(self._mem):
-                raise InvalidArgumentError("this model's memory cannot shift positions")
-            llama_memory_seq_add(self._mem, seq_id, p0, p1, delta)
-        finally:
-            self._leave()
+        self._shift(seq_id, p0, p1, _int_arg(delta, "delta", -2147483647, 2147483647), False)
 
     def seq_div(self, seq_id, p0, p1, d):
         """Integer-divide positions [p0, p1) of a sequence by ``d`` (> 0)."""
-        seq_id = self._check_seq(seq_id, True)
-        p0, p1 = _pos_range(p0, p1)
-        d = _int_arg(d, "d", 1, 2147483647)
-        self._enter()
-        try:
-            if not llama_memory_can_shift(self._mem):
-                raise InvalidArgumentError("this model's memory cannot shift positions")
-            llama_memory_seq_div(self._mem, seq_id, p0, p1, d)
-        finally:
-            self._leave()
+        self._shift(seq_id, p0, p1, _int_arg(d, "d", 1, 2147483647), True)
+
+    cdef int _shift(self, object seq_id, object p0, object p1, llama_pos by,
+                    bint divide) except -1:
+        cdef llama_seq_id seq = self._check_seq(seq_id, True)
+        start, end = _pos_range(p0, p1)
+        self._check_idle()
+        if not llama_memory_can_shift(self._mem):
+            raise InvalidArgumentError("this model's memory cannot shift positions")
+        if divide:
+            llama_memory_seq_div(self._mem, seq, start, end, by)
+        else:
+            llama_memory_seq_add(self._mem, seq, start, end, by)
+        return 0
 
     def seq_pos_min(self, seq_id=0):
         """Smallest cached position of a sequence, -1 if empty."""
@@ -766,8 +634,6 @@ cdef class Context:
         """Apply LoRA adapters: a sequence of (LoraAdapter, scale); empty removes all."""
         _set_lora_adapters(self, adapters)
 
-    cdef public object _lora_refs
-
     # --- perf ----------------------------------------------------------------------
 
     def perf(self):
@@ -779,8 +645,5 @@ cdef class Context:
                 "n_p_eval": d.n_p_eval, "n_eval": d.n_eval, "n_reused": d.n_reused}
 
     def perf_reset(self):
-        self._enter()
-        try:
-            llama_perf_context_reset(self._ptr)
-        finally:
-            self._leave()
+        self._check_idle()
+        llama_perf_context_reset(self._ptr)

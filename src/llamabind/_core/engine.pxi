@@ -6,7 +6,7 @@
 # choice (llamabind.engine, in Python).
 
 
-cdef class EngineCore:
+cdef class EngineCore(_NativeObject):
     """The decoding step of the batching engine, on a context with several sequences.
 
     ``step(gens, chunks)``: ``gens`` are Generations whose pending token is decoded now
@@ -34,9 +34,9 @@ cdef class EngineCore:
     "p0": pos, "p1": -1}`` for each sequence whose draft was not taken whole.
     """
 
-    cdef Context _ctx
+    cdef readonly Context context
+    cdef readonly int32_t capacity    # tokens one step can hold (the context's n_batch)
     cdef llama_batch _b
-    cdef int32_t _cap
     cdef int32_t _max_seq
     cdef public object record
 
@@ -44,31 +44,38 @@ cdef class EngineCore:
         memset(&self._b, 0, sizeof(llama_batch))
 
     def __init__(self, Context ctx not None):
+        self._check_new()
         ctx._check()
-        self._ctx = ctx
-        self._cap = ctx._n_batch
-        self._max_seq = ctx._n_seq_max
-        self._b = llama_batch_init(self._cap, 0, self._max_seq)
-        if self._b.token == NULL:
-            raise MemoryError()
+        self.context = ctx
+        self.capacity = ctx.n_batch
+        self._max_seq = ctx.n_seq_max
+        _new_batch(&self._b, self.capacity, self._max_seq)
         self.record = None
+        self._opened(False)
 
-    def __dealloc__(self):
-        if self._b.token != NULL:
-            llama_batch_free(self._b)
-            memset(&self._b, 0, sizeof(llama_batch))
-
-    @property
-    def context(self):
-        return self._ctx
-
-    @property
-    def capacity(self):
-        """Tokens one step can hold (the context's n_batch)."""
-        return self._cap
+    cdef void _free_native(self) noexcept:
+        _free_batch(&self._b)
 
     def step(self, list gens not None, list chunks not None):
-        cdef Context ctx = self._ctx
+        cdef list claimed = []
+        cdef Generation g
+        self._enter()
+        try:
+            for g in gens:
+                g._enter()
+                claimed.append(g)
+            for chunk in chunks:
+                for g in chunk[0] or ():
+                    g._enter()
+                    claimed.append(g)
+            return self._step(gens, chunks)
+        finally:
+            for g in claimed:
+                g._leave()
+            self._leave()
+
+    cdef int _step(self, list gens, list chunks) except -1:
+        cdef Context ctx = self.context
         cdef llama_batch * b = &self._b
         cdef int32_t n = 0, i, k, count, row
         cdef Generation g
@@ -80,8 +87,8 @@ cdef class EngineCore:
         for g in gens:
             if not g._has_next:
                 raise InvalidArgumentError("a Generation in gens has no token to decode")
-            if n + 1 + g._n_draft > self._cap:
-                raise InvalidArgumentError(f"the step holds more than n_batch={self._cap} tokens")
+            if n + 1 + g._n_draft > self.capacity:
+                raise InvalidArgumentError(f"the step holds more than n_batch={self.capacity} tokens")
             for d in range(g._n_draft + 1):
                 b.token[n] = g._next if d == 0 else g._draft[d - 1]
                 b.pos[n] = g.pos + d
@@ -96,8 +103,8 @@ cdef class EngineCore:
             if count < 1 or start < 0 or start + count > view.shape[0]:
                 raise InvalidArgumentError(
                     f"chunk [{start}, {start + count}) is outside its {view.shape[0]} tokens")
-            if n + count > self._cap:
-                raise InvalidArgumentError(f"the step holds more than n_batch={self._cap} tokens")
+            if n + count > self.capacity:
+                raise InvalidArgumentError(f"the step holds more than n_batch={self.capacity} tokens")
             if not 1 <= len(seq_ids) <= self._max_seq:
                 raise InvalidArgumentError(f"a chunk belongs to 1..{self._max_seq} sequences")
             for i in range(count):

@@ -73,8 +73,7 @@ cdef tuple _top_logprobs(const float * logits, int32_t n, llama_token chosen, in
     return logits[chosen] - log_z, top
 
 
-@cython.final
-cdef class Generation:
+cdef class Generation(_NativeObject):
     """One sequence being generated (the state of the one token loop).
 
     ``Generation(model, pos, sampler=None, *, max_tokens=256, stop=(), ignore_eos=False,
@@ -154,22 +153,19 @@ cdef class Generation:
         self._drafter = None
         memset(&self._sbatch, 0, sizeof(llama_batch))
 
-    def __dealloc__(self):
+    cdef void _free_native(self) noexcept:
         free(self._hist)
         free(self._draft)
         self._hist = NULL
         self._draft = NULL
-        if self._sbatch.token != NULL:
-            llama_batch_free(self._sbatch)
-            memset(&self._sbatch, 0, sizeof(llama_batch))
+        _free_batch(&self._sbatch)
 
     def __init__(self, Model model not None, pos, Sampler sampler=None, *, max_tokens=256,
                  stop=(), ignore_eos=False, logprobs=None, seq_id=0, n_ctx=None,
                  render_special=False, preserved_tokens=(), Drafter drafter=None,
                  prompt=None, draft_max=16, draft_min=0, draft_p_min=0.75):
-        model._check_open()
-        if self._hist != NULL or self._drafter is not None:
-            raise InvalidArgumentError("Generation is already initialised")
+        self._check_new()
+        model._check()
         self._preserved = frozenset()
         if preserved_tokens:
             self._preserved = frozenset(_token_array(list(preserved_tokens), model._n_vocab,
@@ -202,26 +198,29 @@ cdef class Generation:
         self._vocab = model._vocab
         self._n_vocab = model._n_vocab
         self._sampler = sampler
-        self.n_generated = 0
+        # (an object made once: the counters start at 0, finish_reason, stop_sequence,
+        # last_piece, last_sampled and error at None)
         self.tokens = []
         self._out = bytearray()
-        self._safe = 0
-        self._emitted = 0
-        self.finish_reason = None
-        self.stop_sequence = None
-        self.last_piece = None
-        self.last_sampled = None
-        self.error = None
-        self._has_next = False
         self.logprobs = [] if self._logprobs >= 0 else None
-        self.n_drafted = 0
-        self.n_draft_accepted = 0
-        self._n_draft = 0
         self._draft_max = _option(_GenerationConfig, "draft_max", draft_max)
         self._draft_min = _option(_GenerationConfig, "draft_min", draft_min)
         self._draft_p_min = _option(_GenerationConfig, "draft_p_min", draft_p_min)
         if drafter is not None and self._draft_max > 0:
-            self._start_drafting(drafter, prompt)
+            try:
+                self._start_drafting(drafter, prompt)
+            except BaseException:
+                self._free_native()
+                raise
+        self._opened(False)
+
+    # --- lifetime (_NativeObject): busy while it steps (with its context) --------------
+
+    cdef void _interrupt(self) noexcept:
+        """close() while it steps: the generation ends after the token in progress."""
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+            self._has_next = False
 
     cdef int _start_drafting(self, Drafter drafter, object prompt) except -1:
         if prompt is None:
@@ -239,9 +238,9 @@ cdef class Generation:
         self._hist_cap = max(n + 64, 256)
         self._hist = <int32_t *>malloc(self._hist_cap * sizeof(int32_t))
         self._draft = <int32_t *>malloc(self._draft_max * sizeof(int32_t))
-        self._sbatch = llama_batch_init(self._draft_max + 1, 0, 1)
-        if self._hist == NULL or self._draft == NULL or self._sbatch.token == NULL:
+        if self._hist == NULL or self._draft == NULL:
             raise MemoryError()
+        _new_batch(&self._sbatch, self._draft_max + 1, 1)
         if n:
             memcpy(self._hist, &view[0], n * sizeof(int32_t))
         self._n_hist = n
@@ -278,8 +277,9 @@ cdef class Generation:
         cdef Py_ssize_t n = len(self.tokens)
         return self.tokens[n - 1] if n else None
 
-    def finish(self, reason):
-        """End the generation now with ``reason`` (e.g. "cancelled")."""
+    def finish(self, reason="stop"):
+        """End the generation now with ``reason`` (e.g. "cancelled", or "stop" when the
+        caller matched a stop string of its own)."""
         if self.finish_reason is None:
             self.finish_reason = reason
             self._has_next = False
@@ -340,7 +340,6 @@ cdef class Generation:
             if self._ignore_eos and llama_vocab_is_eog(self._vocab, tok):
                 tok = self._argmax_not_eog(<float *>logits)
         else:
-            self._sampler._check()
             tok = self._sampler._sample_row(ctx, row)
         self.last_sampled = tok
         if self._logprobs >= 0:
@@ -442,7 +441,7 @@ cdef class Generation:
         there is one, then accept the next token(s). Caller holds ctx._enter()."""
         cdef int i
         if self._has_next and self._drafter is not None \
-                and self._plan(<int>ctx._n_batch - 1) > 0:
+                and self._plan(<int>ctx.n_batch - 1) > 0:
             self._sbatch.n_tokens = self._n_draft + 1
             for i in range(self._n_draft + 1):
                 self._sbatch.token[i] = self._next if i == 0 else self._draft[i - 1]
@@ -569,7 +568,12 @@ cdef class Generation:
         """Choose the draft the next decode carries, at most ``limit`` tokens (the
         batching engine calls this before each step with the rows it can spare).
         Returns its length."""
-        return self._plan(_int_arg(limit, "limit", 0, 2147483647))
+        cdef int n = _int_arg(limit, "limit", 0, 2147483647)
+        self._enter()
+        try:
+            return self._plan(n)
+        finally:
+            self._leave()
 
     def drop_draft(self):
         """Forget the planned draft (the next decode carries only the pending token)."""
@@ -578,6 +582,7 @@ cdef class Generation:
     @property
     def draft(self):
         """The planned draft (token ids)."""
+        self._check()
         return [self._draft[i] for i in range(self._n_draft)]
 
     @property
@@ -589,116 +594,80 @@ cdef class Generation:
         """Pick the next token from ``row`` of ``ctx``'s last batch (after the prompt:
         its last row). Returns the token, or None when the generation ended without
         one (an end-of-generation token, or no room)."""
-        ctx._enter()
-        try:
-            n = self.n_generated
-            self._accept(ctx, ctx._resolve_row(_row_arg(row, "row")))
-        finally:
-            ctx._leave()
-        return self.last_token if self.n_generated > n else None
+        return self._advance(ctx, _row_arg(row, "row"), False)
 
     def step(self, Context ctx not None):
         """Decode the pending token and pick the next. Returns the new token or None."""
-        ctx._enter()
+        return self._advance(ctx, -1, True)
+
+    cdef object _advance(self, Context ctx, int32_t row, bint decode):
+        """One token: accepted from ``row`` of the last batch, or (``decode``) after
+        decoding the pending one. Returns it, or None when none came."""
+        cdef int n = self.n_generated
+        self._enter_with(ctx)
         try:
-            n = self.n_generated
-            self._step(ctx)
+            if decode:
+                self._step(ctx)
+            else:
+                self._accept(ctx, ctx._resolve_row(row))
         finally:
-            ctx._leave()
-        PyErr_CheckSignals()
-        return self.last_token if self.n_generated > n else None
+            self._leave_with(ctx)
+        if decode:
+            PyErr_CheckSignals()
+        return self.tokens[self.n_generated - 1] if self.n_generated > n else None
 
     def run(self, Context ctx not None):
         """Step to the end, with no Python code between tokens. Returns finish_reason.
         Cancelled (ctx.cancel()): GenerationCancelled, with the tokens made so far kept."""
-        ctx._enter()
+        self._enter_with(ctx)
         try:
             while self.finish_reason is None:
                 self._step(ctx)
                 PyErr_CheckSignals()
         finally:
-            ctx._leave()
+            self._leave_with(ctx)
         return self.finish_reason
 
 
-cdef class TokenGenerator:
-    """Iterate ``(token, piece_bytes)`` for tokens generated on a context.
+cdef class TokenGenerator(Generation):
+    """A Generation on a context that iterates ``(token, piece_bytes)``.
 
     ``TokenGenerator(ctx, pos, sampler=None, max_tokens=..., seq_id=0)``: the context
     must hold the prompt's KV cache up to ``pos - 1`` with logits for the last prompt
     token. ``sampler=None`` is greedy decoding. Iteration ends at an end-of-generation
     token (``finish_reason == "stop"``), at ``max_tokens`` or a full context
     (``"length"``). ``cancel()`` on the context raises GenerationCancelled from the
-    next step; Ctrl+C raises KeyboardInterrupt. A thin iterator over :class:`Generation`.
+    next step; Ctrl+C raises KeyboardInterrupt. ``finish(reason)`` ends it early.
     """
 
     cdef Context _ctx
-    cdef Generation _gen
-    cdef bint _started
 
     def __init__(self, Context ctx not None, pos, Sampler sampler=None, *,
                  max_tokens=256, seq_id=0, render_special=False, preserved_tokens=()):
         ctx._check()
         pos = _int_arg(pos, "pos", 1, 2147483647)
         seq_id = ctx._check_seq(seq_id, False)
-        self._gen = Generation(ctx.model, pos, sampler, max_tokens=max_tokens,
-                               seq_id=seq_id, n_ctx=ctx._n_ctx,
-                               render_special=render_special,
-                               preserved_tokens=preserved_tokens)
+        Generation.__init__(self, ctx.model, pos, sampler, max_tokens=max_tokens,
+                            seq_id=seq_id, n_ctx=ctx.n_ctx, render_special=render_special,
+                            preserved_tokens=preserved_tokens)
         self._ctx = ctx
-        self._started = False
-
-    @property
-    def generation(self):
-        return self._gen
-
-    @property
-    def pos(self):
-        return self._gen.pos
-
-    @property
-    def max_tokens(self):
-        return self._gen.max_tokens
-
-    @property
-    def n_generated(self):
-        return self._gen.n_generated
-
-    @property
-    def finish_reason(self):
-        return self._gen.finish_reason
 
     @property
     def last_token(self):
         """The last token picked (an end-of-generation token included)."""
-        return self._gen.last_sampled
+        return self.last_sampled
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        cdef Generation gen = self._gen
-        cdef Context ctx = self._ctx
-        if gen.finish_reason is not None:
+        if self.finish_reason is not None:
             raise StopIteration
-        cdef int n = gen.n_generated
-        ctx._enter()
-        try:
-            if not self._started:
-                self._started = True
-                gen._accept(ctx, ctx._resolve_row(-1))
-            else:
-                gen._step(ctx)
-        finally:
-            ctx._leave()
-        PyErr_CheckSignals()
-        if gen.n_generated == n:
+        # the first token comes from the prompt's logits, the next ones from a decode
+        token = self._advance(self._ctx, -1, self.n_generated > 0)
+        if token is None:
             raise StopIteration
-        return gen.last_token, gen.last_piece
-
-    def finish(self, reason="stop"):
-        """End iteration early (e.g. a stop string matched) with ``reason``."""
-        self._gen.finish(reason)
+        return token, self.last_piece
 
 
 def common_prefix(a, b):

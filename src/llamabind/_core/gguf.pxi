@@ -113,7 +113,7 @@ cdef enum:
     _AHEAD = 32     # duplicate_string: strings whose slots are fetched ahead
 
 
-cdef class GGUFFile:
+cdef class GGUFFile(_NativeObject):
     """The header of a GGUF file as ggml reads it: ``GGUFFile(fd, size, path)`` reads
     the first ``size`` bytes of the open file descriptor ``fd`` with the GIL released
     (ggml refuses a header that needs more), or raises ModelFileError with what ggml
@@ -127,6 +127,7 @@ cdef class GGUFFile:
         self._ctx = NULL
 
     def __init__(self, int fd, uint64_t size, str path):
+        self._check_new()
         cdef _FileWindow w
         cdef gguf_init_params params
         params.no_alloc = True
@@ -147,26 +148,36 @@ cdef class GGUFFile:
             problems = [line.partition(": ")[2] or line for line in _take_recent_errors()]
             raise ModelFileError(f"invalid GGUF file {path!r}: "
                                  + ("; ".join(problems) or "ggml cannot read it"), path)
+        self._opened(False)
 
-    def __dealloc__(self):
+    cdef str _describe(self):
+        return f"llamabind.GGUFFile {self.path!r}"
+
+    cdef void _free_native(self) noexcept:
         gguf_free(self._ctx)
+        self._ctx = NULL
 
     @property
     def data_offset(self):
         """Where the tensor data starts in the file."""
+        self._check()
         return gguf_get_data_offset(self._ctx)
 
     @property
     def n_tensors(self):
+        self._check()
         return gguf_get_n_tensors(self._ctx)
 
     def keys(self):
         """The metadata keys, in file order (not UTF-8: "surrogateescape")."""
+        self._check()
         return [gguf_get_key(self._ctx, i).decode("utf-8", "surrogateescape")
                 for i in range(gguf_get_n_kv(self._ctx))]
 
     cdef int64_t _find(self, str key) except -2:
-        return gguf_find_key(self._ctx, key.encode("utf-8", "surrogateescape"))
+        bkey = key.encode("utf-8", "surrogateescape")
+        self._check()
+        return gguf_find_key(self._ctx, bkey)
 
     def kind(self, str key):
         """A value's gguf type name ("u32", "str", "arr", ...); None if absent."""
@@ -207,6 +218,7 @@ cdef class GGUFFile:
         cdef int64_t i
         cdef const int64_t * ne
         out = []
+        self._check()
         for i in range(gguf_get_n_tensors(self._ctx)):
             ne = gguf_get_tensor_ne(self._ctx, i)
             out.append((gguf_get_tensor_name(self._ctx, i).decode("utf-8", "surrogateescape"),
@@ -242,6 +254,7 @@ cdef class GGUFFile:
             free(table)
             free(hashes)
             raise MemoryError()
+        self._pin()  # (a close() meanwhile waits for the search)
         with nogil:
             for k in range(n):
                 s = gguf_get_arr_str(self._ctx, i, k)
@@ -269,10 +282,13 @@ cdef class GGUFFile:
                             break
         free(table)
         free(hashes)
-        if second < 0:
-            return None
-        text = gguf_get_arr_str(self._ctx, i, second)
-        return first, second, (<bytes>text if text[0] != 0 else b"[EMPTY_%d]" % second)
+        try:
+            if second < 0:
+                return None
+            text = gguf_get_arr_str(self._ctx, i, second)
+            return first, second, (<bytes>text if text[0] != 0 else b"[EMPTY_%d]" % second)
+        finally:
+            self._unpin()
 
 
 cdef int64_t _find_or_add(uint64_t * table, size_t mask, const gguf_context * ctx,

@@ -2,7 +2,7 @@
 # the model; apply it to contexts with Context.set_lora_adapters().
 
 @cython.no_gc_clear  # __dealloc__ frees the adapter, which needs self.model alive
-cdef class LoraAdapter:
+cdef class LoraAdapter(_NativeObject):
     """A LoRA adapter loaded from a GGUF file for ``model``."""
 
     cdef llama_adapter_lora * _ptr
@@ -13,8 +13,9 @@ cdef class LoraAdapter:
         self._ptr = NULL
 
     def __init__(self, Model model not None, path):
+        self._check_new()
         fspath, cpath = _path_bytes(path, "path")
-        model._check_open()
+        model._check()
         from llamabind._gguf import check_adapter_file
         check_adapter_file(fspath)  # missing, not GGUF, truncated: llama.cpp may abort
         model._pin()
@@ -34,11 +35,7 @@ cdef class LoraAdapter:
         self._ptr = ptr
         self.model = model
         self.path = fspath
-
-    cdef int _check(self) except -1:
-        if self._ptr == NULL:
-            raise ClosedError("LoRA adapter is closed")
-        return 0
+        self._opened(True)
 
     @property
     def metadata(self):
@@ -53,37 +50,32 @@ cdef class LoraAdapter:
                 out[key.decode("utf-8", "replace")] = val.decode("utf-8", "replace")
         return out
 
-    def close(self):
-        """Free the adapter. Contexts that use it must drop it first
-        (set_lora_adapters(())); llama.cpp frees adapters with their model otherwise."""
-        cdef llama_adapter_lora * ptr = self._ptr
+    # --- lifetime (_NativeObject): contexts that apply it pin it ----------------------
+    # (llama.cpp frees the adapters still loaded with their model otherwise)
+
+    cdef str _describe(self):
+        return f"llamabind.LoraAdapter {self.path!r}" if self.path else "llamabind.LoraAdapter"
+
+    cdef void _free_native(self) noexcept:
+        llama_adapter_lora_free(self._ptr)
         self._ptr = NULL
-        if ptr != NULL:
-            llama_adapter_lora_free(ptr)
-            self.model._unpin()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
+        self.model._unpin()
 
     def __dealloc__(self):
-        if self._ptr != NULL:
-            llama_adapter_lora_free(self._ptr)
-            self._ptr = NULL
-            if self.model is not None:
-                self.model._unpin()
+        self._finalize()
 
 
 cdef int _set_lora_adapters(Context self, object adapters) except -1:
-    """Context.set_lora_adapters: apply a sequence of (LoraAdapter, scale)."""
+    """Context.set_lora_adapters: apply a sequence of (LoraAdapter, scale). The context
+    pins the adapters it applies (closing one meanwhile frees it when the context drops
+    it or closes)."""
     items = list(adapters)
     cdef Py_ssize_t n = len(items)
     cdef llama_adapter_lora ** ptrs = <llama_adapter_lora **>malloc(max(n, 1) * sizeof(void *))
     cdef float * scales = <float *>malloc(max(n, 1) * sizeof(float))
     cdef int32_t rc
     cdef LoraAdapter ad
+    cdef list pinned = []
     try:
         if ptrs == NULL or scales == NULL:
             raise MemoryError()
@@ -96,11 +88,12 @@ cdef int _set_lora_adapters(Context self, object adapters) except -1:
             if not isinstance(adapter, LoraAdapter):
                 raise InvalidArgumentError(f"adapters[{k}][0] must be a LoraAdapter")
             ad = adapter
-            ad._check()
             if ad.model is not self.model:
                 raise InvalidArgumentError(f"adapters[{k}] was loaded for another model")
-            ptrs[k] = ad._ptr
             scales[k] = _float_arg(scale, f"adapters[{k}] scale", -1e6, 1e6)
+            ad._pin()
+            pinned.append(ad)
+            ptrs[k] = ad._ptr
         self._enter()
         try:
             rc = llama_set_adapters_lora(self._ptr, ptrs, n, scales)
@@ -108,8 +101,15 @@ cdef int _set_lora_adapters(Context self, object adapters) except -1:
             self._leave()
         if rc != 0:
             raise InvalidArgumentError(f"llama.cpp refused the LoRA adapters (code {rc})")
-        self._lora_refs = items
+        pinned, self._lora_refs = self._lora_refs, pinned
     finally:
         free(ptrs)
         free(scales)
+        _unpin_lora_adapters(pinned)   # those replaced, or those not applied
     return 0
+
+
+cdef void _unpin_lora_adapters(list adapters) noexcept:
+    if adapters:
+        for ad in adapters:
+            (<LoraAdapter>ad)._unpin()

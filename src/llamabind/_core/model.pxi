@@ -1,13 +1,17 @@
 # Model: a loaded GGUF model (llama_model). Thread-safe to share: every use pins it,
 # and close() frees the native model only when nothing uses it any more.
 
-import warnings
-
 cdef dict _SPLIT_MODES = {
     "none": LLAMA_SPLIT_MODE_NONE,
     "layer": LLAMA_SPLIT_MODE_LAYER,
     "row": LLAMA_SPLIT_MODE_ROW,
     "tensor": LLAMA_SPLIT_MODE_TENSOR,
+}
+
+
+cdef dict _LOAD_MODES = {  # (use_mmap, use_mlock): how llama.cpp reads the weights
+    (True, True): LLAMA_LOAD_MODE_MMAP_MLOCK, (True, False): LLAMA_LOAD_MODE_MMAP,
+    (False, True): LLAMA_LOAD_MODE_MLOCK, (False, False): LLAMA_LOAD_MODE_NONE,
 }
 
 
@@ -67,7 +71,7 @@ cdef object _meta_string(_Meta what, const llama_model * model, int32_t i, const
         free(big)
 
 
-cdef class Model:
+cdef class Model(_NativeObject):
     """A GGUF model loaded by llama.cpp.
 
     ``Model(path, n_gpu_layers=0, ...)`` loads the file with the GIL released. One
@@ -91,9 +95,6 @@ cdef class Model:
     cdef llama_model * _ptr
     cdef const llama_vocab * _vocab
     cdef int32_t _n_vocab
-    cdef int _pins
-    cdef bint _closed
-    cdef int _fork_gen
     cdef object _progress
     cdef object _load_exc
     cdef readonly str path
@@ -104,9 +105,6 @@ cdef class Model:
     def __cinit__(self):
         self._ptr = NULL
         self._vocab = NULL
-        self._pins = 0
-        self._closed = True
-        self._fork_gen = _fork_generation
         self.rpc_servers = ()
         self._rpc_failures = ()
 
@@ -115,8 +113,7 @@ cdef class Model:
         :class:`llamabind.ModelConfig` (``path`` may also be one), checked by their
         rules there. ``n_gpu_layers=None`` (the default) offloads every layer when a GPU
         device is present, and none otherwise."""
-        if self._ptr != NULL:
-            raise InvalidArgumentError("Model is already loaded")
+        self._check_new()
         if isinstance(path, _ModelConfig):
             cfg = path.with_(**options) if options else path
         else:
@@ -133,35 +130,20 @@ cdef class Model:
                 f"rpc_servers={list(endpoints)!r} with n_gpu_layers=0 would put no layer on "
                 "the workers: give n_gpu_layers (-1: all; fewer keeps the first layers on "
                 "this CPU)")
-        main_gpu = cfg.main_gpu
-        split_mode = cfg.split_mode
         tensor_split = cfg.tensor_split
-        use_mmap = cfg.use_mmap
-        use_mlock = cfg.use_mlock
-        vocab_only = cfg.vocab_only
-        check_tensors = cfg.check_tensors
         kv_overrides = cfg.kv_overrides
-        devices = cfg.devices
-        use_extra_bufts = cfg.use_extra_bufts
         if progress is not None and not callable(progress):
             raise InvalidArgumentError(f"progress must be callable or None, got {progress!r}")
         _ensure_backend()
 
         cdef llama_model_params params = llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
-        params.main_gpu = main_gpu
-        params.split_mode = _SPLIT_MODES[split_mode]
-        params.vocab_only = vocab_only
-        params.check_tensors = check_tensors
-        params.use_extra_bufts = use_extra_bufts
-        if use_mmap and use_mlock:
-            params.load_mode = LLAMA_LOAD_MODE_MMAP_MLOCK
-        elif use_mmap:
-            params.load_mode = LLAMA_LOAD_MODE_MMAP
-        elif use_mlock:
-            params.load_mode = LLAMA_LOAD_MODE_MLOCK
-        else:
-            params.load_mode = LLAMA_LOAD_MODE_NONE
+        params.main_gpu = cfg.main_gpu
+        params.split_mode = _SPLIT_MODES[cfg.split_mode]
+        params.vocab_only = cfg.vocab_only
+        params.check_tensors = cfg.check_tensors
+        params.use_extra_bufts = cfg.use_extra_bufts
+        params.load_mode = _LOAD_MODES[cfg.use_mmap, cfg.use_mlock]
 
         cdef size_t n_dev_max = llama_max_devices()
         cdef float * split = NULL
@@ -187,12 +169,13 @@ cdef class Model:
                 overrides = _make_kv_overrides(dict(kv_overrides))
                 params.kv_overrides = overrides
             # what llama.cpp would abort on, with the overrides applied
-            _check_model_file(fspath, vocab_only, dict(kv_overrides) if kv_overrides else None)
+            _check_model_file(fspath, cfg.vocab_only,
+                              dict(kv_overrides) if kv_overrides else None)
             if endpoints:
-                devs = _rpc_model_devices(endpoints, devices, n_dev_max, tensor_split)
+                devs = _rpc_model_devices(endpoints, cfg.devices, n_dev_max, tensor_split)
                 params.devices = devs
-            elif devices is not None:
-                devs = _device_list(devices)
+            elif cfg.devices is not None:
+                devs = _device_list(cfg.devices)
                 params.devices = devs
             failures = _rpc_failure_counts(endpoints)
             self._progress = progress
@@ -233,46 +216,30 @@ cdef class Model:
         self._ptr = ptr
         self._vocab = llama_model_get_vocab(ptr)
         self._n_vocab = llama_vocab_n_tokens(self._vocab)
-        self._closed = False
-        self.vocab_only = vocab_only
+        self.vocab_only = cfg.vocab_only
         self.rpc_servers = endpoints
         self._rpc_failures = failures
-        self._fork_gen = _fork_generation
         if endpoints:
             _rpc_hold(endpoints, failures)
+        self._opened(True)
 
-    # --- lifetime ------------------------------------------------------------------
+    # --- lifetime (_NativeObject): contexts, adapters, samplers and tokenizing pin it
 
-    cdef int _pin(self) except -1:
-        if self._closed or self._ptr == NULL:
-            raise ClosedError(f"model {self.path!r} is closed" if self.path else
-                              "model is not loaded")
-        _check_fork(self._fork_gen, "model")
-        self._pins += 1
-        return 0
+    cdef str _describe(self):
+        return f"llamabind.Model {self.path!r}" if self.path else "llamabind.Model"
 
-    cdef void _unpin(self) noexcept:
-        self._pins -= 1
-        if self._pins == 0 and self._closed:
-            self._free()
-
-    cdef void _free(self) noexcept:
+    cdef void _free_native(self) noexcept:
         cdef llama_model * ptr = self._ptr
         self._ptr = NULL
         self._vocab = NULL
-        if ptr != NULL and self._fork_gen == _fork_generation:
+        if ptr != NULL:
             with nogil:
                 llama_model_free(ptr)
             if self.rpc_servers:
                 _rpc_release(self.rpc_servers)
 
-    cdef inline int _check_open(self) except -1:
-        if self._closed or self._ptr == NULL:
-            raise ClosedError(f"model {self.path!r} is closed" if self.path else
-                              "model is not loaded")
-        if self._fork_gen != _fork_generation:
-            _check_fork(self._fork_gen, "model")
-        return 0
+    def __dealloc__(self):
+        self._finalize()
 
     cdef int _check_rpc(self) except -1:
         """BackendError when a connection to one of the model's RPC workers failed since
@@ -287,34 +254,8 @@ cdef class Model:
                 "the worker is back")
         return 0
 
-    def close(self):
-        """Free the model now, or as soon as the contexts still using it close."""
-        self._closed = True
-        if self._pins == 0:
-            self._free()
-
-    @property
-    def closed(self):
-        return self._closed
-
-    def __enter__(self):
-        self._check_open()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-    def __dealloc__(self):
-        if self._ptr != NULL:
-            if not self._closed:
-                _warn_unclosed(f"llamabind.Model {self.path!r}")
-            if self._pins == 0:
-                self._free()
-            # else: something that pinned the model lost its reference without
-            # unpinning: leak rather than free memory that may still be in use
-
     def __repr__(self):
-        state = "closed" if self._closed else "open"
+        state = "closed" if self.closed else "open"
         workers = f" rpc_servers={list(self.rpc_servers)!r}" if self.rpc_servers else ""
         return f"<llamabind.Model {self.path!r} {state}{workers}>"
 
@@ -323,7 +264,7 @@ cdef class Model:
     @property
     def vocab(self):
         """The model's vocabulary (a :class:`Vocab` that keeps this model alive)."""
-        self._check_open()
+        self._check()
         cdef Vocab vocab = Vocab.__new__(Vocab)
         vocab._model = self
         vocab._ptr = self._vocab
@@ -332,58 +273,58 @@ cdef class Model:
 
     @property
     def n_vocab(self):
-        self._check_open()
+        self._check()
         return self._n_vocab
 
     @property
     def n_ctx_train(self):
-        self._check_open()
+        self._check()
         return llama_model_n_ctx_train(self._ptr)
 
     @property
     def n_embd(self):
-        self._check_open()
+        self._check()
         return llama_model_n_embd(self._ptr)
 
     @property
     def n_embd_out(self):
-        self._check_open()
+        self._check()
         return llama_model_n_embd_out(self._ptr)
 
     @property
     def n_layer(self):
-        self._check_open()
+        self._check()
         return llama_model_n_layer(self._ptr)
 
     @property
     def n_head(self):
-        self._check_open()
+        self._check()
         return llama_model_n_head(self._ptr)
 
     @property
     def n_head_kv(self):
-        self._check_open()
+        self._check()
         return llama_model_n_head_kv(self._ptr)
 
     @property
     def n_swa(self):
-        self._check_open()
+        self._check()
         return llama_model_n_swa(self._ptr)
 
     @property
     def n_params(self):
-        self._check_open()
+        self._check()
         return llama_model_n_params(self._ptr)
 
     @property
     def size(self):
         """Total size of the model's tensors in bytes."""
-        self._check_open()
+        self._check()
         return llama_model_size(self._ptr)
 
     @property
     def description(self):
-        self._check_open()
+        self._check()
         cdef char buf[256]
         cdef int32_t n = llama_model_desc(self._ptr, buf, sizeof(buf))
         return buf[:max(0, min(n, 255))].decode("utf-8", "replace")
@@ -391,47 +332,47 @@ cdef class Model:
     @property
     def ftype(self):
         """The quantisation, e.g. ``"Q4_K - Medium"``."""
-        self._check_open()
+        self._check()
         return llama_ftype_name(llama_model_ftype(self._ptr)).decode("utf-8", "replace")
 
     @property
     def has_encoder(self):
-        self._check_open()
+        self._check()
         return llama_model_has_encoder(self._ptr)
 
     @property
     def has_decoder(self):
-        self._check_open()
+        self._check()
         return llama_model_has_decoder(self._ptr)
 
     @property
     def decoder_start_token(self):
-        self._check_open()
+        self._check()
         return llama_model_decoder_start_token(self._ptr)
 
     @property
     def is_recurrent(self):
-        self._check_open()
+        self._check()
         return llama_model_is_recurrent(self._ptr)
 
     @property
     def is_hybrid(self):
-        self._check_open()
+        self._check()
         return llama_model_is_hybrid(self._ptr)
 
     @property
     def is_diffusion(self):
-        self._check_open()
+        self._check()
         return llama_model_is_diffusion(self._ptr)
 
     @property
     def n_cls_out(self):
-        self._check_open()
+        self._check()
         return llama_model_n_cls_out(self._ptr)
 
     def cls_label(self, i):
-        self._check_open()
         i = _any_int_arg(i, "i")
+        self._check()
         if i < 0 or <uint32_t>i >= llama_model_n_cls_out(self._ptr):
             raise InvalidArgumentError(f"classifier label index {i} out of range")
         cdef const char * label = llama_model_cls_label(self._ptr, i)
@@ -440,7 +381,7 @@ cdef class Model:
     @property
     def metadata(self):
         """All GGUF metadata key/values as strings (arrays are summarised by llama.cpp)."""
-        self._check_open()
+        self._check()
         cdef int32_t i, n = llama_model_meta_count(self._ptr)
         out = {}
         for i in range(n):
@@ -451,19 +392,19 @@ cdef class Model:
 
     def meta(self, key, default=None):
         """One metadata value as a string, or ``default`` when the key is absent."""
-        self._check_open()
         ckey = _utf8(key, "key")
+        self._check()
         value = _meta_string(_META_VALUE_OF, self._ptr, -1, ckey)
         return default if value is None else value
 
     def chat_template(self, name=None):
         """The model's chat template (Jinja source) from its metadata, or None."""
-        self._check_open()
         cdef const char * tmpl
         cdef const char * cname = NULL
         if name is not None:
             bname = _utf8(name, "name")
             cname = bname
+        self._check()
         tmpl = llama_model_chat_template(self._ptr, cname)
         return None if tmpl == NULL else tmpl.decode("utf-8", "replace")
 

@@ -79,15 +79,23 @@ def _rpc_parse_servers(servers):
         raise InvalidArgumentError(
             f"rpc_servers names {len(servers)} workers; ggml's RPC backend takes at most "
             f"{GGML_RPC_MAX_SERVERS}: {list(servers)!r}")
-    seen = {}
-    for item in servers:
-        endpoint = _rpc_endpoint(item)
-        if endpoint in seen:
-            raise InvalidArgumentError(
-                f"rpc_servers names the worker {endpoint!r} twice "
-                f"({seen[endpoint]!r} and {item!r})")
-        seen[endpoint] = item
-    return tuple(seen)
+    endpoints = [_rpc_endpoint(item) for item in servers]
+    repeat = _first_repeat(endpoints, list(servers))
+    if repeat is not None:
+        raise InvalidArgumentError(
+            f"rpc_servers names the worker {repeat[0]!r} twice ({repeat[1]!r} and {repeat[2]!r})")
+    return tuple(endpoints)
+
+
+cdef tuple _first_repeat(list keys, list items):
+    """The first key that comes twice: (key, the item of its first, of its second), or
+    None."""
+    cdef dict seen = {}
+    for key, item in zip(keys, items):
+        if key in seen:
+            return key, seen[key], item
+        seen[key] = item
+    return None
 
 
 cdef bytes _rpc_recv_exactly(object sock, int n):
@@ -211,28 +219,31 @@ cdef int _rpc_require_backend() except -1:
     return 0
 
 
+cdef tuple _rpc_address(str endpoint):
+    """The worker's (IPv4, port), probed unless this process holds a connection to it."""
+    if _rpc_connection_held(endpoint):
+        host, _, port = endpoint.rpartition(":")
+        return (_socket.gethostbyname(host), int(port))
+    return _rpc_probe(endpoint)
+
+
 cdef list _rpc_connect(tuple endpoints):
     """Probe each worker and make its devices. Returns ``[(endpoint, device address)]``
     in the order of ``endpoints`` (a worker may offer several devices)."""
     _rpc_require_backend()
-    cdef dict seen = {}
     cdef list out = []
     cdef ggml_backend_reg_t reg
     cdef ggml_backend_dev_t dev
     cdef ggml_backend_buffer_type_t buft
     cdef const char * c_endpoint
     cdef size_t i, n
+    repeat = _first_repeat([_rpc_address(endpoint) for endpoint in endpoints], list(endpoints))
+    if repeat is not None:
+        address, first, second = repeat
+        raise InvalidArgumentError(
+            f"rpc_servers {first!r} and {second!r} are the same worker "
+            f"({address[0]}:{address[1]})")
     for endpoint in endpoints:
-        if _rpc_connection_held(endpoint):
-            host, _, port = endpoint.rpartition(":")
-            address = (_socket.gethostbyname(host), int(port))
-        else:
-            address = _rpc_probe(endpoint)
-        if address in seen:
-            raise InvalidArgumentError(
-                f"rpc_servers {seen[address]!r} and {endpoint!r} are the same worker "
-                f"({address[0]}:{address[1]})")
-        seen[address] = endpoint
         b_endpoint = endpoint.encode()
         c_endpoint = b_endpoint
         _take_recent_errors()
@@ -356,13 +367,7 @@ def _rpc_serve(str endpoint, cache_dir, int n_threads, device_names):
     cdef ggml_backend_dev_type kind
     cdef size_t i
     if device_names:
-        for name in device_names:
-            bname = _utf8(name, "device")
-            dev = ggml_backend_dev_by_name(bname)
-            if dev == NULL:
-                known = [d["name"] for d in devices()]
-                raise InvalidArgumentError(f"no device named {name!r}; devices: {known}")
-            chosen.append(<uintptr_t>dev)
+        chosen = _device_addresses(device_names)
     else:
         for i in range(ggml_backend_dev_count()):
             dev = ggml_backend_dev_get(i)
@@ -385,11 +390,7 @@ def _rpc_serve(str endpoint, cache_dir, int n_threads, device_names):
         c_cache = b_cache
     cdef size_t n = len(chosen)
     cdef size_t threads = n_threads
-    cdef ggml_backend_dev_t * devs = <ggml_backend_dev_t *>malloc(n * sizeof(ggml_backend_dev_t))
-    if devs == NULL:
-        raise MemoryError()
-    for i in range(n):
-        devs[i] = <ggml_backend_dev_t><uintptr_t>chosen[i]
+    cdef ggml_backend_dev_t * devs = _device_array(chosen)
     setvbuf(stdout, NULL, _IOLBF, 0)
     with nogil:
         ggml_backend_rpc_start_server(c_endpoint, c_cache, threads, n, devs)

@@ -25,8 +25,15 @@ cdef int32_t _last_n(object last_n, str name, object n_ctx) except? -2:
     return _int_arg(n_ctx, "n_ctx", 1, 1 << 24)
 
 
+cdef llama_token _selected(const llama_token_data_array * arr) except -1:
+    """The token a chain selected in ``arr``."""
+    if arr.selected < 0 or arr.selected >= <int64_t>arr.size:
+        raise SamplingError(f"the sampler chain selected no token (index {arr.selected})")
+    return arr.data[arr.selected].id
+
+
 @cython.no_gc_clear  # __dealloc__ frees samplers that read the models in self._models
-cdef class Sampler:
+cdef class Sampler(_NativeObject):
     """A chain of llama.cpp samplers, built with ``add_*`` methods (each returns
     the sampler, so calls chain)::
 
@@ -40,8 +47,6 @@ cdef class Sampler:
     cdef llama_sampler * _ptr
     cdef list _names
     cdef list _models      # models pinned by vocabulary-reading samplers
-    cdef bint _busy
-    cdef int _fork_gen
     cdef bint _selects      # the chain ends with a selecting sampler
     cdef int _grammar_index  # position of a grammar sampler in the chain, or -1
     cdef int32_t _grammar_n_vocab  # the vocabulary size of the grammar's model
@@ -62,53 +67,48 @@ cdef class Sampler:
         self._cur_cap = 0
         self._names = []
         self._models = []
-        self._busy = False
         self._selects = False
         self._grammar_index = -1
         self._window = NULL
         self._narrow = True
-        self._fork_gen = _fork_generation
 
     def __init__(self, *, perf=False):
         perf = _bool_arg(perf, "perf")
-        if self._ptr != NULL:
-            raise InvalidArgumentError("Sampler is already initialised")
+        self._check_new()
         cdef llama_sampler_chain_params params = llama_sampler_chain_default_params()
         params.no_perf = not perf
         self._ptr = llama_sampler_chain_init(params)
         if self._ptr == NULL:
             raise SamplingError("llama.cpp could not create a sampler chain")
-
-    cdef int _check(self) except -1:
-        if self._ptr == NULL:
-            raise ClosedError("sampler is closed")
-        if self._fork_gen != _fork_generation:
-            _check_fork(self._fork_gen, "sampler")
-        if self._busy:
-            raise ConcurrentUseError("this sampler is being used by another thread")
-        return 0
+        self._opened(True)
 
     cdef object _add(self, llama_sampler * smpl, str name, bint selects, Model model=None):
+        """Append ``smpl`` (made by the caller; freed here if it cannot be added)."""
         if smpl == NULL:
             raise _native_error(SamplingError, f"llama.cpp could not create the {name} sampler")
+        try:
+            self._check_idle()
+            if model is not None:
+                model._pin()
+        except BaseException:
+            llama_sampler_free(smpl)
+            raise
         llama_sampler_chain_add(self._ptr, smpl)
         self._names.append(name)
         self._selects = selects
         if model is not None:
-            model._pin()
             self._models.append(model)
         return self
 
-    def close(self):
-        cdef llama_sampler * ptr = self._ptr
-        if self._busy:
-            raise ConcurrentUseError("cannot close a sampler while another thread samples")
-        self._ptr = NULL
-        if ptr != NULL and self._fork_gen == _fork_generation:
-            llama_sampler_free(ptr)
-        if self._window != NULL and self._fork_gen == _fork_generation:
+    # --- lifetime (_NativeObject): busy while it samples ------------------------------
+
+    cdef void _free_native(self) noexcept:
+        if self._ptr != NULL:
+            llama_sampler_free(self._ptr)
+            self._ptr = NULL
+        if self._window != NULL:
             llama_sampler_free(self._window)
-        self._window = NULL
+            self._window = NULL
         free(self._cur)
         self._cur = NULL
         self._cur_cap = 0
@@ -117,27 +117,7 @@ cdef class Sampler:
             (<Model>m)._unpin()
 
     def __dealloc__(self):
-        if self._ptr != NULL and self._fork_gen == _fork_generation:
-            llama_sampler_free(self._ptr)
-        self._ptr = NULL
-        if self._window != NULL and self._fork_gen == _fork_generation:
-            llama_sampler_free(self._window)
-        self._window = NULL
-        free(self._cur)
-        self._cur = NULL
-        for m in self._models:
-            (<Model>m)._unpin()
-        self._models = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-    @property
-    def closed(self):
-        return self._ptr == NULL
+        self._finalize()
 
     @property
     def names(self):
@@ -272,7 +252,7 @@ cdef class Sampler:
         """DRY ("don't repeat yourself") penalty; ``last_n=-1`` covers the context
         (then ``n_ctx`` is needed)."""
         self._check()
-        model._check_open()
+        model._check()
         cdef float mult = _option(_SamplingConfig, "dry_multiplier", multiplier)
         cdef float b = _option(_SamplingConfig, "dry_base", base)
         cdef int32_t al = _option(_SamplingConfig, "dry_allowed_length", allowed_length)
@@ -296,7 +276,7 @@ cdef class Sampler:
         """Add ``bias[token]`` to the logit of each token (a dict token -> float;
         ``float('-inf')`` bans a token)."""
         self._check()
-        model._check_open()
+        model._check()
         checked = _option(_SamplingConfig, "logit_bias", bias)
         cdef Py_ssize_t n = len(checked)
         cdef llama_logit_bias * arr = <llama_logit_bias *>malloc(max(n, 1) * sizeof(llama_logit_bias))
@@ -320,7 +300,7 @@ cdef class Sampler:
         """Constrain output to a GBNF grammar. With ``trigger_patterns`` (regexes) or
         ``trigger_tokens`` the grammar is lazy: it applies from the first trigger on."""
         self._check()
-        model._check_open()
+        model._check()
         g = _utf8(grammar, "grammar")
         r = _utf8(root, "root")
         if not g.strip():
@@ -357,9 +337,10 @@ cdef class Sampler:
         if self._grammar_index >= 0:
             llama_sampler_free(smpl)
             raise InvalidArgumentError("this sampler chain already has a grammar")
-        self._grammar_index = len(self._names)
+        self._add(smpl, "grammar", False, model)
+        self._grammar_index = len(self._names) - 1
         self._grammar_n_vocab = model._n_vocab
-        return self._add(smpl, "grammar", False, model)
+        return self
 
     def add_infill(self, Model model not None):
         """Fill-in-the-middle helper sampler (for FIM models). It needs a ``top_k``
@@ -367,7 +348,7 @@ cdef class Sampler:
         compares every candidate with every other, O(n^2) over the whole vocabulary
         (minutes per token for 150k tokens)."""
         self._check()
-        model._check_open()
+        model._check()
         if "top_k" not in self._names:
             raise InvalidArgumentError(
                 "add_infill needs add_top_k(...) earlier in the chain: over the whole "
@@ -394,19 +375,27 @@ cdef class Sampler:
         return tok
 
     cdef llama_token _sample_row(self, Context ctx, int32_t row) except -1:
-        """Caller holds ctx._enter(); row is validated."""
+        """Caller holds ctx._enter(); row is validated. The sampler is claimed while it
+        samples (a close() from another thread meanwhile frees it afterwards)."""
         cdef llama_token tok
-        if self._grammar_index >= 0:
-            return self._sample_row_grammar(ctx, row)
-        self._busy = True
+        self._enter()
+        try:
+            if self._grammar_index >= 0:
+                tok = self._sample_row_grammar(ctx, row)
+            else:
+                tok = self._sample_chain(ctx, row)
+        finally:
+            self._leave()
+        return tok
+
+    cdef llama_token _sample_chain(self, Context ctx, int32_t row) except -1:
+        cdef llama_token tok
         try:
             with nogil:
                 tok = llama_sampler_sample(self._ptr, ctx._ptr, row)
         except RuntimeError as exc:
             raise SamplingError(f"sampling failed: {exc}") from None
-        finally:
-            self._busy = False
-        if tok < 0 or tok >= ctx._n_vocab:
+        if tok < 0 or tok >= ctx.n_vocab:
             raise SamplingError(
                 f"no token could be sampled (got {tok}); a grammar may allow no token here")
         return tok
@@ -422,7 +411,7 @@ cdef class Sampler:
         asked before a token is accepted: llama.cpp aborts the process when a grammar
         is fed a token it does not allow (the chain picks one when the grammar allows
         no token at all: every logit is -inf)."""
-        cdef int32_t n = ctx._n_vocab
+        cdef int32_t n = ctx.n_vocab
         cdef const float * logits = llama_get_logits_ith(ctx._ptr, row)
         cdef llama_token tok
         if logits == NULL:
@@ -469,7 +458,6 @@ cdef class Sampler:
         cdef int32_t upto = -1      # the min_p sampler that proves a short window exact
         cdef float lowest = 0, next_logit = 0
         cdef int32_t n_samplers = llama_sampler_chain_n(self._ptr)
-        cdef llama_token_data * cur
         cdef llama_token_data_array arr
         cdef llama_sampler * grammar
         if self._narrow:
@@ -494,14 +482,8 @@ cdef class Sampler:
             self._window = llama_sampler_init_top_k(_WINDOW)
             if self._window == NULL:
                 raise MemoryError()
-        self._fill(logits, n)
-        cur = self._cur
-        arr.data = cur
-        arr.size = n
-        arr.selected = -1
-        arr.sorted = False
+        self._fill(logits, n, &arr)
         grammar = llama_sampler_chain_get(self._ptr, self._grammar_index)
-        self._busy = True
         try:
             with nogil:
                 for i in range(tail):
@@ -534,16 +516,14 @@ cdef class Sampler:
                             llama_sampler_apply(llama_sampler_chain_get(self._ptr, i), &arr)
         except RuntimeError as exc:
             raise SamplingError(f"sampling failed: {exc}") from None
-        finally:
-            self._busy = False
         if allowed < k or allowed == 0:
             self._grammar_full_masks += 1
             return self._apply_chain(logits, n, True)
-        if arr.selected < 0 or arr.selected >= <int64_t>arr.size:
-            raise SamplingError(f"the sampler chain selected no token (index {arr.selected})")
-        return arr.data[arr.selected].id
+        return _selected(&arr)
 
-    cdef int _fill(self, const float * logits, int32_t n) except -1:
+    cdef int _fill(self, const float * logits, int32_t n,
+                   llama_token_data_array * arr) except -1:
+        """``arr``: every token with its logit, in the sampler's candidates buffer."""
         cdef llama_token_data * cur
         cdef int32_t i
         if self._cur_cap < <size_t>n:
@@ -558,6 +538,10 @@ cdef class Sampler:
                 cur[i].id = i
                 cur[i].logit = logits[i]
                 cur[i].p = 0.0
+        arr.data = cur
+        arr.size = n
+        arr.selected = -1
+        arr.sorted = False
         return 0
 
     def _resample_over_window(self, bint on):
@@ -572,36 +556,16 @@ cdef class Sampler:
         cdef int32_t i, k
         cdef int32_t n_samplers = llama_sampler_chain_n(self._ptr)
         cdef int32_t skip = -1 if with_grammar else self._grammar_index
-        cdef llama_token_data * cur
         cdef llama_token_data_array arr
-        if self._cur_cap < <size_t>n:
-            cur = <llama_token_data *>realloc(self._cur, n * sizeof(llama_token_data))
-            if cur == NULL:
-                raise MemoryError()
-            self._cur = cur
-            self._cur_cap = n
-        cur = self._cur
-        arr.data = cur
-        arr.size = n
-        arr.selected = -1
-        arr.sorted = False
-        self._busy = True
+        self._fill(logits, n, &arr)
         try:
             with nogil:
-                for i in range(n):
-                    cur[i].id = i
-                    cur[i].logit = logits[i]
-                    cur[i].p = 0.0
                 for k in range(n_samplers):
                     if k != skip:
                         llama_sampler_apply(llama_sampler_chain_get(self._ptr, k), &arr)
         except RuntimeError as exc:
             raise SamplingError(f"sampling failed: {exc}") from None
-        finally:
-            self._busy = False
-        if arr.selected < 0 or arr.selected >= <int64_t>arr.size:
-            raise SamplingError(f"the sampler chain selected no token (index {arr.selected})")
-        return arr.data[arr.selected].id
+        return _selected(&arr)
 
     cdef int _accept(self, llama_token token) except -1:
         try:
@@ -639,9 +603,13 @@ cdef class Sampler:
                     f"token {token} is not in the vocabulary ({(<Model>m)._n_vocab} tokens)")
         # llama.cpp aborts the process when a grammar is fed a token it forbids:
         # ask the grammar about this one token first.
-        if self._grammar_index >= 0 and not self._grammar_allows(token):
-            raise GrammarError(f"token {token} is not allowed by the grammar at this point")
-        self._accept(token)
+        self._enter()
+        try:
+            if self._grammar_index >= 0 and not self._grammar_allows(token):
+                raise GrammarError(f"token {token} is not allowed by the grammar at this point")
+            self._accept(token)
+        finally:
+            self._leave()
 
     def accept_grammar(self, tokens):
         """Feed ``tokens`` to the chain's grammar only (the other samplers do not see
@@ -651,27 +619,33 @@ cdef class Sampler:
         if self._grammar_index < 0:
             raise InvalidArgumentError("this sampler chain has no grammar")
         arr = _token_array(list(tokens), self._grammar_n_vocab, "tokens")
-        cdef llama_sampler * grammar = llama_sampler_chain_get(self._ptr, self._grammar_index)
-        for tok in arr:
-            if not self._grammar_allows(tok):
-                raise GrammarError(f"token {tok} is not allowed by the grammar at this point")
-            try:
-                llama_sampler_accept(grammar, tok)
-            except RuntimeError as exc:
-                raise SamplingError(f"the grammar failed on token {tok}: {exc}") from None
+        cdef llama_sampler * grammar
+        self._enter()
+        try:
+            grammar = llama_sampler_chain_get(self._ptr, self._grammar_index)
+            for tok in arr:
+                if not self._grammar_allows(tok):
+                    raise GrammarError(f"token {tok} is not allowed by the grammar at this point")
+                try:
+                    llama_sampler_accept(grammar, tok)
+                except RuntimeError as exc:
+                    raise SamplingError(f"the grammar failed on token {tok}: {exc}") from None
+        finally:
+            self._leave()
 
     def reset(self):
         """Forget accepted tokens (and reseed nothing: the RNG keeps its state)."""
-        self._check()
+        self._check_idle()
         llama_sampler_reset(self._ptr)
 
     def clone(self):
         """An independent copy of the chain with the same state."""
-        self._check()
         cdef Sampler other = Sampler.__new__(Sampler)
+        self._check_idle()
         other._ptr = llama_sampler_clone(self._ptr)
         if other._ptr == NULL:
             raise SamplingError("llama.cpp could not clone this sampler chain")
+        other._opened(True)
         other._names = list(self._names)
         other._selects = self._selects
         other._grammar_index = self._grammar_index
@@ -680,9 +654,13 @@ cdef class Sampler:
         other._min_p = self._min_p
         other._min_keep = self._min_keep
         other._narrow = self._narrow
-        for m in self._models:
-            (<Model>m)._pin()
-            other._models.append(m)
+        try:
+            for m in self._models:
+                (<Model>m)._pin()
+                other._models.append(m)
+        except BaseException:
+            other.close()
+            raise
         return other
 
     def perf(self):

@@ -48,8 +48,8 @@ cdef Py_ssize_t _ngram_draft(const int32_t * hist, Py_ssize_t n, int size_max, i
 def check_draft_vocab(Model target not None, Model draft not None):
     """Raise InvalidArgumentError unless ``draft`` can draft for ``target``: token ids
     must mean the same text in both (llama.cpp's rule, see above)."""
-    target._check_open()
-    draft._check_open()
+    target._check()
+    draft._check()
     cdef const llama_vocab * vt = target._vocab
     cdef const llama_vocab * vd = draft._vocab
     cdef int32_t i, n_t = target._n_vocab, n_d = draft._n_vocab
@@ -88,11 +88,15 @@ cdef str _c_text(const char * s):
     return "" if s == NULL else (<bytes>s).decode("utf-8", "replace")
 
 
-cdef class Drafter:
+cdef class Drafter(_NativeObject):
     """Proposes draft tokens for speculative decoding (NgramDrafter, ModelDrafter).
 
     ``draft(history, k, seq_id=0, p_min=0.0)``: up to ``k`` tokens that may follow the
     token ids of ``history``."""
+
+    def __init__(self):
+        self._check_new()
+        self._opened(False)
 
     cdef Py_ssize_t _propose(self, const int32_t * hist, Py_ssize_t n, int seq_id,
                              int32_t * out, Py_ssize_t k, float p_min) except -1:
@@ -103,6 +107,7 @@ cdef class Drafter:
         k = _int_arg(k, "k", 0, 1 << 16)
         seq_id = _int_arg(seq_id, "seq_id", 0, 255)
         p = _float_arg(p_min, "p_min", 0.0, 1.0)
+        self._check()
         cdef const int32_t[::1] view = arr
         if view.shape[0] == 0 or k == 0:
             return []
@@ -126,9 +131,11 @@ cdef class NgramDrafter(Drafter):
     cdef readonly int size_min
 
     def __init__(self, size_n=8, size_min=None):
+        self._check_new()
         self.size_n = _int_arg(size_n, "size_n", 1, 1024)
         self.size_min = self.size_n if size_min is None else \
             _int_arg(size_min, "size_min", 1, self.size_n)
+        self._opened(False)
 
     cdef Py_ssize_t _propose(self, const int32_t * hist, Py_ssize_t n, int seq_id,
                              int32_t * out, Py_ssize_t k, float p_min) except -1:
@@ -142,6 +149,7 @@ cdef class NgramDrafter(Drafter):
 
 
 @cython.final
+@cython.no_gc_clear  # __dealloc__ closes self.context
 cdef class ModelDrafter(Drafter):
     """A draft model on a context of its own: ``ModelDrafter(target, draft, n_ctx=...,
     n_seq_max=1, n_batch=512, n_threads=None)``. It keeps each sequence's history in
@@ -161,39 +169,32 @@ cdef class ModelDrafter(Drafter):
 
     def __init__(self, Model target not None, Model draft not None, *, n_ctx=2048,
                  n_seq_max=1, n_batch=512, n_threads=None):
+        self._check_new()
         check_draft_vocab(target, draft)
         self.context = Context(draft, n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch,
                                n_threads=n_threads, kv_unified=True)
         self.model = draft
         self._target_n_vocab = target._n_vocab
-        self._cached = [[] for _ in range(self.context._n_seq_max)]
-        self._cap = self.context._n_batch
-        self._b = llama_batch_init(self._cap, 0, 1)
-        if self._b.token == NULL:
+        self._cached = [[] for _ in range(self.context.n_seq_max)]
+        self._cap = self.context.n_batch
+        try:
+            _new_batch(&self._b, self._cap, 1)
+        except BaseException:
             self.context.close()
-            raise MemoryError()
+            raise
+        self._opened(True)
+
+    # --- lifetime (_NativeObject): busy while it drafts (the context is its own) ------
+
+    cdef void _free_native(self) noexcept:
+        try:
+            self.context.close()
+        except BaseException:
+            pass
+        _free_batch(&self._b)
 
     def __dealloc__(self):
-        if self._b.token != NULL:
-            llama_batch_free(self._b)
-            memset(&self._b, 0, sizeof(llama_batch))
-
-    def close(self):
-        if self.context is not None:
-            self.context.close()
-        if self._b.token != NULL:
-            llama_batch_free(self._b)
-            memset(&self._b, 0, sizeof(llama_batch))
-
-    @property
-    def closed(self):
-        return self.context is None or self.context.closed
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
+        self._finalize()
 
     cdef int _decode(self, const int32_t * tokens, Py_ssize_t n, llama_pos pos0,
                      int seq_id) except -1:
@@ -235,11 +236,11 @@ cdef class ModelDrafter(Drafter):
         cdef llama_token tok
         cdef double mx, total
         cdef int32_t n_vocab, j
-        if ctx is None or ctx._closed or seq_id >= len(self._cached) or n < 1 or k < 1:
+        if seq_id >= len(self._cached) or n < 1 or k < 1:
             return 0
-        if n >= <Py_ssize_t>ctx._n_ctx - 1:
+        if n >= <Py_ssize_t>ctx.n_ctx - 1:
             return 0
-        n_vocab = ctx._n_vocab
+        n_vocab = ctx.n_vocab
         for i in range(n):
             if hist[i] >= n_vocab:
                 return 0  # a token the draft model does not have
@@ -248,7 +249,7 @@ cdef class ModelDrafter(Drafter):
             keep += 1
         if keep == n:
             keep -= 1  # the last token is decoded again for its logits
-        ctx._enter()
+        self._enter_with(ctx)
         try:
             llama_memory_seq_rm(ctx._mem, seq_id, keep, -1)
             self._cached[seq_id] = cached = [hist[i] for i in range(keep)]
@@ -257,7 +258,7 @@ cdef class ModelDrafter(Drafter):
                 self._cached[seq_id] = []
                 return 0
             cached.extend([hist[i] for i in range(keep, n)])
-            k = min(k, <Py_ssize_t>ctx._n_ctx - 1 - n)
+            k = min(k, <Py_ssize_t>ctx.n_ctx - 1 - n)
             while m < k:
                 logits = llama_get_logits_ith(ctx._ptr, -1)
                 if logits == NULL:
@@ -278,7 +279,7 @@ cdef class ModelDrafter(Drafter):
                     break
                 cached.append(tok)
         finally:
-            ctx._leave()
+            self._leave_with(ctx)
         return m
 
     def __repr__(self):

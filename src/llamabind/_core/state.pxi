@@ -37,33 +37,52 @@ cdef int _check_state_file(str path) except -1:
     return 0
 
 
+cdef llama_seq_id _state_seq(Context self, object seq_id, bint loading) except? -2:
+    """After self._enter(): the sequence (-1: the whole state). Loading is refused
+    while NumPy views of the outputs exist (the output buffer may be reallocated)."""
+    cdef llama_seq_id seq = -1 if seq_id is None else self._check_seq(seq_id, False)
+    if loading:
+        if self._users > 0:
+            raise ConcurrentUseError(
+                "release the NumPy views of this context's outputs before loading state")
+        _take_recent_errors()
+    return seq
+
+
+cdef int _state_loaded(Context self, bint ok, llama_seq_id seq, str what) except -1:
+    if not ok:
+        raise _native_error(StateError, f"could not {what}", "invalid or incompatible state")
+    self._last_n_tokens = 0
+    if seq < 0:
+        self._out_capacity = 1 << 30   # the outputs were restored too
+    return 0
+
+
 cdef object _state_size(Context self, object seq_id):
     self._enter()
     try:
-        if seq_id is None:
-            return llama_state_get_size(self._ptr)
-        self._check_seq(seq_id, False)
-        return llama_state_seq_get_size(self._ptr, seq_id)
+        seq = _state_seq(self, seq_id, False)
+        return llama_state_get_size(self._ptr) if seq < 0 else \
+            llama_state_seq_get_size(self._ptr, seq)
     finally:
         self._leave()
 
 
 cdef bytes _save_state(Context self, object seq_id):
     """Context.save_state."""
-    self._enter()
     cdef size_t size, got
     cdef uint8_t * dst
-    cdef llama_seq_id seq = 0
-    cdef bint whole = seq_id is None
+    cdef llama_seq_id seq
+    self._enter()
     try:
-        if not whole:
-            seq = self._check_seq(seq_id, False)
+        seq = _state_seq(self, seq_id, False)
         with nogil:
-            size = llama_state_get_size(self._ptr) if whole else llama_state_seq_get_size(self._ptr, seq)
+            size = llama_state_get_size(self._ptr) if seq < 0 else \
+                llama_state_seq_get_size(self._ptr, seq)
         out = PyBytes_FromStringAndSize(NULL, size)
         dst = <uint8_t *>PyBytes_AS_STRING(out)
         with nogil:
-            if whole:
+            if seq < 0:
                 got = llama_state_get_data(self._ptr, dst, size)
             else:
                 got = llama_state_seq_get_data(self._ptr, dst, size, seq)
@@ -84,30 +103,20 @@ cdef int _load_state(Context self, object data, object seq_id) except -1:
             f"data must be a bytes-like object, got {type(data).__name__}") from None
     cdef size_t n = view.shape[0]
     cdef size_t got
-    cdef llama_seq_id seq = 0
-    cdef bint whole = seq_id is None
+    cdef llama_seq_id seq
     if n == 0:
         raise InvalidArgumentError("state data is empty")
-    if whole:
+    if seq_id is None:
         _check_state_arch_length(bytes(view[:4]), n - 4, "state data")
     self._enter()
     try:
-        if not whole:
-            seq = self._check_seq(seq_id, False)
-        if self._exports > 0:
-            raise ConcurrentUseError(
-                "release the NumPy views of this context's outputs before loading state")
-        _take_recent_errors()
+        seq = _state_seq(self, seq_id, True)
         with nogil:
-            if whole:
+            if seq < 0:
                 got = llama_state_set_data(self._ptr, &view[0], n)
             else:
                 got = llama_state_seq_set_data(self._ptr, &view[0], n, seq)
-        if got == 0:
-            raise _native_error(StateError, f"could not restore state ({n} bytes)",
-                                "invalid or incompatible state")
-        self._last_n_tokens = 0
-        self._out_capacity = max(self._out_capacity, 1 << 30) if whole else self._out_capacity
+        _state_loaded(self, got != 0, seq, f"restore state ({n} bytes)")
     finally:
         self._leave()
     return 0
@@ -116,65 +125,54 @@ cdef int _load_state(Context self, object data, object seq_id) except -1:
 cdef int _save_state_file(Context self, object path, object tokens,
                           object seq_id) except -1:
     """Context.save_state_file."""
-    fspath, cpath = _path_bytes(path, "path")
-    arr = _token_array(tokens, self._n_vocab, "tokens")
+    arr = _token_array(tokens, self.n_vocab, "tokens")
     cdef const int32_t[::1] view = arr
-    cdef const llama_token * toks = &view[0] if view.shape[0] else NULL
-    cdef size_t n = view.shape[0]
-    cdef const char * c = cpath
-    cdef bint ok
-    cdef llama_seq_id seq = 0
-    cdef bint whole = seq_id is None
-    self._enter()
-    try:
-        if not whole:
-            seq = self._check_seq(seq_id, False)
-        with nogil:
-            if whole:
-                ok = llama_state_save_file(self._ptr, c, toks, n)
-            else:
-                ok = llama_state_seq_save_file(self._ptr, c, seq, toks, n) != 0
-        if not ok:
-            raise StateError(f"could not write state file {fspath!r}")
-    finally:
-        self._leave()
+    # (read only: saving does not write to the tokens)
+    _state_file(self, True, path, <llama_token *>&view[0] if view.shape[0] else NULL,
+                view.shape[0], seq_id)
     return 0
 
 
 cdef list _load_state_file(Context self, object path, object seq_id, object max_tokens):
     """Context.load_state_file."""
-    fspath, cpath = _path_bytes(path, "path")
     max_tokens = _int_arg(max_tokens, "max_tokens", -1, 1 << 30)
-    if not os.path.isfile(fspath):
-        raise StateFileNotFoundError(f"state file not found: {fspath!r}", fspath)
-    if seq_id is None:
-        _check_state_file(fspath)
-    cdef size_t cap = self._n_ctx if max_tokens < 0 else max_tokens
+    cdef size_t cap = self.n_ctx if max_tokens < 0 else max_tokens
     out = _np().empty(max(cap, 1), dtype=_np().int32)
     cdef int32_t[::1] view = out
-    cdef size_t count = 0
+    cdef size_t count = _state_file(self, False, path, &view[0], cap, seq_id)
+    return out[:count].tolist()
+
+
+cdef size_t _state_file(Context self, bint save, object path, llama_token * tokens, size_t n,
+                        object seq_id) except? 0:
+    """Write the state and ``n`` tokens to a file, or read the state and at most ``n``
+    tokens into ``tokens`` (returns how many)."""
+    fspath, cpath = _path_bytes(path, "path")
+    if not save:
+        if not os.path.isfile(fspath):
+            raise StateFileNotFoundError(f"state file not found: {fspath!r}", fspath)
+        if seq_id is None:
+            _check_state_file(fspath)
     cdef const char * c = cpath
+    cdef size_t count = 0
     cdef bint ok
-    cdef llama_seq_id seq = 0
-    cdef bint whole = seq_id is None
+    cdef llama_seq_id seq
     self._enter()
     try:
-        if not whole:
-            seq = self._check_seq(seq_id, False)
-        if self._exports > 0:
-            raise ConcurrentUseError(
-                "release the NumPy views of this context's outputs before loading state")
-        _take_recent_errors()
+        seq = _state_seq(self, seq_id, not save)
         with nogil:
-            if whole:
-                ok = llama_state_load_file(self._ptr, c, &view[0], cap, &count)
+            if save and seq < 0:
+                ok = llama_state_save_file(self._ptr, c, tokens, n)
+            elif save:
+                ok = llama_state_seq_save_file(self._ptr, c, seq, tokens, n) != 0
+            elif seq < 0:
+                ok = llama_state_load_file(self._ptr, c, tokens, n, &count)
             else:
-                ok = llama_state_seq_load_file(self._ptr, c, seq, &view[0], cap, &count) != 0
-        if not ok:
-            raise _native_error(StateError, f"could not load state file {fspath!r}",
-                                "invalid or incompatible file")
-        self._last_n_tokens = 0
-        self._out_capacity = 1 << 30
-        return out[:count].tolist()
+                ok = llama_state_seq_load_file(self._ptr, c, seq, tokens, n, &count) != 0
+        if save and not ok:
+            raise StateError(f"could not write state file {fspath!r}")
+        if not save:
+            _state_loaded(self, ok, seq, f"load state file {fspath!r}")
     finally:
         self._leave()
+    return count

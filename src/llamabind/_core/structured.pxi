@@ -48,8 +48,7 @@ def _schema_to_grammar(schema_json):
     return _text(grammar), _text(warns).strip()
 
 
-@cython.no_gc_clear
-cdef class ChatTemplates:
+cdef class ChatTemplates(_NativeObject):
     """A model's chat templates as llama.cpp's own Jinja engine reads them (the
     template llama-server uses), with its tool-call handlers.
 
@@ -59,14 +58,13 @@ cdef class ChatTemplates:
     """
 
     cdef _CChatTemplates * _ptr
-    cdef int _fork_gen
 
     def __cinit__(self):
         self._ptr = NULL
-        self._fork_gen = _fork_generation
 
     def __init__(self, Model model not None, source=None):
-        model._check_open()
+        self._check_new()
+        model._check()
         cdef string src
         if source is not None:
             src = _utf8(source, "source")
@@ -80,18 +78,11 @@ cdef class ChatTemplates:
             raise ChatTemplateError(
                 f"llama.cpp cannot read the chat template: {_text(error).strip()}")
         self._ptr = ptr
+        self._opened(False)
 
-    def __dealloc__(self):
-        if self._ptr != NULL and self._fork_gen == _fork_generation:
-            chat_templates_free(self._ptr)
+    cdef void _free_native(self) noexcept:
+        chat_templates_free(self._ptr)
         self._ptr = NULL
-
-    cdef int _check(self) except -1:
-        if self._ptr == NULL:
-            raise ClosedError("chat templates are not loaded")
-        if self._fork_gen != _fork_generation:
-            _check_fork(self._fork_gen, "chat templates")
-        return 0
 
     def caps(self):
         """The template's capabilities (JSON text of an object of booleans)."""
@@ -104,34 +95,33 @@ cdef class ChatTemplates:
     def apply(self, request):
         """common_chat_templates_apply for ``request`` (JSON text; see
         structured_shim.h): the prompt, grammar, triggers and parser, as JSON text."""
-        self._check()
         cdef string req = _utf8(request, "request")
         cdef string out, error
         cdef bint ok
-        with nogil:
-            ok = chat_apply(self._ptr, req, out, error)
+        self._pin()  # threads may apply one template at once; close() waits for them
+        try:
+            with nogil:
+                ok = chat_apply(self._ptr, req, out, error)
+        finally:
+            self._unpin()
         if not ok:
             raise ChatTemplateError(f"llama.cpp's chat template handler failed: {_text(error).strip()}")
         return _text(out)
 
 
-@cython.no_gc_clear
-cdef class ChatParser:
+cdef class ChatParser(_NativeObject):
     """llama.cpp's parser of a model's chat output (content, reasoning, tool calls),
     as ``ChatTemplates.apply`` described it. One per request: ``feed`` keeps the
     streaming state. Not for two threads at once."""
 
     cdef _CChatParser * _ptr
-    cdef int _fork_gen
-    cdef bint _busy
 
     def __cinit__(self):
         self._ptr = NULL
-        self._busy = False
-        self._fork_gen = _fork_generation
 
     def __init__(self, parser, int format, generation_prompt="", reasoning_format="none",
                  parse_tool_calls=True):
+        self._check_new()
         cdef string p = _utf8(parser, "parser")
         cdef string gp = _utf8(generation_prompt, "generation_prompt")
         cdef string rf = _utf8(reasoning_format, "reasoning_format")
@@ -143,21 +133,11 @@ cdef class ChatParser:
         if ptr == NULL:
             raise InvalidArgumentError(f"llama.cpp cannot load the chat parser: {_text(error).strip()}")
         self._ptr = ptr
+        self._opened(False)
 
-    def __dealloc__(self):
-        if self._ptr != NULL and self._fork_gen == _fork_generation:
-            chat_parser_free(self._ptr)
+    cdef void _free_native(self) noexcept:
+        chat_parser_free(self._ptr)
         self._ptr = NULL
-
-    cdef int _enter(self) except -1:
-        if self._ptr == NULL:
-            raise ClosedError("chat parser is not loaded")
-        if self._fork_gen != _fork_generation:
-            _check_fork(self._fork_gen, "chat parser")
-        if self._busy:
-            raise ConcurrentUseError("this chat parser is being used by another thread")
-        self._busy = True
-        return 0
 
     def parse(self, text, partial=False):
         """The assistant message in ``text`` (the whole output), as OpenAI-shaped
@@ -172,7 +152,7 @@ cdef class ChatParser:
             with nogil:
                 ok = chat_parser_parse(self._ptr, t, part, out, error)
         finally:
-            self._busy = False
+            self._leave()
         if not ok:
             raise OutputParseError(_text(error).strip(), text)
         return _text(out)
@@ -189,7 +169,7 @@ cdef class ChatParser:
             with nogil:
                 ok = chat_parser_feed(self._ptr, t, part, diffs, msg, error)
         finally:
-            self._busy = False
+            self._leave()
         if not ok:
             raise OutputParseError(_text(error).strip(), None)
         return _text(diffs), _text(msg)

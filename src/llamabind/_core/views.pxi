@@ -33,8 +33,7 @@ cdef class _OutputView:
     def __getbuffer__(self, Py_buffer * buf, int flags):
         if flags & PyBUF_WRITABLE:
             raise BufferError("llamabind output views are read-only")
-        if self._ctx._ptr == NULL:
-            raise BufferError("context is closed")
+        self._ctx._pin()  # the context's memory stays until the array goes
         buf.buf = self._data
         buf.obj = self
         buf.len = self._shape[0] * (self._shape[1] if self._ndim == 2 else 1) * sizeof(float)
@@ -46,9 +45,6 @@ cdef class _OutputView:
         buf.strides = self._strides
         buf.suboffsets = NULL
         buf.internal = NULL
-        self._ctx._exports += 1
 
     def __releasebuffer__(self, Py_buffer * buf):
-        self._ctx._exports -= 1
-        if self._ctx._exports == 0 and self._ctx._close_requested and not self._ctx._busy:
-            self._ctx._free()
+        self._ctx._unpin()

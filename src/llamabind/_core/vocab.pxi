@@ -26,10 +26,12 @@ cdef class Vocab:
         raise TypeError("use model.vocab to get a Vocab")
 
     cdef inline int _check(self) except -1:
-        self._model._check_open()
+        self._model._check()
         return 0
 
-    cdef inline int _check_token(self, object token, str name) except -1:
+    cdef inline int _check_token(self, object token, str name="token") except -1:
+        """An open vocabulary, and one of its token ids."""
+        self._check()
         if isinstance(token, bool) or not isinstance(token, int):
             raise InvalidArgumentError(f"{name} must be an int token id, got {token!r}")
         if token < 0 or token >= self._n_vocab:
@@ -117,30 +119,25 @@ cdef class Vocab:
 
     def is_eog(self, token):
         """True for end-of-generation tokens (EOS, EOT, and the model's others)."""
-        self._check()
-        self._check_token(token, "token")
+        self._check_token(token)
         return llama_vocab_is_eog(self._ptr, token)
 
     def is_control(self, token):
-        self._check()
-        self._check_token(token, "token")
+        self._check_token(token)
         return llama_vocab_is_control(self._ptr, token)
 
     def token_text(self, token):
         """The token's text as stored in the vocabulary (not detokenized)."""
-        self._check()
-        self._check_token(token, "token")
+        self._check_token(token)
         return llama_vocab_get_text(self._ptr, token).decode("utf-8", "replace")
 
     def token_score(self, token):
-        self._check()
-        self._check_token(token, "token")
+        self._check_token(token)
         return llama_vocab_get_score(self._ptr, token)
 
     def token_attr(self, token):
         """The token's attribute bit flags (``LLAMA_TOKEN_ATTR_*``)."""
-        self._check()
-        self._check_token(token, "token")
+        self._check_token(token)
         return <int>llama_vocab_get_attr(self._ptr, token)
 
     def tokenize(self, text, *, add_special=True, parse_special=False,
@@ -161,9 +158,8 @@ cdef class Vocab:
     def token_to_piece(self, token, *, special=False, lstrip=0):
         """The bytes one token renders to (may be part of a UTF-8 character)."""
         special = _bool_arg(special, "special")
-        self._check()
-        self._check_token(token, "token")
         lstrip = _int_arg(lstrip, "lstrip", 0, 2147483647)
+        self._check_token(token)
         return _piece(self._ptr, token, special, lstrip)
 
     def detokenize(self, tokens, *, remove_special=False, unparse_special=False,

@@ -6,23 +6,21 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from llamabind.config import (
-    ContextConfig,
+    GENERATE_CONFIGS,
+    LOAD_CONFIGS,
     EngineConfig,
-    GenerationConfig,
     ModelConfig,
-    SamplingConfig,
     check_option,
+    route_options,
 )
 from llamabind.errors import InvalidArgumentError
 from llamabind.structured import STRUCTURED_OPTIONS
 
-__all__ = ["Resources", "load_options", "require", "resolve_model_path", "split_options"]
-
-_LOAD = (ModelConfig, ContextConfig, EngineConfig)
-_GENERATE = (SamplingConfig, GenerationConfig)
+__all__ = ["Prepared", "Resources", "load_options", "prepare", "require",
+           "resolve_model_path", "split_options"]
 
 
 def require(module: str) -> Any:
@@ -56,24 +54,16 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     and EngineConfig fields (``path`` excepted: it is the helpers' first argument);
     generation options are SamplingConfig and GenerationConfig fields and the
     structured-output options."""
-    groups: dict[type, dict[str, Any]] = {cls: {} for cls in _LOAD + _GENERATE}
-    structured: dict[str, Any] = {}
-    for name, value in options.items():
-        if name in STRUCTURED_OPTIONS:
-            structured[name] = value
-            continue
-        owner = next((cls for cls in groups if name in cls.names()), None)  # type: ignore[attr-defined]
-        if owner is None or name == "path":
-            known = set().union(*(cls.names() for cls in groups)) | set(STRUCTURED_OPTIONS)  # type: ignore[attr-defined]
-            raise InvalidArgumentError(
-                f"unknown option {name!r}; options: {sorted(known - {'path'})}")
-        groups[owner][name] = value
-    for name, value in groups[ModelConfig].items():
-        check_option(ModelConfig, name, value)
-    for cls in (ContextConfig, EngineConfig, SamplingConfig, GenerationConfig):
-        cls(**groups[cls])  # its rules, between fields too
-    load = {k: v for cls in _LOAD for k, v in groups[cls].items()}
-    generate = {k: v for cls in _GENERATE for k, v in groups[cls].items()}
+    groups, structured = route_options(options, LOAD_CONFIGS + GENERATE_CONFIGS,
+                                       apart=STRUCTURED_OPTIONS, refused={"path"})
+    for cls, given in groups.items():
+        if cls is ModelConfig:   # (no path to build one with)
+            for name, value in given.items():
+                check_option(ModelConfig, name, value)
+        else:
+            cls(**given)  # its rules, between fields too
+    load = {k: v for cls in LOAD_CONFIGS for k, v in groups[cls].items()}
+    generate = {k: v for cls in GENERATE_CONFIGS for k, v in groups[cls].items()}
     return load, {**generate, **structured}
 
 
@@ -99,3 +89,25 @@ def load_options(load: dict[str, Any], resources: Resources) -> dict[str, Any]:
     if out.get("n_threads") is None:
         out["n_threads"] = max(1, int(resources.num_cpus))
     return out
+
+
+class Prepared(NamedTuple):
+    """What a Ray helper sends to its workers, checked on the driver."""
+
+    path: str                       # the model file, as the workers open it
+    load: dict[str, Any]            # how each worker loads it (load_options)
+    generation: dict[str, Any]      # how to generate (SamplingConfig, GenerationConfig...)
+    resources: Resources            # what each worker reserves
+    n_parallel: int                 # each worker's engine slots
+
+
+def prepare(model_path: str | os.PathLike[str] | None, options: dict[str, Any],
+            num_cpus: float, num_gpus: float) -> Prepared:
+    """The steps every helper takes first: the model's path, ``options`` split and
+    checked (split_options), each worker's resources and load options."""
+    path = resolve_model_path(model_path)
+    load, generation = split_options(options)
+    resources = Resources(num_cpus, num_gpus)
+    load = load_options(load, resources)
+    engine = EngineConfig(**{k: v for k, v in load.items() if k in EngineConfig.names()})
+    return Prepared(path, load, generation, resources, engine.n_parallel)

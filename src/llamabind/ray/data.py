@@ -14,15 +14,8 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from llamabind.config import EngineConfig
 from llamabind.errors import InvalidArgumentError
-from llamabind.ray._options import (
-    Resources,
-    load_options,
-    require,
-    resolve_model_path,
-    split_options,
-)
+from llamabind.ray._options import prepare, require
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -127,8 +120,7 @@ def generate_dataset(ds: Dataset, model_path: str | os.PathLike[str] | None = No
     for every row. A bad option is refused here, before anything runs.
     """
     data = require("ray.data")
-    path = resolve_model_path(model_path)
-    load, generation = split_options(options)
+    run = prepare(model_path, options, num_cpus, num_gpus)
     for label, value in (("prompt_column", prompt_column), ("messages_column", messages_column)):
         if (value is not None or label == "prompt_column") and (
                 not isinstance(value, str) or not value):
@@ -138,19 +130,17 @@ def generate_dataset(ds: Dataset, model_path: str | os.PathLike[str] | None = No
         raise InvalidArgumentError(f"the input column {column!r} is one that "
                                    "generate_dataset writes")
     _check_concurrency(concurrency)
-    resources = Resources(num_cpus, num_gpus)
-    load = load_options(load, resources)
     if batch_size is None:
-        batch_size = 4 * EngineConfig(
-            **{k: v for k, v in load.items() if k in EngineConfig.names()}).n_parallel
+        batch_size = 4 * run.n_parallel
     elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be an int >= 1, got {batch_size!r}")
     out: Dataset = ds.map_batches(
         _Generator,
-        fn_constructor_kwargs={"path": path, "load": load, "generation": generation,
-                               "column": column, "chat": messages_column is not None},
+        fn_constructor_kwargs={"path": run.path, "load": run.load,
+                               "generation": run.generation, "column": column,
+                               "chat": messages_column is not None},
         batch_size=batch_size, batch_format="pyarrow", compute=_actor_pool(data, concurrency),
-        num_cpus=resources.num_cpus, num_gpus=resources.num_gpus or None)
+        num_cpus=run.resources.num_cpus, num_gpus=run.resources.num_gpus or None)
     return out
 
 

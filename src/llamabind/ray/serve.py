@@ -16,15 +16,8 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from llamabind.config import EngineConfig
 from llamabind.errors import InvalidArgumentError
-from llamabind.ray._options import (
-    Resources,
-    load_options,
-    require,
-    resolve_model_path,
-    split_options,
-)
+from llamabind.ray._options import prepare, require
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -95,11 +88,10 @@ def openai_app(model_path: str | os.PathLike[str] | None = None, *, num_replicas
     Run it with ``ray.serve.run(app, route_prefix=...)``, or use :func:`serve_openai`.
     """
     serve = require("ray.serve")
-    path = resolve_model_path(model_path)
-    load, generation = split_options(options)
-    if generation:
+    run = prepare(model_path, options, num_cpus, num_gpus)
+    if run.generation:
         raise InvalidArgumentError(
-            f"{sorted(generation)[0]!r} is a generation option: the server takes it from "
+            f"{sorted(run.generation)[0]!r} is a generation option: the server takes it from "
             "each request")
     for label, value, lo in (("num_replicas", num_replicas, 1),
                              ("max_ongoing_requests", max_ongoing_requests, 1)):
@@ -109,11 +101,8 @@ def openai_app(model_path: str | os.PathLike[str] | None = None, *, num_replicas
             raise InvalidArgumentError(f"{label} must be an int >= {lo}, got {value!r}")
     if not isinstance(name, str) or not name:
         raise InvalidArgumentError(f"name must be a non-empty str, got {name!r}")
-    resources = Resources(num_cpus, num_gpus)
-    load = load_options(load, resources)
     if max_ongoing_requests is None:
-        max_ongoing_requests = EngineConfig(
-            **{k: v for k, v in load.items() if k in EngineConfig.names()}).n_parallel
+        max_ongoing_requests = run.n_parallel
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise InvalidArgumentError("api_key must be a non-empty str or None")
     if alias is not None and (not isinstance(alias, str) or not alias):
@@ -121,10 +110,10 @@ def openai_app(model_path: str | os.PathLike[str] | None = None, *, num_replicas
     if isinstance(cors_origins, str):
         raise InvalidArgumentError("cors_origins must be a sequence of origins, not a str")
     app_options = {"api_key": api_key, "alias": alias, "cors_origins": tuple(cors_origins)}
-    ingress = serve.ingress(_app_builder(path, load, app_options))()
+    ingress = serve.ingress(_app_builder(run.path, run.load, app_options))()
     deployment = serve.deployment(
         ingress, name=name, num_replicas=num_replicas,
-        ray_actor_options=resources.actor_options(),
+        ray_actor_options=run.resources.actor_options(),
         max_ongoing_requests=max_ongoing_requests)
     application: Application = deployment.bind()
     return application
