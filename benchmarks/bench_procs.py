@@ -137,6 +137,10 @@ def _libs(tree: Path) -> list[Path]:
     names = ["src/libllama.a", "ggml/src/libggml.a", "ggml/src/libggml-cpu.a",
              "ggml/src/libggml-base.a"]
     libs = [base / n for n in names]
+    # the backends built in besides the CPU's (the RPC backend is on by default);
+    # libggml.a registers them, so they link before the base library
+    extra = sorted((base / "ggml" / "src").glob("ggml-*/libggml-*.a"))
+    libs[2:2] = [p for p in extra if p.name != "libggml-cpu.a"]
     missing = [str(p) for p in libs if not p.is_file()]
     if missing:
         raise BenchError(f"missing static libraries: {missing}")

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from llamabind import _llama
+from llamabind.cells import PrefillJob, PromptCache, Slot
 from llamabind.config import ContextConfig, EngineConfig, GenerationConfig, SamplingConfig
 from llamabind.errors import (
     ClosedError,
@@ -83,78 +84,6 @@ def ngram_drafter(g: GenerationConfig) -> _llama.NgramDrafter:
     return _llama.NgramDrafter(g.spec_ngram_size_n, g.spec_ngram_size_min)
 
 
-class _Slot:
-    """One sequence of the engine's context and the tokens whose KV cells it holds."""
-
-    __slots__ = ("busy", "last_used", "seq_id", "tokens")
-
-    def __init__(self, seq_id: int) -> None:
-        self.seq_id = seq_id
-        self.tokens: list[int] = []
-        self.busy = False
-        self.last_used = 0.0
-
-
-class _PrefillJob:
-    """Prompt tokens still to decode into one sequence (and the choices that pick their
-    first token from its last row; None when resuming a preempted choice)."""
-
-    __slots__ = ("done", "outputs", "seq_id", "start_pos", "tokens")
-
-    def __init__(self, tokens: np.ndarray, start_pos: int, seq_id: int,
-                 outputs: list[_llama.Generation] | None) -> None:
-        self.tokens = tokens
-        self.start_pos = start_pos
-        self.seq_id = seq_id
-        self.outputs = outputs
-        self.done = 0
-
-
-class _PromptCache:
-    """KV cells of token prefixes, kept in RAM (sequence states) up to a byte budget,
-    the least recently used dropped first."""
-
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit = limit_bytes
-        self.size = 0
-        self.entries: collections.OrderedDict[tuple[int, ...], bytes] = \
-            collections.OrderedDict()
-        self.hits = 0
-
-    def best(self, prompt: list[int]) -> tuple[tuple[int, ...] | None, int]:
-        best_key, best_n = None, 0
-        for key in self.entries:
-            n = _llama.common_prefix(list(key), prompt)
-            if n > best_n:
-                best_key, best_n = key, n
-        return best_key, best_n
-
-    def put(self, tokens: list[int], state: bytes) -> None:
-        if self.limit <= 0 or len(state) > self.limit:
-            return
-        key = tuple(tokens)
-        old = self.entries.pop(key, None)
-        if old is not None:
-            self.size -= len(old)
-        # a stored prefix of these tokens is now redundant
-        for other in [k for k in self.entries if len(k) < len(key) and key[:len(k)] == k]:
-            self.size -= len(self.entries.pop(other))
-        self.entries[key] = state
-        self.size += len(state)
-        while self.size > self.limit and self.entries:
-            _, dropped = self.entries.popitem(last=False)
-            self.size -= len(dropped)
-
-    def take(self, key: tuple[int, ...]) -> bytes:
-        self.entries.move_to_end(key)
-        self.hits += 1
-        return self.entries[key]
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.size = 0
-
-
 class Engine:
     """The batching engine of one loaded model (see the module's docstring)."""
 
@@ -196,8 +125,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._ctx: _llama.Context | None = None
         self._core: _llama.EngineCore | None = None
-        self._slots: list[_Slot] = []
-        self._cache = _PromptCache(config.cache_ram_mib * 1024 * 1024)
+        self._slots: list[Slot] = []
+        self._cache = PromptCache(config.cache_ram_mib * 1024 * 1024)
         self._in_flight: set[Request] = set()
         self._admissions = 0
         self._choices = 0
@@ -427,7 +356,7 @@ class Engine:
         self._ctx = _llama.Context(self.native, cfg)
         self._core = _llama.EngineCore(self._ctx)
         self._core.record = self._record
-        self._slots = [_Slot(i) for i in range(self.n_parallel)]
+        self._slots = [Slot(i) for i in range(self.n_parallel)]
 
     def _run(self) -> None:
         try:
@@ -511,7 +440,7 @@ class Engine:
             return sum(len(tokens) + 1 for tokens, _ in request.resume)
         return request.prompt_tokens + 1
 
-    def _make_room(self, need: int, keep: list[_Slot]) -> None:
+    def _make_room(self, need: int, keep: list[Slot]) -> None:
         """Shared cells: free the cells idle slots keep (to the prompt cache), least
         recently used first, until ``need`` more cells fit."""
         if not self.unified:
@@ -524,7 +453,7 @@ class Engine:
             idle -= len(slot.tokens)
             self._give_up(slot, 0)
 
-    def _start(self, request: Request, free: list[_Slot]) -> None:
+    def _start(self, request: Request, free: list[Slot]) -> None:
         ctx = self._ctx
         assert ctx is not None
         prompt = request.prompt
@@ -576,11 +505,11 @@ class Engine:
         self._admissions += 1
         request.admitted_at = self._admissions
         tokens = np.asarray(prompt[kept:], dtype=np.int32)
-        request.jobs = [_PrefillJob(tokens, kept, best.seq_id, gens)]
+        request.jobs = [PrefillJob(tokens, kept, best.seq_id, gens)]
         self._stats["prompt_tokens_total"] += n_prompt
         self._stats["prompt_tokens_cached"] += kept
 
-    def _resume(self, request: Request, free: list[_Slot]) -> None:
+    def _resume(self, request: Request, free: list[Slot]) -> None:
         """Admit a preempted request again: each unfinished choice gets a slot and its
         prompt and tokens decoded anew, then goes on with its pending token."""
         assert request.resume is not None
@@ -592,12 +521,12 @@ class Engine:
             request.gens[i].seq_id = slot.seq_id
             request.slots[i] = slot
             self._rec({"op": "bind", "rid": request.rids[i], "seq": slot.seq_id})
-            request.jobs.append(_PrefillJob(tokens, 0, slot.seq_id, None))
+            request.jobs.append(PrefillJob(tokens, 0, slot.seq_id, None))
         request.resume = None
         self._admissions += 1
         request.admitted_at = self._admissions
 
-    def _give_up(self, slot: _Slot, keep: int) -> None:
+    def _give_up(self, slot: Slot, keep: int) -> None:
         """Cut a free slot's cells down to its first ``keep`` tokens, saving what it
         held to the prompt cache first when that is worth it."""
         ctx = self._ctx
@@ -633,7 +562,7 @@ class Engine:
         prompt_budget = budget if not gens or self.config.prefill_budget is None \
             else min(budget, self.config.prefill_budget)
         budget -= prompt_budget
-        taken: list[tuple[_PrefillJob, int]] = []
+        taken: list[tuple[PrefillJob, int]] = []
         for request in self._running:
             for job in request.jobs:
                 if prompt_budget <= 0:

@@ -19,7 +19,8 @@ from llamabind.config import GenerationConfig, SamplingConfig
 from llamabind.results import Event, GenerationResult
 
 if TYPE_CHECKING:
-    from llamabind.engine import Engine, _PrefillJob, _Slot
+    from llamabind.cells import PrefillJob, Slot
+    from llamabind.engine import Engine
     from llamabind.structured import GenerationPlan
 
 __all__ = ["Request"]
@@ -55,8 +56,8 @@ class Request:
         # engine-side state (touched by the scheduler thread only)
         self.gens: list[_llama.Generation] = []
         self.samplers: list[_llama.Sampler | None] = []
-        self.slots: list[_Slot | None] = []   # each choice's slot (None: finished, preempted)
-        self.jobs: list[_PrefillJob] = []
+        self.slots: list[Slot | None] = []   # each choice's slot (None: finished, preempted)
+        self.jobs: list[PrefillJob] = []
         self.resume: list[tuple[np.ndarray, int]] | None = None  # (tokens, choice) to redo
         self.rids: list[int] = []         # each choice's id in a recorded schedule
         self.paused = False               # preempted, waiting to come back
