@@ -216,7 +216,10 @@ async def one_request(client: Any, url: str, prompt: str, max_tokens: int,
 
 
 async def run_level(server: Server, clients: int, per_client: int, max_tokens: int,
-                    bias: dict[str, float]) -> dict[str, Any]:
+                    bias: dict[str, float], tag: str = "") -> dict[str, Any]:
+    """``clients`` clients sending ``per_client`` requests each, back to back. ``tag``
+    (the round and level) goes into every prompt: no prompt is sent twice to a server,
+    so none is answered from its cache whole."""
     import httpx
 
     # a fresh connection per request: llama-server may close a kept-alive connection
@@ -229,7 +232,7 @@ async def run_level(server: Server, clients: int, per_client: int, max_tokens: i
             for j in range(per_client):
                 # one of the fixed prompts, made unique by its number: a server's cache
                 # may reuse the common prefix (the chat template's), never a whole prompt
-                prompt = f"{PROMPTS[(k + j) % len(PROMPTS)]} (request {k}.{j})"
+                prompt = f"{PROMPTS[(k + j) % len(PROMPTS)]} (request {tag}{k}.{j})"
                 out.append(await one_request(client, server.url, prompt, max_tokens, bias))
             return out
 
@@ -393,13 +396,14 @@ def main(argv: list[str] | None = None) -> int:
         for s in servers:
             print(f"starting {s.name}: {' '.join(s.cmd)}", file=sys.stderr)
             s.start()
-            asyncio.run(run_level(s, 1, 1, args.max_tokens, bias))     # warm-up
+            asyncio.run(run_level(s, 1, 1, args.max_tokens, bias, "warm-up "))
         for r in range(args.rounds):
             order = servers[r % len(servers):] + servers[:r % len(servers)]
             for c in levels:
                 per_client = max(1, -(-args.requests // c))
                 for s in order:
-                    res = asyncio.run(run_level(s, c, per_client, args.max_tokens, bias))
+                    res = asyncio.run(run_level(s, c, per_client, args.max_tokens, bias,
+                                                f"{r + 1}.{c}."))
                     runs[s.name].setdefault(c, []).append(res)
                     print(f"round {r + 1}/{args.rounds} {s.name:>16} C={c:<3} "
                           f"{res['tok_per_s']:7.1f} tok/s  errors {len(res['errors'])}",

@@ -250,6 +250,39 @@ def test_prefix_reuse_and_prompt_cache(smol_path: str) -> None:
         assert back.tokens == uncached
 
 
+def test_prompt_cache_restores_a_few_tokens_gain(smol_path: str) -> None:
+    """A request whose prompt matches a cached prefix only a few tokens further than
+    its slot does (a repeated question after another with the same system prompt took
+    the slot) gets the cached cells back instead of decoding those tokens again."""
+    system = "You are a careful assistant. " * 10
+    one, two = system + "Question one, about rivers?", system + "Question two, on hills?"
+    with LoadedModel.load(smol_path, n_ctx=512, n_parallel=1, cache_ram_mib=64) as model:
+        first = model.generate(one, temperature=0, max_tokens=40, ignore_eos=True)
+        # the same prompt again reuses the slot: the last prompt token decoded alone
+        # (a batch of 1, not of the whole prompt: its greedy tokens may differ from
+        # first's), which is what a restored prefix must reproduce exactly
+        reused = model.generate(one, temperature=0, max_tokens=40, ignore_eos=True)
+        assert reused.cached_prompt_tokens == reused.prompt_tokens - 1
+        model.generate(two, temperature=0, max_tokens=40, ignore_eos=True)
+        shared = llamabind_common_prefix(model.tokenize(one), model.tokenize(two))
+        gain = first.prompt_tokens - 1 - shared
+        assert 4 <= gain < 16   # under the old bound (16 more tokens) it was recomputed
+        hits = model.stats()["prompt_cache_hits"]
+        again = model.generate(one, temperature=0, max_tokens=40, ignore_eos=True)
+        assert model.stats()["prompt_cache_hits"] == hits + 1
+        assert again.cached_prompt_tokens == again.prompt_tokens - 1
+        assert again.tokens == reused.tokens
+
+
+def llamabind_common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def test_preemption_when_a_unified_cache_fills(smol_path: str, native: NativeRef) -> None:
     """A shared KV cache too small for all requests at once: the newest is paused and
     resumed (its prompt and tokens decoded anew), and every request still gets exactly
@@ -300,6 +333,31 @@ def test_prefill_budget_splits_prompts_while_others_generate(smol_path: str,
     assert picks[second.rids[0]][:4] == list(out2.tokens)
     with pytest.raises(InvalidArgumentError, match="prefill_budget"):
         LoadedModel.load(smol_path, prefill_budget=0)
+
+
+def test_announced_requests_start_in_one_step(smol_path: str) -> None:
+    """Requests announced with arriving() while a front end prepares them start
+    together: the idle engine holds its first step until they are submitted, so three
+    submitted a few ms apart are prefilled in one step. The hold is bounded: a request
+    whose announced companion never comes is still served."""
+    with LoadedModel.load(smol_path, n_ctx=512, n_parallel=4, cache_ram_mib=0) as model:
+        record = model.engine.record_schedule()
+        announced = [model.arriving() for _ in range(3)]
+        for cm in announced:
+            cm.__enter__()
+        reqs = []
+        for cm, prompt in zip(announced, PROMPTS, strict=False):
+            reqs.append(model.submit(prompt, temperature=0, max_tokens=2, stream=False))
+            cm.__exit__(None, None, None)
+            time.sleep(0.003)
+        results = [r.result(timeout=60)[0] for r in reqs]
+        steps = [op for op in record if "rows" in op]
+        first_prompt_rows = sum(1 for r in steps[0]["rows"] if r[3] == "p")
+        assert first_prompt_rows == sum(res.prompt_tokens for res in results)
+        # an announcement that is never followed by a submit does not stall the engine
+        with model.arriving():
+            lone = model.submit(PROMPTS[3], temperature=0, max_tokens=2, stream=False)
+            assert lone.result(timeout=60)[0].completion_tokens == 2
 
 
 def test_close_cancels_queued_and_running(smol_path: str) -> None:

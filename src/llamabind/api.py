@@ -13,6 +13,7 @@ context. ``create_session()`` gives a context of your own instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -244,6 +245,12 @@ class LoadedModel:
     @property
     def engine(self) -> Engine:
         return self._engine
+
+    def arriving(self) -> contextlib.AbstractContextManager[None]:
+        """For front ends (an HTTP server): hold this while a request is read and
+        submitted. An idle engine waits for announced requests (at most 30 ms) before
+        its first step, so requests that arrive together are prefilled together."""
+        return self._engine.arriving()
 
     def stats(self) -> dict[str, Any]:
         """The engine's counters: requests queued/running/total, tokens, KV cells."""

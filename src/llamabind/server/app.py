@@ -109,10 +109,10 @@ class _Api:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _generation_body(self, request: Request, model: type[_Gen]) -> _Gen:
+    def _generation_body(self, raw: bytes, model: type[_Gen]) -> _Gen:
         """The request body read as ``model``, its fields checked: what this server does
         not do refused, the model name the served one."""
-        body = parse_body(model, await self.body(request))
+        body = parse_body(model, raw)
         body.refuse_unsupported()
         self.state.check_model(body.model)
         return body
@@ -358,16 +358,20 @@ class _Api:
 
     async def chat_completions(self, request: Request) -> Response:
         t0 = time.perf_counter()
-        body = await self._generation_body(request, ChatRequest)
+        raw = await self.body(request)
         st = self.state
-        k = body.logprobs_k()
-        messages = body.engine_messages()
-        n = self._check_n(body.n)
-        options = body.engine_options(st.engine.n_ctx)
-        # the tools' and response_format's schemas compile here: in the submit thread
-        req = await st.submit(lambda: st.engine.submit_chat(
-            messages, n=n, logprobs=k, queue_timeout=0, **options,
-            **body.structured_options()), "messages")
+        # announced while read and submitted: an idle engine waits for it (requests
+        # that arrive together start in one step)
+        with st.engine.arriving():
+            body = self._generation_body(raw, ChatRequest)
+            k = body.logprobs_k()
+            messages = body.engine_messages()
+            n = self._check_n(body.n)
+            options = body.engine_options(st.engine.n_ctx)
+            # the tools' and response_format's schemas compile here: in the submit thread
+            req = await st.submit(lambda: st.engine.submit_chat(
+                messages, n=n, logprobs=k, queue_timeout=0, **options,
+                **body.structured_options()), "messages")
         cid = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
         head = {"id": cid, "object": "chat.completion", "created": created,
@@ -566,18 +570,20 @@ class _Api:
 
     async def completions(self, request: Request) -> Response:
         t0 = time.perf_counter()
-        body = await self._generation_body(request, CompletionRequest)
+        raw = await self.body(request)
         st = self.state
-        n = self._check_n(body.n)
-        options = body.engine_options(st.engine.n_ctx)
         reqs: list[_engine.EngineRequest] = []
         try:
-            for prompt in body.prompts:
-                reqs.append(await st.submit(
-                    lambda p=prompt: st.engine.submit(  # type: ignore[misc]
-                        p, n=n, logprobs=body.logprobs, queue_timeout=0, **options,
-                        **body.structured_options()),
-                    "prompt"))
+            with st.engine.arriving():   # as in chat_completions
+                body = self._generation_body(raw, CompletionRequest)
+                n = self._check_n(body.n)
+                options = body.engine_options(st.engine.n_ctx)
+                for prompt in body.prompts:
+                    reqs.append(await st.submit(
+                        lambda p=prompt: st.engine.submit(  # type: ignore[misc]
+                            p, n=n, logprobs=body.logprobs, queue_timeout=0, **options,
+                            **body.structured_options()),
+                        "prompt"))
         except BaseException:
             for r in reqs:
                 r.cancel()
