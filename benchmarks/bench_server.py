@@ -109,6 +109,35 @@ class Server:
         self.stop()
         raise BenchError(f"{self.name} did not come up in {timeout} s")
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server process has used so far (None where /proc is not there)."""
+        if self.proc is None:
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def settle(self, quiet: float = 0.3, limit: float = 5.0) -> float:
+        """Wait until the server has used no CPU for ``quiet`` seconds (at most
+        ``limit``): what it does after its last response (slot and cache bookkeeping,
+        compute threads spinning down) must not land on the next server's turn.
+        Returns the seconds waited."""
+        t0 = time.monotonic()
+        last = self.cpu_seconds()
+        if last is None:
+            time.sleep(quiet)
+            return quiet
+        while time.monotonic() - t0 < limit:
+            time.sleep(quiet)
+            now = self.cpu_seconds()
+            if now is None or now - last < 0.01:
+                break
+            last = now
+        return time.monotonic() - t0
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -397,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"starting {s.name}: {' '.join(s.cmd)}", file=sys.stderr)
             s.start()
             asyncio.run(run_level(s, 1, 1, args.max_tokens, bias, "warm-up "))
+            s.settle()
         for r in range(args.rounds):
             order = servers[r % len(servers):] + servers[:r % len(servers)]
             for c in levels:
@@ -404,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                 for s in order:
                     res = asyncio.run(run_level(s, c, per_client, args.max_tokens, bias,
                                                 f"{r + 1}.{c}."))
+                    res["settle_s"] = round(s.settle(), 2)
                     runs[s.name].setdefault(c, []).append(res)
                     print(f"round {r + 1}/{args.rounds} {s.name:>16} C={c:<3} "
                           f"{res['tok_per_s']:7.1f} tok/s  errors {len(res['errors'])}",

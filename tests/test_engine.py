@@ -274,6 +274,25 @@ def test_prompt_cache_restores_a_few_tokens_gain(smol_path: str) -> None:
         assert again.tokens == reused.tokens
 
 
+def test_prompt_cache_restore_when_the_slot_given_up_evicts_it(smol_path: str) -> None:
+    """Restoring a cached prefix into a slot whose own cells then go to a cache too
+    small for both: the entry being restored is dropped by that put, and the restore
+    must still happen (it raised KeyError inside the engine before)."""
+    one = "Tell me about the rivers of Europe, please, in some detail."
+    two = "Describe a mountain in winter."
+    with LoadedModel.load(smol_path, n_ctx=256, n_parallel=1, cache_ram_mib=1) as model:
+        first = model.generate(one, temperature=0, max_tokens=30, ignore_eos=True)
+        reused = model.generate(one, temperature=0, max_tokens=30, ignore_eos=True)
+        model.generate(two, temperature=0, max_tokens=30, ignore_eos=True)
+        assert model.stats()["prompt_cache_entries"] == 1   # one's cells
+        again = model.generate(one, temperature=0, max_tokens=30, ignore_eos=True)
+        assert again.cached_prompt_tokens == again.prompt_tokens - 1
+        assert again.tokens == reused.tokens
+        assert first.prompt_tokens == again.prompt_tokens
+        # two's cells pushed one's out of the 1 MiB cache
+        assert model.stats()["prompt_cache_entries"] == 1
+
+
 def llamabind_common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):

@@ -5,12 +5,16 @@ to (see :mod:`llamabind.engine`)."""
 from __future__ import annotations
 
 import collections
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llamabind import _llama
 
-__all__ = ["PrefillJob", "PromptCache", "Slot"]
+if TYPE_CHECKING:
+    from llamabind.requests import Request
+
+__all__ = ["PrefillJob", "PromptCache", "Slot", "cells_held", "cells_needed"]
 
 
 class Slot:
@@ -83,3 +87,21 @@ class PromptCache:
     def clear(self) -> None:
         self.entries.clear()
         self.size = 0
+
+
+def cells_held(request: Request) -> int:
+    """KV cells a running request holds (its choices' cells counted apart)."""
+    n = 0
+    for job in request.jobs:
+        n += job.start_pos + job.done
+    for gen, slot in zip(request.gens, request.slots, strict=False):
+        if slot is not None and not request.jobs:
+            n += gen.pos
+    return n
+
+
+def cells_needed(request: Request) -> int:
+    """KV cells a queued request needs to start (or to resume, when preempted)."""
+    if request.resume is not None:
+        return sum(len(tokens) + 1 for tokens, _ in request.resume)
+    return request.prompt_tokens + 1

@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from llamabind import _llama
-from llamabind.cells import PrefillJob, PromptCache, Slot
+from llamabind.cells import PrefillJob, PromptCache, Slot, cells_held, cells_needed
 from llamabind.config import ContextConfig, EngineConfig, GenerationConfig, SamplingConfig
+from llamabind.drafting import Drafters, check_speculative
 from llamabind.errors import (
     ClosedError,
     ContextLengthExceededError,
@@ -59,7 +60,7 @@ from llamabind.sampling import build_sampler
 if TYPE_CHECKING:
     from llamabind.structured import GenerationPlan
 
-__all__ = ["Engine", "check_speculative"]
+__all__ = ["Engine"]
 
 
 # A slot's cells are saved to the prompt cache when it gives up at least this many.
@@ -76,24 +77,6 @@ _IDLE_EXIT_S = 5.0
 _GATHER_S = 0.03
 
 
-def check_speculative(native: _llama.Model, draft: _llama.Model | None,
-                      g: GenerationConfig) -> None:
-    """Refuse speculative options this model cannot follow."""
-    if g.spec_type == "draft-simple" and draft is None:
-        raise InvalidArgumentError(
-            "spec_type='draft-simple' needs a draft model: "
-            "LoadedModel.load(path, draft=other_model_or_path)")
-    if native.is_recurrent or native.is_hybrid:
-        raise InvalidArgumentError(
-            f"spec_type={g.spec_type!r}: speculative decoding needs a model whose KV "
-            f"cells can be removed from the end of a sequence; {native.path!r} is a "
-            "recurrent model")
-
-
-def ngram_drafter(g: GenerationConfig) -> _llama.NgramDrafter:
-    return _llama.NgramDrafter(g.spec_ngram_size_n, g.spec_ngram_size_min)
-
-
 class Engine:
     """The batching engine of one loaded model (see the module's docstring)."""
 
@@ -102,8 +85,6 @@ class Engine:
         self.native = native
         # the draft model of spec_type="draft-simple" (its context is made on first use)
         self.draft_model = draft
-        self._model_drafter: _llama.ModelDrafter | None = None
-        self._ngram_drafters: dict[tuple[int, int], _llama.NgramDrafter] = {}
         self.context_config = context
         self.config = config
         self.n_parallel = config.n_parallel
@@ -125,6 +106,10 @@ class Engine:
                 f"kv_size={self.kv_size} is less than n_ctx x n_parallel = "
                 f"{self.n_ctx * self.n_parallel}: with kv_unified=False each slot has "
                 "kv_size / n_parallel cells, too few for one context")
+        # one sequence per slot on the draft model's context (made on first use)
+        self._drafters = Drafters(native, draft, context.with_(
+            n_ctx=self.kv_size, n_seq_max=self.n_parallel,
+            n_batch=max(context.n_batch, self.n_parallel)))
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._room = threading.Condition(self._lock)
@@ -250,24 +235,6 @@ class Engine:
                 return
             self._wake.wait(remaining)
 
-    def _drafter(self, g: GenerationConfig) -> _llama.Drafter | None:
-        """The drafter of a request's options (None: no speculative decoding)."""
-        if not g.speculative:
-            return None
-        if g.spec_type == "ngram-simple":
-            key = (g.spec_ngram_size_n, g.spec_ngram_size_min or g.spec_ngram_size_n)
-            drafter = self._ngram_drafters.get(key)
-            if drafter is None:
-                drafter = self._ngram_drafters[key] = ngram_drafter(g)
-            return drafter
-        if self._model_drafter is None:
-            assert self.draft_model is not None
-            cfg = self.context_config
-            self._model_drafter = _llama.ModelDrafter(
-                self.native, self.draft_model, n_ctx=self.kv_size, n_seq_max=self.n_parallel,
-                n_batch=max(cfg.n_batch, self.n_parallel), n_threads=cfg.n_threads)
-        return self._model_drafter
-
     def _cancel(self, request: Request) -> None:
         with self._lock:
             if request in self._queue:
@@ -284,20 +251,9 @@ class Engine:
 
     # --- state ----------------------------------------------------------------------------
 
-    @staticmethod
-    def _cells(request: Request) -> int:
-        """KV cells a running request holds (its choices' cells counted apart)."""
-        n = 0
-        for job in request.jobs:
-            n += job.start_pos + job.done
-        for gen, slot in zip(request.gens, request.slots, strict=False):
-            if slot is not None and not request.jobs:
-                n += gen.pos
-        return n
-
     def _cells_in_use(self) -> tuple[int, int]:
         """(cells of running requests, cells idle slots keep)."""
-        running = sum(self._cells(r) for r in self._running)
+        running = sum(cells_held(r) for r in self._running)
         idle = sum(len(s.tokens) for s in self._slots if not s.busy)
         return running, idle
 
@@ -381,9 +337,7 @@ class Engine:
         if self._ctx is not None:
             self._ctx.close()
             self._ctx = None
-        if self._model_drafter is not None:
-            self._model_drafter.close()
-            self._model_drafter = None
+        self._drafters.close()
         self._cache.clear()
 
     # --- the scheduler thread --------------------------------------------------------------
@@ -453,7 +407,7 @@ class Engine:
                 if self.unified and self._running:
                     # shared cells: wait until the running requests leave room for it
                     running, _ = self._cells_in_use()
-                    if running + self._cells_needed(request) > self.kv_size:
+                    if running + cells_needed(request) > self.kv_size:
                         return
                     # a paused request comes back only once another has ended: the
                     # cells it was paused for are really free then
@@ -476,12 +430,6 @@ class Engine:
                 with self._lock:
                     self._running.remove(request)
                 self._finish_unstarted(request, exc)
-
-    @staticmethod
-    def _cells_needed(request: Request) -> int:
-        if request.resume is not None:
-            return sum(len(tokens) + 1 for tokens, _ in request.resume)
-        return request.prompt_tokens + 1
 
     def _make_room(self, need: int, keep: list[Slot]) -> None:
         """Shared cells: free the cells idle slots keep (to the prompt cache), least
@@ -511,9 +459,12 @@ class Engine:
         key, cached_n = self._cache.best(prompt)
         if key is not None and cached_n >= best_n + _MIN_RESTORE_GAIN:
             # restoring from RAM beats recomputing: free the slot least worth keeping
+            # (taking the cached state first: what that slot gives up goes to the
+            # cache, which may drop this entry to stay within its bytes)
+            state = self._cache.take(key)
             target = min(free, key=lambda s: (len(s.tokens), s.last_used))
             self._give_up(target, 0)
-            ctx.load_state(self._cache.take(key), target.seq_id)
+            ctx.load_state(state, target.seq_id)
             self._rec({"op": "load", "seq": target.seq_id, "n_tokens": len(key)})
             target.tokens = list(key)
             best, best_n = target, cached_n
@@ -524,7 +475,7 @@ class Engine:
         for slot in slots[1:]:
             self._give_up(slot, 0)
         gens = []
-        drafter = self._drafter(g)
+        drafter = self._drafters.get(g)
         for i, slot in enumerate(slots):
             slot.busy = True
             gens.append(_llama.Generation(
@@ -557,7 +508,7 @@ class Engine:
         prompt and tokens decoded anew, then goes on with its pending token."""
         assert request.resume is not None
         free = sorted(free, key=lambda s: (len(s.tokens), s.last_used))
-        self._make_room(self._cells_needed(request), [])
+        self._make_room(cells_needed(request), [])
         for (tokens, i), slot in zip(request.resume, free, strict=False):
             self._give_up(slot, 0)
             slot.busy = True

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from llamabind import _llama
 from llamabind.config import ContextConfig, GenerationConfig, SamplingConfig
-from llamabind.engine import check_speculative, ngram_drafter
+from llamabind.drafting import check_speculative, ngram_drafter
 from llamabind.errors import (
     ClosedError,
     ConcurrentUseError,

@@ -426,11 +426,14 @@ class _Api:
         ends with an error event instead."""
         extra = {"usage": None} if include_usage else {}
         completion = 0
+        # the opening chunks go out with the first event (see EventStream)
+        pending = [sse({**head, "choices": [first], **extra}) for first in opening]
         try:
-            for first in opening:
-                yield sse({**head, "choices": [first], **extra})
             async with aclosing(self._run(reqs, n, t0)) as events:
                 async for choice, ev in events:
+                    if pending:
+                        yield b"".join(pending)
+                        pending = []
                     if ev.finish_reason == "cancelled":
                         self._cancel_all(reqs)()
                         if self.state.draining:
@@ -458,6 +461,8 @@ class _Api:
             return
         finally:
             self._cancel_all(reqs)()  # a no-op for requests that ended
+        if pending:
+            yield b"".join(pending)
         if include_usage:
             usage = self._usage(sum(r.prompt_tokens for r in reqs), completion)
             yield sse({**head, "choices": [], "usage": usage})

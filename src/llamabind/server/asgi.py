@@ -77,10 +77,17 @@ class EventStream(Response):
         watcher = asyncio.ensure_future(watch())
         complete = False
         try:
+            # the response starts with its first event (after the prompt's prefill, as
+            # llama-server's does): no HTTP work for this stream, here or in the client,
+            # competes with the prefill for the cores
+            first = await anext(self.body_iterator, None)
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": self.raw_headers})
-            async for chunk in self.body_iterator:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if first is not None:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+                async for chunk in self.body_iterator:
+                    await send({"type": "http.response.body", "body": chunk,
+                                "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             complete = True
         except OSError:  # ASGI 2.4 servers raise it from send() once the client is gone
