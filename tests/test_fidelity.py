@@ -373,7 +373,10 @@ def loaded_case(request: pytest.FixtureRequest) -> Iterator[tuple[Any, str]]:
     cells). With more slots it holds more cells, and attention over a longer (mostly
     masked) KV buffer sums in another order: logits within float noise, not bit-equal,
     and a seeded pick can change. The engine with many slots is held to native by
-    replaying its schedule with its own context size (test_engine_schedule_replays_natively)."""
+    replaying its schedule with its own context size (test_engine_schedule_replays_natively).
+    Each test empties the slot and the prompt cache first (``clear_cache``): a prompt
+    an earlier test left there would be reused, its last token decoded alone instead of
+    in the prompt's batch (equal to native within float noise, not bit-equal)."""
     path: str = request.getfixturevalue(f"{request.param}_path")
     with llamabind.LoadedModel.load(path, n_ctx=1024, n_parallel=1) as loaded:
         yield loaded, path
@@ -385,6 +388,7 @@ def test_loaded_model_greedy_matches_native(loaded_case: tuple[Any, str], native
                                             prompt_id: str) -> None:
     loaded, path = loaded_case
     prompt = PROMPTS[prompt_id]
+    loaded.engine.clear_cache()
     result = loaded.generate(prompt, temperature=0.0, max_tokens=N_PREDICT)
     ref = native.generate(path, prompt, n_predict=N_PREDICT, n_ctx=1024, n_batch=512,
                           n_ubatch=512, threads=llamabind.default_threads())
@@ -402,6 +406,7 @@ def test_loaded_model_sampling_matches_native(loaded_case: tuple[Any, str], nati
     (penalties -> top_k -> top_p -> temperature -> dist; min_p off)."""
     loaded, path = loaded_case
     prompt = PROMPTS[prompt_id]
+    loaded.engine.clear_cache()
     result = loaded.generate(
         prompt, max_tokens=N_PREDICT, seed=seed, temperature=CHAIN["temp"],
         top_k=CHAIN["top_k"], top_p=CHAIN["top_p"], min_p=0.0, typical_p=1.0,
