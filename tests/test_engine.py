@@ -264,7 +264,7 @@ def test_prompt_cache_restores_a_few_tokens_gain(smol_path: str) -> None:
         reused = model.generate(one, temperature=0, max_tokens=40, ignore_eos=True)
         assert reused.cached_prompt_tokens == reused.prompt_tokens - 1
         model.generate(two, temperature=0, max_tokens=40, ignore_eos=True)
-        shared = llamabind_common_prefix(model.tokenize(one), model.tokenize(two))
+        shared = llamabind._llama.common_prefix(model.tokenize(one), model.tokenize(two))
         gain = first.prompt_tokens - 1 - shared
         assert 4 <= gain < 16   # under the old bound (16 more tokens) it was recomputed
         hits = model.stats()["prompt_cache_hits"]
@@ -291,15 +291,6 @@ def test_prompt_cache_restore_when_the_slot_given_up_evicts_it(smol_path: str) -
         assert first.prompt_tokens == again.prompt_tokens
         # two's cells pushed one's out of the 1 MiB cache
         assert model.stats()["prompt_cache_entries"] == 1
-
-
-def llamabind_common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def test_preemption_when_a_unified_cache_fills(smol_path: str, native: NativeRef) -> None:

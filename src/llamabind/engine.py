@@ -106,10 +106,12 @@ class Engine:
                 f"kv_size={self.kv_size} is less than n_ctx x n_parallel = "
                 f"{self.n_ctx * self.n_parallel}: with kv_unified=False each slot has "
                 "kv_size / n_parallel cells, too few for one context")
-        # one sequence per slot on the draft model's context (made on first use)
-        self._drafters = Drafters(native, draft, context.with_(
-            n_ctx=self.kv_size, n_seq_max=self.n_parallel,
-            n_batch=max(context.n_batch, self.n_parallel)))
+        # the engine's context (made on first use): one sequence per slot; the draft
+        # model's context has the same size, sequences and batch
+        self._context_config = context.with_(
+            n_ctx=self.kv_size, n_seq_max=self.n_parallel, kv_unified=self.unified,
+            n_batch=max(context.n_batch, self.n_parallel))
+        self._drafters = Drafters(native, draft, self._context_config)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._room = threading.Condition(self._lock)
@@ -345,10 +347,7 @@ class Engine:
     def _ensure_context(self) -> None:
         if self._ctx is not None:
             return
-        cfg = self.context_config.with_(
-            n_ctx=self.kv_size, n_seq_max=self.n_parallel, kv_unified=self.unified,
-            n_batch=max(self.context_config.n_batch, self.n_parallel))
-        self._ctx = _llama.Context(self.native, cfg)
+        self._ctx = _llama.Context(self.native, self._context_config)
         self._core = _llama.EngineCore(self._ctx)
         self._core.record = self._record
         self._slots = [Slot(i) for i in range(self.n_parallel)]
