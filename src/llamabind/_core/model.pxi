@@ -1,6 +1,21 @@
 # Model: a loaded GGUF model (llama_model). Thread-safe to share: every use pins it,
 # and close() frees the native model only when nothing uses it any more.
 
+cdef extern from "grammar_index.h" nogil:
+    # A vocabulary's tokens grouped by their first code points, for asking a grammar
+    # about the whole vocabulary through probe tokens (Sampler._apply_chain).
+    ctypedef struct llamabind_grammar_index:
+        pass
+    llamabind_grammar_index * llamabind_grammar_index_new(const llama_vocab * vocab) except +
+    void llamabind_grammar_index_free(llamabind_grammar_index * idx)
+    int32_t llamabind_grammar_pending(const llama_vocab * vocab, int32_t pending,
+                                      llama_token token) except +
+    void llamabind_grammar_index_apply(const llamabind_grammar_index * idx,
+                                       llama_sampler * grammar,
+                                       llama_token_data_array * cur_p,
+                                       cppbool use_lead) except +
+
+
 cdef dict _SPLIT_MODES = {
     "none": LLAMA_SPLIT_MODE_NONE,
     "layer": LLAMA_SPLIT_MODE_LAYER,
@@ -101,10 +116,12 @@ cdef class Model(_NativeObject):
     cdef readonly bint vocab_only
     cdef readonly tuple rpc_servers   # the workers' endpoints, normalised
     cdef tuple _rpc_failures          # ggml's failure count per worker after the load
+    cdef llamabind_grammar_index * _gindex  # built on first use (_grammar_index)
 
     def __cinit__(self):
         self._ptr = NULL
         self._vocab = NULL
+        self._gindex = NULL
         self.rpc_servers = ()
         self._rpc_failures = ()
 
@@ -232,6 +249,8 @@ cdef class Model(_NativeObject):
         cdef llama_model * ptr = self._ptr
         self._ptr = NULL
         self._vocab = NULL
+        llamabind_grammar_index_free(self._gindex)
+        self._gindex = NULL
         if ptr != NULL:
             with nogil:
                 llama_model_free(ptr)
@@ -240,6 +259,19 @@ cdef class Model(_NativeObject):
 
     def __dealloc__(self):
         self._finalize()
+
+    cdef llamabind_grammar_index * _grammar_index(self) except NULL:
+        """The vocabulary's probe index for grammars (grammar_index.h), built once, with
+        the GIL released; the caller has the model pinned."""
+        cdef llamabind_grammar_index * idx
+        if self._gindex == NULL:
+            with nogil:
+                idx = llamabind_grammar_index_new(self._vocab)
+            if self._gindex == NULL:   # another thread may have built it meanwhile
+                self._gindex = idx
+            else:
+                llamabind_grammar_index_free(idx)
+        return self._gindex
 
     cdef int _check_rpc(self) except -1:
         """BackendError when a connection to one of the model's RPC workers failed since

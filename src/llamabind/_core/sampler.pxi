@@ -3,10 +3,75 @@
 # C with the GIL released. Samplers that read the vocabulary (grammar, DRY, infill,
 # logit bias) pin their model so it cannot be freed under them.
 
-# How many of the best tokens a refused choice is picked again from before the whole
-# vocabulary is masked (Sampler._resample).
+# How many of the best tokens a refused choice is picked again from, first and then,
+# before the whole vocabulary is masked (Sampler._resample); and the fewest candidates
+# worth asking a grammar about through the model's probe index (Sampler._apply_chain).
 cdef enum:
+    _WINDOW_SMALL = 64
     _WINDOW = 512
+    _INDEX_MIN = 4096
+
+
+cdef enum:  # what _grammar_scan finds in a GBNF grammar
+    _GRAMMAR_TOKENS = 1         # token-id elements are possible
+    _GRAMMAR_NEGATED_WIDE = 2   # a negated class may list a non-ASCII character
+
+
+cdef int _hex_value(const unsigned char * p, Py_ssize_t i, Py_ssize_t n, int digits):
+    """The value of up to ``digits`` hex digits at ``p[i:]`` (escapes in a class)."""
+    cdef int v = 0, d, c
+    for d in range(digits):
+        if i + d >= n:
+            break
+        c = p[i + d]
+        if 48 <= c <= 57:
+            v = v * 16 + c - 48
+        elif 97 <= c <= 102:
+            v = v * 16 + c - 87
+        elif 65 <= c <= 70:
+            v = v * 16 + c - 55
+        else:
+            break
+    return v
+
+
+cdef int _grammar_scan(bytes grammar):
+    """What limits the probe index (grammar_index.h) for a GBNF grammar: a ``<`` outside
+    string literals, character classes and comments (token-id elements: ``<[id]>``,
+    ``<name>``, ``!<...>`` decide tokens by id, so no probe stands for them), and a
+    negated class (``[^...]``) listing a character beyond ASCII, by byte or escape
+    (llama.cpp's test of a lone lead byte against it is not exact). Either may be a
+    false alarm; that only costs speed."""
+    cdef const unsigned char * p = grammar
+    cdef Py_ssize_t n = len(grammar), i = 0
+    cdef unsigned char c, close
+    cdef bint negated
+    cdef int found = 0
+    while i < n:
+        c = p[i]
+        if c == 34 or c == 91:   # '"' or '['
+            close = 34 if c == 34 else 93
+            negated = c == 91 and i + 1 < n and p[i + 1] == 94   # "[^"
+            i += 1
+            while i < n and p[i] != close:
+                if negated and p[i] >= 0x80:
+                    found |= _GRAMMAR_NEGATED_WIDE
+                if p[i] == 92 and i + 1 < n:   # a backslash escape
+                    if negated and (
+                            (p[i + 1] == 120 and _hex_value(p, i + 2, n, 2) >= 0x80)
+                            or (p[i + 1] == 117 and _hex_value(p, i + 2, n, 4) >= 0x80)
+                            or (p[i + 1] == 85 and _hex_value(p, i + 2, n, 8) >= 0x80)):
+                        found |= _GRAMMAR_NEGATED_WIDE
+                    i += 2
+                else:
+                    i += 1
+        elif c == 35:   # '#': a comment to the end of the line
+            while i < n and p[i] != 10:
+                i += 1
+        elif c == 60:   # '<'
+            found |= _GRAMMAR_TOKENS
+        i += 1
+    return found
 
 
 cdef uint32_t _resolve_seed(object seed) except? 0xFFFFFFFF:
@@ -57,6 +122,12 @@ cdef class Sampler(_NativeObject):
     cdef float _min_p               # p of the chain's first min_p sampler (0: none)
     cdef size_t _min_keep           # the largest min_keep of its top_p/min_p samplers
     cdef llama_sampler * _window    # top-k over _WINDOW tokens, for narrow resampling
+    cdef llama_sampler * _window_small  # top-k over _WINDOW_SMALL tokens, tried first
+    cdef Model _grammar_model       # the grammar's model (pinned in _models)
+    cdef bint _grammar_indexed      # its grammar may be asked through the probe index
+    cdef bint _grammar_lead_ok      # ... with its lead-byte probes too
+    cdef bint _index_off            # test hook: never use the probe index
+    cdef int32_t _grammar_pending   # UTF-8 continuation bytes the grammar still owes
     cdef bint _narrow               # resample over the window first (see _resample)
     cdef llama_token_data * _cur  # candidates buffer for sampling with a grammar
     cdef size_t _cur_cap
@@ -70,7 +141,9 @@ cdef class Sampler(_NativeObject):
         self._selects = False
         self._grammar_index = -1
         self._window = NULL
+        self._window_small = NULL
         self._narrow = True
+        self._grammar_model = None
 
     def __init__(self, *, perf=False):
         perf = _bool_arg(perf, "perf")
@@ -109,6 +182,9 @@ cdef class Sampler(_NativeObject):
         if self._window != NULL:
             llama_sampler_free(self._window)
             self._window = NULL
+        if self._window_small != NULL:
+            llama_sampler_free(self._window_small)
+            self._window_small = NULL
         free(self._cur)
         self._cur = NULL
         self._cur_cap = 0
@@ -340,6 +416,14 @@ cdef class Sampler(_NativeObject):
         self._add(smpl, "grammar", False, model)
         self._grammar_index = len(self._names) - 1
         self._grammar_n_vocab = model._n_vocab
+        self._grammar_model = model
+        # a lazy grammar starts from the trigger's text, whose UTF-8 state is not tracked
+        found = _grammar_scan(g)
+        self._grammar_indexed = not lazy and not (found & _GRAMMAR_TOKENS)
+        self._grammar_lead_ok = not (found & _GRAMMAR_NEGATED_WIDE)
+        self._grammar_pending = 0
+        if self._grammar_indexed:
+            model._grammar_index()   # built once per model, here rather than mid-output
         return self
 
     def add_infill(self, Model model not None):
@@ -437,10 +521,11 @@ cdef class Sampler(_NativeObject):
         allows. llama.cpp masks the whole vocabulary and runs the chain again. The same
         result costs far less when the chain keeps only its ``k`` best tokens (a greedy
         chain: k = 1; else its top_k sampler, with only logit-changing samplers before
-        it): the grammar is applied to the _WINDOW best tokens only, and when at least
-        ``k`` of them are allowed, those are the ``k`` best allowed tokens of the whole
-        vocabulary (every other token has a lower logit), so the rest of the chain sees
-        what it would have seen.
+        it): the grammar is applied to the best tokens only (the _WINDOW_SMALL best,
+        then, unless the probe index serves this grammar, the _WINDOW best), and when
+        at least ``k`` of them are allowed, those are the ``k`` best allowed tokens of
+        the whole vocabulary (every other token has a lower logit), so the rest of the
+        chain sees what it would have seen.
 
         Fewer than ``k`` allowed (a JSON grammar between two values allows a handful of
         tokens) still serves a chain whose top_k is followed by top_p samplers and a
@@ -451,15 +536,12 @@ cdef class Sampler(_NativeObject):
         one, else the window's lowest logit, a bound on every token outside it) is below
         that line, the whole-vocabulary run keeps the very same tokens, and the samplers
         after min_p see what they would have seen. Otherwise: the whole-vocabulary
-        mask."""
+        mask (through the model's probe index, grammar_index.h)."""
         cdef int32_t tail = -1
         cdef int32_t k = 0
-        cdef int32_t i, j, allowed
+        cdef int32_t i, size
         cdef int32_t upto = -1      # the min_p sampler that proves a short window exact
-        cdef float lowest = 0, next_logit = 0
-        cdef int32_t n_samplers = llama_sampler_chain_n(self._ptr)
-        cdef llama_token_data_array arr
-        cdef llama_sampler * grammar
+        cdef llama_token tok
         if self._narrow:
             for i, name in enumerate(self._names):
                 if name == "top_k" or name == "greedy":
@@ -468,20 +550,49 @@ cdef class Sampler(_NativeObject):
                     break
                 if name not in ("logit_bias", "grammar", "penalties"):
                     break
-        if tail < 0 or k <= 0 or k > _WINDOW // 2 or n <= _WINDOW:
-            self._grammar_full_masks += 1
-            return self._apply_chain(logits, n, True)
-        if self._names[tail] == "top_k" and self._min_p > 0 and self._min_keep <= 1:
-            for i in range(tail + 1, len(self._names)):
-                if self._names[i] == "min_p":
-                    upto = i
-                    break
-                if self._names[i] != "top_p":
-                    break
-        if self._window == NULL:
-            self._window = llama_sampler_init_top_k(_WINDOW)
-            if self._window == NULL:
+        if tail >= 0 and k > 0:
+            if self._names[tail] == "top_k" and self._min_p > 0 and self._min_keep <= 1:
+                for i in range(tail + 1, len(self._names)):
+                    if self._names[i] == "min_p":
+                        upto = i
+                        break
+                    if self._names[i] != "top_p":
+                        break
+            for size in (_WINDOW_SMALL, _WINDOW):
+                if n <= size or (size == _WINDOW and self._indexed_for(n)):
+                    break   # (the probe index masks the vocabulary for less than this)
+                if k > size // 2 and upto < 0:
+                    continue
+                tok = self._resample_window(logits, n, size, tail, k, upto)
+                if tok >= 0:
+                    return tok
+        self._grammar_full_masks += 1
+        return self._apply_chain(logits, n, True)
+
+    cdef inline bint _indexed_for(self, int32_t n):
+        """Whether the grammar is asked about ``n`` candidates through the probe index
+        (grammar_index.h): enough of them, and a grammar the index serves exactly."""
+        return (self._grammar_indexed and self._grammar_pending == 0 and n >= _INDEX_MIN
+                and not self._index_off)
+
+    cdef llama_token _resample_window(self, const float * logits, int32_t n, int32_t size,
+                                      int32_t tail, int32_t k, int32_t upto) except -2:
+        """One window of _resample: the token, or -1 when this window cannot decide."""
+        cdef int32_t i, j, allowed = 0
+        cdef float lowest = 0, next_logit = 0
+        cdef int32_t n_samplers = llama_sampler_chain_n(self._ptr)
+        cdef llama_token_data_array arr
+        cdef llama_sampler * grammar
+        cdef llama_sampler * window = self._window_small if size == _WINDOW_SMALL \
+            else self._window
+        if window == NULL:
+            window = llama_sampler_init_top_k(size)
+            if window == NULL:
                 raise MemoryError()
+            if size == _WINDOW_SMALL:
+                self._window_small = window
+            else:
+                self._window = window
         self._fill(logits, n, &arr)
         grammar = llama_sampler_chain_get(self._ptr, self._grammar_index)
         try:
@@ -489,12 +600,11 @@ cdef class Sampler(_NativeObject):
                 for i in range(tail):
                     if i != self._grammar_index:
                         llama_sampler_apply(llama_sampler_chain_get(self._ptr, i), &arr)
-                llama_sampler_apply(self._window, &arr)
+                llama_sampler_apply(window, &arr)
                 lowest = arr.data[arr.size - 1].logit   # the window is sorted
                 llama_sampler_apply(grammar, &arr)
                 # keep the allowed tokens, in their order: the window is sorted by
                 # logit, and samplers trust that flag (greedy takes the first token)
-                allowed = 0
                 for j in range(<int32_t>arr.size):
                     if isfinite(arr.data[j].logit):
                         arr.data[allowed] = arr.data[j]
@@ -517,8 +627,7 @@ cdef class Sampler(_NativeObject):
         except RuntimeError as exc:
             raise SamplingError(f"sampling failed: {exc}") from None
         if allowed < k or allowed == 0:
-            self._grammar_full_masks += 1
-            return self._apply_chain(logits, n, True)
+            return -1
         return _selected(&arr)
 
     cdef int _fill(self, const float * logits, int32_t n,
@@ -549,6 +658,45 @@ cdef class Sampler(_NativeObject):
         over the whole vocabulary, as llama.cpp does."""
         self._narrow = on
 
+    def _use_grammar_index(self, bint on):
+        """Test and benchmark hook: with False, the whole vocabulary is asked about
+        token by token (llama.cpp's way), never through the probe index."""
+        self._index_off = not on
+
+    def _grammar_mask(self, bint indexed=True):
+        """Test hook: the token ids the chain's grammar allows next, asked about the
+        whole vocabulary through the probe index (when ``indexed`` and it serves this
+        grammar now) or token by token, and which way: "index", "index+lead" (with the
+        lead-byte probes too) or "plain"."""
+        self._check()
+        if self._grammar_index < 0:
+            raise InvalidArgumentError("this sampler chain has no grammar")
+        cdef int32_t n = self._grammar_n_vocab
+        cdef llama_token_data_array arr
+        cdef llamabind_grammar_index * index = NULL
+        cdef llama_sampler * grammar = llama_sampler_chain_get(self._ptr, self._grammar_index)
+        cdef float * zeros = <float *>calloc(max(n, 1), sizeof(float))
+        if zeros == NULL:
+            raise MemoryError()
+        self._enter()
+        try:
+            if indexed and self._indexed_for(n):
+                index = self._grammar_model._grammar_index()
+            self._fill(zeros, n, &arr)
+            try:
+                if index != NULL:
+                    llamabind_grammar_index_apply(index, grammar, &arr, self._grammar_lead_ok)
+                else:
+                    llama_sampler_apply(grammar, &arr)
+            except RuntimeError as exc:
+                raise SamplingError(f"the grammar failed: {exc}") from None
+            allowed = [arr.data[i].id for i in range(n) if isfinite(arr.data[i].logit)]
+        finally:
+            free(zeros)
+            self._leave()
+        how = "plain" if index == NULL else ("index+lead" if self._grammar_lead_ok else "index")
+        return allowed, how
+
     cdef llama_token _apply_chain(self, const float * logits, int32_t n,
                                   bint with_grammar) except -1:
         """Run the chain over all ``n`` logits (skipping the grammar unless
@@ -557,11 +705,20 @@ cdef class Sampler(_NativeObject):
         cdef int32_t n_samplers = llama_sampler_chain_n(self._ptr)
         cdef int32_t skip = -1 if with_grammar else self._grammar_index
         cdef llama_token_data_array arr
+        cdef llamabind_grammar_index * index = NULL
+        if with_grammar and self._indexed_for(n):
+            index = self._grammar_model._grammar_index()
         self._fill(logits, n, &arr)
         try:
             with nogil:
                 for k in range(n_samplers):
-                    if k != skip:
+                    if k == skip:
+                        continue
+                    if k == self._grammar_index and index != NULL:
+                        llamabind_grammar_index_apply(
+                            index, llama_sampler_chain_get(self._ptr, k), &arr,
+                            self._grammar_lead_ok)
+                    else:
                         llama_sampler_apply(llama_sampler_chain_get(self._ptr, k), &arr)
         except RuntimeError as exc:
             raise SamplingError(f"sampling failed: {exc}") from None
@@ -572,6 +729,14 @@ cdef class Sampler(_NativeObject):
             llama_sampler_accept(self._ptr, token)
         except RuntimeError as exc:
             raise SamplingError(f"accepting token {token} failed: {exc}") from None
+        self._grammar_accepted(token)
+        return 0
+
+    cdef int _grammar_accepted(self, llama_token token) except -1:
+        """Follow the grammar's pending UTF-8 bytes (the probe index needs none)."""
+        if self._grammar_indexed:
+            self._grammar_pending = llamabind_grammar_pending(
+                self._grammar_model._vocab, self._grammar_pending, token)
         return 0
 
     cdef bint _grammar_allows(self, llama_token token) except -1:
@@ -630,6 +795,7 @@ cdef class Sampler(_NativeObject):
                     llama_sampler_accept(grammar, tok)
                 except RuntimeError as exc:
                     raise SamplingError(f"the grammar failed on token {tok}: {exc}") from None
+                self._grammar_accepted(tok)
         finally:
             self._leave()
 
@@ -637,6 +803,7 @@ cdef class Sampler(_NativeObject):
         """Forget accepted tokens (and reseed nothing: the RNG keeps its state)."""
         self._check_idle()
         llama_sampler_reset(self._ptr)
+        self._grammar_pending = 0
 
     def clone(self):
         """An independent copy of the chain with the same state."""
@@ -654,6 +821,10 @@ cdef class Sampler(_NativeObject):
         other._min_p = self._min_p
         other._min_keep = self._min_keep
         other._narrow = self._narrow
+        other._grammar_model = self._grammar_model
+        other._grammar_indexed = self._grammar_indexed
+        other._grammar_lead_ok = self._grammar_lead_ok
+        other._grammar_pending = self._grammar_pending
         try:
             for m in self._models:
                 (<Model>m)._pin()
