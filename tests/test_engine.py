@@ -370,6 +370,34 @@ def test_announced_requests_start_in_one_step(smol_path: str) -> None:
             assert lone.result(timeout=60)[0].completion_tokens == 2
 
 
+def test_a_kv_buffer_per_slot(smol_path: str) -> None:
+    """kv_unified=False (what `llamabind serve` runs at -np > 1): each slot has KV
+    cells of its own. llama.cpp then splits a step into ubatches of consecutive sequence
+    ids in batch order, so the engine orders every step by sequence id: the rows of a
+    step are sorted. Greedy outputs equal a session's; n choices copy the prompt's cells
+    to other slots' buffers."""
+    with LoadedModel.load(smol_path, n_ctx=256, n_parallel=4, kv_unified=False,
+                          n_threads=1) as model:
+        record = model.engine.record_schedule()
+        reqs = [model.submit(p, temperature=0, max_tokens=12, stream=False)
+                for p in PROMPTS[:4]]
+        results = [r.result(timeout=120)[0] for r in reqs]
+        assert model.engine.context_params()["kv_unified"] is False
+        for prompt, res in zip(PROMPTS[:4], results, strict=True):
+            alone = model.generate(prompt, temperature=0, max_tokens=12, logprobs=5)
+            assert res.tokens == alone.tokens or _near_tie_at_divergence(alone, res.tokens)
+        steps = [op["rows"] for op in record if "rows" in op]
+        assert any(len({tuple(r[0]) for r in rows}) == 4 for rows in steps)
+        for rows in steps:
+            gen = [r[0][0] for r in rows if r[3] == "g"]
+            prompt = [r[0][0] for r in rows if r[3] == "p"]
+            assert gen == sorted(gen) and prompt == sorted(prompt), rows
+        choices = model.submit(PROMPTS[1], n=2, temperature=0, max_tokens=10,
+                               stream=False).result(timeout=120)
+        assert choices[0].tokens == choices[1].tokens
+        assert model.stats()["kv_cells_used"] == 0
+
+
 def test_close_cancels_queued_and_running(smol_path: str) -> None:
     model = LoadedModel.load(smol_path, n_ctx=256, n_parallel=1)
     running = model.submit(PROMPTS[0], max_tokens=500, ignore_eos=True)

@@ -568,6 +568,11 @@ class Engine:
                 in_flight.add(request)
                 prompt_budget -= count
         budget += prompt_budget  # what the prompts left is for drafts
+        if not self.unified:
+            # with a KV buffer per sequence llama.cpp splits a step into ubatches of
+            # consecutive sequence ids, in batch order: sorted, one ubatch serves them
+            gens.sort(key=lambda g: g.seq_id)
+            chunks.sort(key=lambda c: c[5][0])
         # the rows left carry drafts after the generated tokens
         drafted = False
         for gen in gens:

@@ -18,10 +18,15 @@ __all__ = ["Engine", "EngineRequest", "engine_of", "load_model"]
 
 
 def load_model(path: str | None, *, n_ctx: int, n_parallel: int, n_threads: int | None,
-               n_gpu_layers: int | None, max_queue: int) -> Engine:
-    """Load a model for serving: a LoadedModel, whose batching engine serves it."""
+               n_gpu_layers: int | None, max_queue: int,
+               kv_unified: bool | None = None) -> Engine:
+    """Load a model for serving: a LoadedModel, whose batching engine serves it.
+    ``kv_unified=None``: a KV buffer per slot (as llama-server at ``-np`` > 1), so a
+    token's attention spans its own sequence's cells only; one slot: one buffer."""
+    if kv_unified is None:
+        kv_unified = n_parallel == 1
     return Engine.load(path, n_ctx=n_ctx, n_parallel=n_parallel, n_threads=n_threads,
-                       n_gpu_layers=n_gpu_layers, max_queue=max_queue)
+                       n_gpu_layers=n_gpu_layers, max_queue=max_queue, kv_unified=kv_unified)
 
 
 def engine_of(model: Any) -> Engine:

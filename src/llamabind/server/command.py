@@ -54,6 +54,10 @@ def add_parser(sub: Any) -> None:
                    help="threads (default: the physical cores)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=None,
                    help="layers to offload (default: all with a GPU backend, else 0)")
+    p.add_argument("-kvu", "--kv-unified", action=argparse.BooleanOptionalAction,
+                   default=None, dest="kv_unified",
+                   help="one KV buffer shared by all slots (default: one per slot, as "
+                        "llama-server at -np > 1: each token attends to its own sequence)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; beyond it: 429 (default 64)")
     p.add_argument("--api-key", default=os.environ.get("LLAMABIND_API_KEY"),
@@ -113,7 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
              args.n_ctx, args.parallel)
     model = load_model(args.model, n_ctx=args.n_ctx, n_parallel=args.parallel,
                        n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                       max_queue=args.max_queue)
+                       max_queue=args.max_queue, kv_unified=args.kv_unified)
     try:
         run(model, host=args.host, port=args.port, api_key=args.api_key, alias=args.alias,
             cors_origins=args.cors)
