@@ -363,7 +363,9 @@ def draw(summary: dict[str, Any], levels: list[int], path: Path, title: str) -> 
     except ImportError:
         return "chart skipped: matplotlib is not installed (pip install matplotlib)"
     names = list(summary["table"])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    ratios = summary.get("ratios") or {}
+    fig, axes = plt.subplots(1, 3 if ratios else 2, figsize=(18 if ratios else 12, 4.8))
+    ax1, ax2 = axes[0], axes[1]
     width = 0.8 / max(1, len(names))
     xs = range(len(levels))
     for i, name in enumerate(names):
@@ -381,11 +383,49 @@ def draw(summary: dict[str, Any], levels: list[int], path: Path, title: str) -> 
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     ax2.set_yscale("log")
+    if ratios:
+        ax3 = axes[2]
+        for j, (key, label) in enumerate((("throughput", "throughput (target >= 0.9)"),
+                                          ("ttft_p99", "TTFT p99 (target <= 1.2)"))):
+            pts = [(x + (j - 0.5) * 0.2, ratios[str(c)][key]) for x, c in zip(xs, levels,
+                                                                           strict=True)
+                   if ratios[str(c)][key] is not None]
+            ax3.errorbar([p for p, _ in pts], [r["median"] for _, r in pts],
+                         yerr=[[r["median"] - r["min"] for _, r in pts],
+                               [r["max"] - r["median"] for _, r in pts]],
+                         fmt="o", capsize=4, color=f"C{j + 2}", label=label)
+        for y, style in ((1.0, "-"), (0.9, ":"), (1.2, ":")):
+            ax3.axhline(y, color="grey", linestyle=style, linewidth=0.8)
+        ax3.set_xticks(list(xs), [f"{c} client{'s' if c > 1 else ''}" for c in levels])
+        ax3.set_ylabel("llamabind / llama-server: median, min-max over rounds")
+        ax3.grid(axis="y", alpha=0.3)
+        ax3.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def redraw(path: Path, update_chart: bool) -> int:
+    """Draw the chart of a saved results file again (``--redraw``)."""
+    data = json.loads(path.read_text())
+    meta, summary = data["meta"], data["summary"]
+    levels = [int(c) for c in meta["levels"]]
+    summary["table"] = {name: {int(c): row for c, row in rows.items()}
+                        for name, rows in summary["table"].items()}
+    chart = path.with_suffix(".png")
+    title = (f"{meta['model']}: streamed chat, {meta['max_tokens']} tokens per request, "
+             f"{meta['parallel']} slots, {meta['threads']} "
+             f"thread{'s' if meta['threads'] > 1 else ''}")
+    message = draw(summary, levels, chart, title)
+    if message:
+        print(message, file=sys.stderr)
+        return 1
+    if update_chart:
+        shutil.copyfile(chart, HERE / "server_chart.png")
+    print(f"chart: {chart}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -407,7 +447,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="which servers (default all; llama-cpp-python where installed)")
     ap.add_argument("--update-chart", action="store_true",
                     help="also copy the chart to benchmarks/server_chart.png")
+    ap.add_argument("--redraw", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="only draw the chart of a saved results file again")
     args = ap.parse_args(argv)
+    if args.redraw is not None:
+        return redraw(args.redraw, args.update_chart)
     import llamabind
 
     args.threads = args.threads or llamabind.default_threads()
