@@ -123,6 +123,7 @@ cdef class Sampler(_NativeObject):
     cdef size_t _min_keep           # the largest min_keep of its top_p/min_p samplers
     cdef llama_sampler * _window    # top-k over _WINDOW tokens, for narrow resampling
     cdef llama_sampler * _window_small  # top-k over _WINDOW_SMALL tokens, tried first
+    cdef int32_t _window_allowed    # tokens the last window's grammar run allowed
     cdef Model _grammar_model       # the grammar's model (pinned in _models)
     cdef bint _grammar_indexed      # its grammar may be asked through the probe index
     cdef bint _grammar_lead_ok      # ... with its lead-byte probes too
@@ -522,10 +523,10 @@ cdef class Sampler(_NativeObject):
         result costs far less when the chain keeps only its ``k`` best tokens (a greedy
         chain: k = 1; else its top_k sampler, with only logit-changing samplers before
         it): the grammar is applied to the best tokens only (the _WINDOW_SMALL best,
-        then, unless the probe index serves this grammar, the _WINDOW best), and when
-        at least ``k`` of them are allowed, those are the ``k`` best allowed tokens of
-        the whole vocabulary (every other token has a lower logit), so the rest of the
-        chain sees what it would have seen.
+        then the _WINDOW best, unless the probe index serves this grammar and none of
+        the first were allowed), and when at least ``k`` of them are allowed, those are
+        the ``k`` best allowed tokens of the whole vocabulary (every other token has a
+        lower logit), so the rest of the chain sees what it would have seen.
 
         Fewer than ``k`` allowed (a JSON grammar between two values allows a handful of
         tokens) still serves a chain whose top_k is followed by top_p samplers and a
@@ -558,9 +559,14 @@ cdef class Sampler(_NativeObject):
                         break
                     if self._names[i] != "top_p":
                         break
+            self._window_allowed = -1
             for size in (_WINDOW_SMALL, _WINDOW):
-                if n <= size or (size == _WINDOW and self._indexed_for(n)):
-                    break   # (the probe index masks the vocabulary for less than this)
+                if n <= size:
+                    break
+                if size == _WINDOW and self._indexed_for(n) and self._window_allowed == 0:
+                    # nothing allowed among the best: the allowed tokens are few, and the
+                    # probe index finds them for less than a wider window would cost
+                    break
                 if k > size // 2 and upto < 0:
                     continue
                 tok = self._resample_window(logits, n, size, tail, k, upto)
@@ -626,6 +632,7 @@ cdef class Sampler(_NativeObject):
                             llama_sampler_apply(llama_sampler_chain_get(self._ptr, i), &arr)
         except RuntimeError as exc:
             raise SamplingError(f"sampling failed: {exc}") from None
+        self._window_allowed = allowed
         if allowed < k or allowed == 0:
             return -1
         return _selected(&arr)
