@@ -407,6 +407,12 @@ def draw(summary: dict[str, Any], levels: list[int], path: Path, title: str) -> 
     return None
 
 
+def chart_title(meta: dict[str, Any]) -> str:
+    return (f"{meta['model']}: streamed chat, {meta['max_tokens']} tokens per request, "
+            f"{meta['parallel']} slots, {meta['threads']} "
+            f"thread{'s' if meta['threads'] > 1 else ''}")
+
+
 def redraw(path: Path, update_chart: bool) -> int:
     """Draw the chart of a saved results file again (``--redraw``)."""
     data = json.loads(path.read_text())
@@ -415,10 +421,7 @@ def redraw(path: Path, update_chart: bool) -> int:
     summary["table"] = {name: {int(c): row for c, row in rows.items()}
                         for name, rows in summary["table"].items()}
     chart = path.with_suffix(".png")
-    title = (f"{meta['model']}: streamed chat, {meta['max_tokens']} tokens per request, "
-             f"{meta['parallel']} slots, {meta['threads']} "
-             f"thread{'s' if meta['threads'] > 1 else ''}")
-    message = draw(summary, levels, chart, title)
+    message = draw(summary, levels, chart, chart_title(meta))
     if message:
         print(message, file=sys.stderr)
         return 1
@@ -501,9 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     out = RESULTS / f"server-{stamp}.json"
     out.write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
     chart = RESULTS / f"server-{stamp}.png"
-    title = (f"{meta['model']}: streamed chat, {args.max_tokens} tokens per request, "
-             f"{args.parallel} slots, {args.threads} thread{'s' if args.threads > 1 else ''}")
-    message = draw(summary, levels, chart, title)
+    message = draw(summary, levels, chart, chart_title(meta))
     print(f"\nresults: {out}", file=sys.stderr)
     if message:
         print(message, file=sys.stderr)

@@ -123,7 +123,6 @@ cdef class Sampler(_NativeObject):
     cdef size_t _min_keep           # the largest min_keep of its top_p/min_p samplers
     cdef llama_sampler * _window    # top-k over _WINDOW tokens, for narrow resampling
     cdef llama_sampler * _window_small  # top-k over _WINDOW_SMALL tokens, tried first
-    cdef int32_t _window_allowed    # tokens the last window's grammar run allowed
     cdef Model _grammar_model       # the grammar's model (pinned in _models)
     cdef bint _grammar_indexed      # its grammar may be asked through the probe index
     cdef bint _grammar_lead_ok      # ... with its lead-byte probes too
@@ -542,6 +541,7 @@ cdef class Sampler(_NativeObject):
         cdef int32_t k = 0
         cdef int32_t i, size
         cdef int32_t upto = -1      # the min_p sampler that proves a short window exact
+        cdef int32_t allowed = -1   # tokens the last window tried allowed (-1: none tried)
         cdef llama_token tok
         if self._narrow:
             for i, name in enumerate(self._names):
@@ -559,17 +559,16 @@ cdef class Sampler(_NativeObject):
                         break
                     if self._names[i] != "top_p":
                         break
-            self._window_allowed = -1
             for size in (_WINDOW_SMALL, _WINDOW):
                 if n <= size:
                     break
-                if size == _WINDOW and self._indexed_for(n) and self._window_allowed == 0:
+                if size == _WINDOW and self._indexed_for(n) and allowed == 0:
                     # nothing allowed among the best: the allowed tokens are few, and the
                     # probe index finds them for less than a wider window would cost
                     break
                 if k > size // 2 and upto < 0:
                     continue
-                tok = self._resample_window(logits, n, size, tail, k, upto)
+                tok = self._resample_window(logits, n, size, tail, k, upto, &allowed)
                 if tok >= 0:
                     return tok
         self._grammar_full_masks += 1
@@ -582,8 +581,10 @@ cdef class Sampler(_NativeObject):
                 and not self._index_off)
 
     cdef llama_token _resample_window(self, const float * logits, int32_t n, int32_t size,
-                                      int32_t tail, int32_t k, int32_t upto) except -2:
-        """One window of _resample: the token, or -1 when this window cannot decide."""
+                                      int32_t tail, int32_t k, int32_t upto,
+                                      int32_t * n_allowed) except -2:
+        """One window of _resample: the token, or -1 when this window cannot decide;
+        ``n_allowed``: how many of its tokens the grammar allowed."""
         cdef int32_t i, j, allowed = 0
         cdef float lowest = 0, next_logit = 0
         cdef int32_t n_samplers = llama_sampler_chain_n(self._ptr)
@@ -632,7 +633,7 @@ cdef class Sampler(_NativeObject):
                             llama_sampler_apply(llama_sampler_chain_get(self._ptr, i), &arr)
         except RuntimeError as exc:
             raise SamplingError(f"sampling failed: {exc}") from None
-        self._window_allowed = allowed
+        n_allowed[0] = allowed
         if allowed < k or allowed == 0:
             return -1
         return _selected(&arr)
